@@ -1,0 +1,203 @@
+/**
+ * Small Canvas-2D charts for the metrics strip, category counts and the revert
+ * evaluation.  Text goes through `fillText` (never HTML), so series names coming from
+ * logs are safe.
+ */
+import { PALETTE, formatNumber, niceTicks } from "./data";
+
+const FONT = "11px Roboto, 'Helvetica Neue', Arial, sans-serif";
+const AXIS = "#9e9e9e";
+const TEXT = "#616161";
+
+function setup(canvas: HTMLCanvasElement, width: number, height: number): CanvasRenderingContext2D {
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(height * dpr);
+  canvas.style.width = `${width}px`;
+  canvas.style.height = `${height}px`;
+  const ctx = canvas.getContext("2d")!;
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  ctx.font = FONT;
+  return ctx;
+}
+
+export interface LineSeries {
+  name: string;
+  points: [number, number][];
+  colour?: string;
+}
+
+/** Line chart with x = step; `marker` draws the current step as an orange rule. */
+export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts: {
+  width: number; height: number; title: string; marker?: number | null; yLabel?: string;
+}): void {
+  const { width, height } = opts;
+  const ctx = setup(canvas, width, height);
+  const m = { l: 44, r: 10, t: 22, b: 20 };
+  ctx.fillStyle = "#212121";
+  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+  ctx.fillText(opts.title, m.l - 36, 14);
+  ctx.font = FONT;
+  const all = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
+  if (!all.length) {
+    ctx.fillStyle = TEXT;
+    ctx.fillText("no data logged", m.l, height / 2);
+    return;
+  }
+  let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+  let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
+  if (opts.marker !== null && opts.marker !== undefined) { x0 = Math.min(x0, opts.marker); x1 = Math.max(x1, opts.marker); }
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
+  const pw = width - m.l - m.r, ph = height - m.t - m.b;
+  const sx = (x: number) => m.l + ((x - x0) / (x1 - x0)) * pw;
+  const sy = (y: number) => m.t + ph - ((y - y0) / (y1 - y0)) * ph;
+  ctx.strokeStyle = "#eeeeee";
+  ctx.fillStyle = TEXT;
+  ctx.lineWidth = 1;
+  ctx.textAlign = "right";
+  for (const t of niceTicks(y0, y1, 3)) {
+    ctx.beginPath();
+    ctx.moveTo(m.l, sy(t) + 0.5);
+    ctx.lineTo(width - m.r, sy(t) + 0.5);
+    ctx.stroke();
+    ctx.fillText(formatNumber(t), m.l - 4, sy(t) + 4);
+  }
+  ctx.textAlign = "center";
+  for (const t of niceTicks(x0, x1, 4)) ctx.fillText(formatNumber(t), sx(t), height - 5);
+  ctx.textAlign = "left";
+  ctx.strokeStyle = AXIS;
+  ctx.beginPath();
+  ctx.moveTo(m.l, m.t + ph + 0.5);
+  ctx.lineTo(width - m.r, m.t + ph + 0.5);
+  ctx.stroke();
+  if (opts.marker !== null && opts.marker !== undefined) {
+    ctx.strokeStyle = "#f57c00";
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    ctx.moveTo(sx(opts.marker), m.t);
+    ctx.lineTo(sx(opts.marker), m.t + ph);
+    ctx.stroke();
+  }
+  series.forEach((s, i) => {
+    const colour = s.colour ?? PALETTE[i % PALETTE.length];
+    const pts = s.points.filter((p) => Number.isFinite(p[1])).sort((a, b) => a[0] - b[0]);
+    ctx.strokeStyle = colour;
+    ctx.fillStyle = colour;
+    ctx.lineWidth = 1.6;
+    ctx.beginPath();
+    pts.forEach(([x, y], j) => (j ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
+    ctx.stroke();
+    if (pts.length <= 40) for (const [x, y] of pts) { ctx.beginPath(); ctx.arc(sx(x), sy(y), 2, 0, Math.PI * 2); ctx.fill(); }
+  });
+}
+
+/** Grouped bars: one group per `groups` entry, one bar per `keys` entry. */
+export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], keys: string[],
+  value: (group: string, key: string) => number, opts: { width: number; height: number; title: string }): void {
+  const { width, height } = opts;
+  const ctx = setup(canvas, width, height);
+  const m = { l: 36, r: 8, t: 22, b: 34 };
+  ctx.fillStyle = "#212121";
+  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+  ctx.fillText(opts.title, 8, 14);
+  ctx.font = FONT;
+  if (!groups.length || !keys.length) {
+    ctx.fillStyle = TEXT;
+    ctx.fillText("no labels at this step", m.l, height / 2);
+    return;
+  }
+  const max = Math.max(1, ...groups.flatMap((g) => keys.map((k) => value(g, k))));
+  const pw = width - m.l - m.r, ph = height - m.t - m.b;
+  const gw = pw / groups.length;
+  const bw = Math.max(2, (gw * 0.8) / keys.length);
+  ctx.textAlign = "right";
+  ctx.fillStyle = TEXT;
+  ctx.strokeStyle = "#eeeeee";
+  for (const t of niceTicks(0, max, 3)) {
+    const y = m.t + ph - (t / max) * ph;
+    ctx.beginPath(); ctx.moveTo(m.l, y + 0.5); ctx.lineTo(width - m.r, y + 0.5); ctx.stroke();
+    ctx.fillText(formatNumber(t), m.l - 4, y + 4);
+  }
+  ctx.textAlign = "center";
+  groups.forEach((g, gi) => {
+    keys.forEach((k, ki) => {
+      const v = value(g, k);
+      const h = (v / max) * ph;
+      ctx.fillStyle = PALETTE[ki % PALETTE.length];
+      ctx.fillRect(m.l + gi * gw + gw * 0.1 + ki * bw, m.t + ph - h, bw - 1, h);
+    });
+    ctx.fillStyle = TEXT;
+    ctx.fillText(ellipsis(ctx, g, gw - 4), m.l + gi * gw + gw / 2, m.t + ph + 14);
+  });
+  // legend
+  ctx.textAlign = "left";
+  let x = m.l;
+  keys.forEach((k, ki) => {
+    ctx.fillStyle = PALETTE[ki % PALETTE.length];
+    ctx.fillRect(x, height - 11, 9, 9);
+    ctx.fillStyle = TEXT;
+    ctx.fillText(k, x + 12, height - 3);
+    x += ctx.measureText(k).width + 24;
+  });
+}
+
+/** Revert evaluation: bars with error whiskers per importance bin, random baseline band. */
+export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: number[], std: number[],
+  random: number, randomStd: number, opts: { width: number; height: number; title: string }): void {
+  const { width, height } = opts;
+  const ctx = setup(canvas, width, height);
+  const m = { l: 48, r: 10, t: 22, b: 22 };
+  ctx.fillStyle = "#212121";
+  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+  ctx.fillText(opts.title, 8, 14);
+  ctx.font = FONT;
+  const values = [...mean.map((v, i) => v - (std[i] || 0)), ...mean.map((v, i) => v + (std[i] || 0)),
+    random - randomStd, random + randomStd, 0].filter(Number.isFinite);
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (hi === lo) { lo -= 0.01; hi += 0.01; }
+  const pw = width - m.l - m.r, ph = height - m.t - m.b;
+  const sy = (v: number) => m.t + ph - ((v - lo) / (hi - lo)) * ph;
+  ctx.textAlign = "right";
+  ctx.fillStyle = TEXT;
+  ctx.strokeStyle = "#eeeeee";
+  for (const t of niceTicks(lo, hi, 4)) {
+    ctx.beginPath(); ctx.moveTo(m.l, sy(t) + 0.5); ctx.lineTo(width - m.r, sy(t) + 0.5); ctx.stroke();
+    ctx.fillText(`${(t * 100).toFixed(Math.abs(hi - lo) < 0.05 ? 1 : 0)}%`, m.l - 4, sy(t) + 4);
+  }
+  // random baseline band
+  ctx.fillStyle = "rgba(158,158,158,0.25)";
+  ctx.fillRect(m.l, sy(random + randomStd), pw, Math.max(1, sy(random - randomStd) - sy(random + randomStd)));
+  ctx.strokeStyle = "#757575";
+  ctx.setLineDash([4, 3]);
+  ctx.beginPath(); ctx.moveTo(m.l, sy(random)); ctx.lineTo(width - m.r, sy(random)); ctx.stroke();
+  ctx.setLineDash([]);
+  const bw = pw / Math.max(1, bins.length);
+  ctx.textAlign = "center";
+  bins.forEach((b, i) => {
+    const x = m.l + i * bw + bw * 0.2, w = bw * 0.6;
+    const y0 = sy(0), y1 = sy(mean[i]);
+    ctx.fillStyle = "#f57c00";
+    ctx.fillRect(x, Math.min(y0, y1), w, Math.max(1, Math.abs(y1 - y0)));
+    ctx.strokeStyle = "#424242";
+    ctx.beginPath();
+    ctx.moveTo(x + w / 2, sy(mean[i] - (std[i] || 0)));
+    ctx.lineTo(x + w / 2, sy(mean[i] + (std[i] || 0)));
+    ctx.stroke();
+    ctx.fillStyle = TEXT;
+    ctx.fillText(b, x + w / 2, height - 6);
+  });
+  ctx.textAlign = "right";
+  ctx.fillStyle = "#757575";
+  ctx.fillText("random bin", width - m.r - 2, sy(random) - 4);
+  ctx.strokeStyle = AXIS;
+  ctx.beginPath(); ctx.moveTo(m.l, sy(0) + 0.5); ctx.lineTo(width - m.r, sy(0) + 0.5); ctx.stroke();
+}
+
+function ellipsis(ctx: CanvasRenderingContext2D, text: string, max: number): string {
+  if (ctx.measureText(text).width <= max) return text;
+  let t = text;
+  while (t.length > 1 && ctx.measureText(`${t}…`).width > max) t = t.slice(0, -1);
+  return `${t}…`;
+}

@@ -1,0 +1,647 @@
+/**
+ * Pure data transforms of the concept-map frontend (no DOM, no fetch), unit-tested in
+ * `tests/data.test.ts`.  Everything the views draw goes through here, so the views
+ * stay thin and the rules (what is unplaced, which step is shown, what a CSV row
+ * holds) live in one tested place.
+ */
+
+/** One layer's layout at one step, as sent by `GET /map` (see docs/http_api.md). */
+export interface LayerMap {
+  n: number;
+  /** x, y interleaved; NaN for neurons the space could not place */
+  layout: Float32Array;
+  channel: Int32Array;
+  group: Int32Array;
+}
+
+/**
+ * Decode the little-endian binary body of `GET /map`:
+ * `uint32 n; float32 layout[n][2]; int32 channel[n]; int32 group[n]`.
+ *
+ * @example parseMap(await response.arrayBuffer()).n
+ */
+export function parseMap(buffer: ArrayBuffer): LayerMap {
+  if (buffer.byteLength < 4) throw new Error(`map payload too short (${buffer.byteLength} bytes)`);
+  const view = new DataView(buffer);
+  const n = view.getUint32(0, true);
+  const expected = 4 + n * 16;
+  if (buffer.byteLength !== expected) {
+    throw new Error(`map payload has ${buffer.byteLength} bytes, expected ${expected} for ${n} neurons`);
+  }
+  // Copies keep the arrays aligned and independent of the response buffer.
+  const layout = new Float32Array(buffer.slice(4, 4 + n * 8));
+  const channel = new Int32Array(buffer.slice(4 + n * 8, 4 + n * 12));
+  const group = new Int32Array(buffer.slice(4 + n * 12, 4 + n * 16));
+  if (!littleEndianHost()) {
+    // Big-endian hosts are practically extinct; re-read through DataView to be exact.
+    for (let i = 0; i < n * 2; i++) layout[i] = view.getFloat32(4 + i * 4, true);
+    for (let i = 0; i < n; i++) {
+      channel[i] = view.getInt32(4 + n * 8 + i * 4, true);
+      group[i] = view.getInt32(4 + n * 12 + i * 4, true);
+    }
+  }
+  return { n, layout, channel, group };
+}
+
+function littleEndianHost(): boolean {
+  return new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+}
+
+/** Top concepts of one layer at one step, as sent by `GET /labels`. */
+export interface Labels {
+  concepts: string[];
+  categories: string[];
+  threshold: number;
+  interpretable_counts?: Record<string, number>;
+  interpretable_fraction?: number;
+  top_concepts: number[][];
+  top_similarity: (number | null)[][];
+}
+
+/** All neurons of the shown layers of one run at one step, flattened for drawing. */
+export interface PointSet {
+  layers: string[];
+  /** placed points only: x, y interleaved */
+  positions: Float32Array;
+  /** per placed point: index into `layers` */
+  layerIndex: Uint16Array;
+  channel: Int32Array;
+  group: Int32Array;
+  /** neurons that could not be placed: listed, never drawn */
+  unplaced: { layer: string; channel: number }[];
+  /** lookup "layer:channel" -> index of the placed point */
+  index: Map<string, number>;
+}
+
+export const neuronId = (layer: string, channel: number): string => `${layer}:${channel}`;
+
+/**
+ * Split a neuron id `layer:channel` (layer names may contain dots, never colons).
+ * @example parseNeuronId("features.3:12") // {layer: "features.3", channel: 12}
+ */
+export function parseNeuronId(id: string): { layer: string; channel: number } | null {
+  const at = id.lastIndexOf(":");
+  if (at <= 0) return null;
+  const channelText = id.slice(at + 1).trim();
+  if (!/^\d+$/.test(channelText)) return null;
+  return { layer: id.slice(0, at).trim(), channel: Number(channelText) };
+}
+
+/** Flatten several layers into one drawable set; NaN positions go to `unplaced`. */
+export function combineLayers(maps: { layer: string; map: LayerMap }[]): PointSet {
+  let placed = 0;
+  for (const { map } of maps) {
+    for (let i = 0; i < map.n; i++) {
+      if (Number.isFinite(map.layout[2 * i]) && Number.isFinite(map.layout[2 * i + 1])) placed++;
+    }
+  }
+  const positions = new Float32Array(placed * 2);
+  const layerIndex = new Uint16Array(placed);
+  const channel = new Int32Array(placed);
+  const group = new Int32Array(placed);
+  const unplaced: { layer: string; channel: number }[] = [];
+  const index = new Map<string, number>();
+  let at = 0;
+  maps.forEach(({ layer, map }, li) => {
+    for (let i = 0; i < map.n; i++) {
+      const x = map.layout[2 * i];
+      const y = map.layout[2 * i + 1];
+      if (!Number.isFinite(x) || !Number.isFinite(y)) {
+        unplaced.push({ layer, channel: map.channel[i] });
+        continue;
+      }
+      positions[2 * at] = x;
+      positions[2 * at + 1] = y;
+      layerIndex[at] = li;
+      channel[at] = map.channel[i];
+      group[at] = map.group[i];
+      index.set(neuronId(layer, map.channel[i]), at);
+      at++;
+    }
+  });
+  return { layers: maps.map((m) => m.layer), positions, layerIndex, channel, group, unplaced, index };
+}
+
+export interface Bounds {
+  minX: number;
+  minY: number;
+  maxX: number;
+  maxY: number;
+}
+
+/** Bounding box of interleaved positions, padded by `pad` of its size (never empty). */
+export function bounds(positions: ArrayLike<number>, pad = 0.05): Bounds {
+  let minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
+  for (let i = 0; i + 1 < positions.length; i += 2) {
+    const x = positions[i], y = positions[i + 1];
+    if (!Number.isFinite(x) || !Number.isFinite(y)) continue;
+    if (x < minX) minX = x;
+    if (x > maxX) maxX = x;
+    if (y < minY) minY = y;
+    if (y > maxY) maxY = y;
+  }
+  if (!Number.isFinite(minX)) return { minX: -1, minY: -1, maxX: 1, maxY: 1 };
+  const w = Math.max(maxX - minX, 1e-6), h = Math.max(maxY - minY, 1e-6);
+  return { minX: minX - w * pad, minY: minY - h * pad, maxX: maxX + w * pad, maxY: maxY + h * pad };
+}
+
+export function unionBounds(all: Bounds[]): Bounds {
+  if (!all.length) return { minX: -1, minY: -1, maxX: 1, maxY: 1 };
+  return {
+    minX: Math.min(...all.map((b) => b.minX)),
+    minY: Math.min(...all.map((b) => b.minY)),
+    maxX: Math.max(...all.map((b) => b.maxX)),
+    maxY: Math.max(...all.map((b) => b.maxY)),
+  };
+}
+
+// ---------------------------------------------------------------- steps
+
+/** Sorted union of the steps of several runs. */
+export function unionSteps(lists: number[][]): number[] {
+  const all = new Set<number>();
+  for (const list of lists) for (const s of list) all.add(s);
+  return [...all].sort((a, b) => a - b);
+}
+
+/**
+ * The step of `available` to show for the requested `step`: the step itself, else the
+ * latest one before it, else the first one (runs logged at different steps still show
+ * something sensible). `null` when nothing is available.
+ * @example stepAtOrBefore([0, 5, 10], 7) // 5
+ */
+export function stepAtOrBefore(available: number[], step: number): number | null {
+  if (!available.length) return null;
+  let best: number | null = null;
+  for (const s of available) if (s <= step && (best === null || s > best)) best = s;
+  return best ?? Math.min(...available);
+}
+
+/**
+ * Keep the slider where the user left it when the step list grows (live training):
+ * same step if still present, else the nearest one; a user who was on the latest step
+ * follows new steps when `follow` is set.
+ */
+export function keepStepIndex(oldSteps: number[], newSteps: number[], oldIndex: number, follow: boolean): number {
+  if (!newSteps.length) return 0;
+  if (!oldSteps.length) return follow ? newSteps.length - 1 : 0;
+  const wasLast = oldIndex >= oldSteps.length - 1;
+  if (follow && wasLast) return newSteps.length - 1;
+  const step = oldSteps[Math.min(Math.max(oldIndex, 0), oldSteps.length - 1)];
+  let best = 0;
+  for (let i = 0; i < newSteps.length; i++) {
+    if (Math.abs(newSteps[i] - step) < Math.abs(newSteps[best] - step)) best = i;
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------- colours
+
+/** Categorical palette (Google material 500s, TensorBoard's run colours family). */
+export const PALETTE = [
+  "#ff7043", "#0288d1", "#ab47bc", "#66bb6a", "#fdd835", "#ec407a", "#26a69a", "#8d6e63",
+  "#5c6bc0", "#9ccc65", "#ffa726", "#78909c", "#d4e157", "#29b6f6", "#ef5350", "#7e57c2",
+];
+export const NONE_COLOUR = "#b0b0b0";
+
+export function hexToRgb(hex: string): [number, number, number] {
+  const m = /^#?([0-9a-f]{6})$/i.exec(hex);
+  if (!m) throw new Error(`not a #rrggbb colour: ${hex}`);
+  const v = parseInt(m[1], 16);
+  return [(v >> 16) & 255, (v >> 8) & 255, v & 255];
+}
+
+export type ColourBy = "layer" | "category" | "group";
+
+export interface Legend {
+  entries: { label: string; colour: string }[];
+}
+
+/**
+ * Per-point RGBA bytes for the chosen colouring, plus the legend.
+ * `labelsByLayer[layer]` gives each neuron's top concept (needed for "category").
+ * Neurons without a value (no label, group -1) are grey.
+ */
+export function colourPoints(points: PointSet, by: ColourBy, labelsByLayer: Record<string, Labels | undefined>): {
+  rgba: Uint8Array;
+  legend: Legend;
+} {
+  const n = points.channel.length;
+  const keys: (string | null)[] = new Array(n);
+  if (by === "layer") {
+    for (let i = 0; i < n; i++) keys[i] = points.layers[points.layerIndex[i]];
+  } else if (by === "group") {
+    for (let i = 0; i < n; i++) keys[i] = points.group[i] >= 0 ? `group ${points.group[i]}` : null;
+  } else {
+    for (let i = 0; i < n; i++) {
+      const top = topLabel(labelsByLayer[points.layers[points.layerIndex[i]]], points.channel[i]);
+      keys[i] = top ? top.category || "uncategorised" : null;
+    }
+  }
+  // Layers keep their order; other keys are sorted so colours do not jump between steps.
+  const distinct = by === "layer" ? points.layers.slice() : [...new Set(keys.filter((k): k is string => k !== null))].sort(naturalCompare);
+  const colourOf = new Map<string, string>();
+  distinct.forEach((k, i) => colourOf.set(k, PALETTE[i % PALETTE.length]));
+  const rgbOf = new Map<string, [number, number, number]>();
+  for (const [k, c] of colourOf) rgbOf.set(k, hexToRgb(c));
+  const none = hexToRgb(NONE_COLOUR);
+  const rgba = new Uint8Array(n * 4);
+  for (let i = 0; i < n; i++) {
+    const k = keys[i];
+    const rgb = (k !== null && rgbOf.get(k)) || none;
+    rgba[4 * i] = rgb[0];
+    rgba[4 * i + 1] = rgb[1];
+    rgba[4 * i + 2] = rgb[2];
+    rgba[4 * i + 3] = 255;
+  }
+  const entries = distinct.map((k) => ({ label: k, colour: colourOf.get(k)! }));
+  if (keys.some((k) => k === null)) entries.push({ label: by === "group" ? "no group" : "no label", colour: NONE_COLOUR });
+  return { rgba, legend: { entries } };
+}
+
+export function naturalCompare(a: string, b: string): number {
+  return a.localeCompare(b, undefined, { numeric: true, sensitivity: "base" });
+}
+
+/** Best concept of a neuron, or null when it has none. */
+export function topLabel(labels: Labels | undefined, channel: number):
+  { concept: string; category: string; similarity: number | null } | null {
+  if (!labels) return null;
+  const row = labels.top_concepts[channel];
+  if (!row || !row.length || row[0] < 0) return null;
+  const c = row[0];
+  const sim = labels.top_similarity[channel]?.[0];
+  return {
+    concept: labels.concepts[c] ?? `concept ${c}`,
+    category: labels.categories[c] ?? "",
+    similarity: sim === null || sim === undefined || !Number.isFinite(sim) ? null : sim,
+  };
+}
+
+// ---------------------------------------------------------------- search
+
+export interface SearchHit {
+  index: number;
+  id: string;
+  why: string;
+}
+
+/**
+ * Find neurons by id (`features.3:12`, or a bare channel `12`, or a layer prefix
+ * `features.3:`) or by concept word (case-insensitive substring of a top concept).
+ */
+export function searchPoints(points: PointSet, labelsByLayer: Record<string, Labels | undefined>, query: string,
+  limit = 200): SearchHit[] {
+  const q = query.trim().toLowerCase();
+  if (!q) return [];
+  const hits: SearchHit[] = [];
+  const exact = parseNeuronId(query.trim());
+  if (exact) {
+    const i = points.index.get(neuronId(exact.layer, exact.channel));
+    if (i !== undefined) return [{ index: i, id: neuronId(exact.layer, exact.channel), why: "id" }];
+  }
+  const bareChannel = /^\d+$/.test(q) ? Number(q) : null;
+  const n = points.channel.length;
+  for (let i = 0; i < n && hits.length < limit; i++) {
+    const layer = points.layers[points.layerIndex[i]];
+    const id = neuronId(layer, points.channel[i]);
+    if (bareChannel !== null && points.channel[i] === bareChannel) {
+      hits.push({ index: i, id, why: "channel" });
+      continue;
+    }
+    if (q.endsWith(":") && id.toLowerCase().startsWith(q)) {
+      hits.push({ index: i, id, why: "layer" });
+      continue;
+    }
+    const labels = labelsByLayer[layer];
+    const row = labels?.top_concepts[points.channel[i]];
+    if (!labels || !row) continue;
+    for (const c of row) {
+      if (c >= 0 && (labels.concepts[c] ?? "").toLowerCase().includes(q)) {
+        hits.push({ index: i, id, why: labels.concepts[c] });
+        break;
+      }
+    }
+  }
+  return hits;
+}
+
+// ---------------------------------------------------------------- selection geometry
+
+/** Even-odd rule point-in-polygon; polygon as [x0, y0, x1, y1, ...]. */
+export function pointInPolygon(x: number, y: number, polygon: ArrayLike<number>): boolean {
+  let inside = false;
+  const m = polygon.length / 2;
+  for (let i = 0, j = m - 1; i < m; j = i++) {
+    const xi = polygon[2 * i], yi = polygon[2 * i + 1], xj = polygon[2 * j], yj = polygon[2 * j + 1];
+    if ((yi > y) !== (yj > y) && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) inside = !inside;
+  }
+  return inside;
+}
+
+/** Indices of points inside a polygon (data coordinates). */
+export function selectInPolygon(positions: Float32Array, polygon: number[]): number[] {
+  if (polygon.length < 6) return [];
+  const b = bounds(polygon, 0);
+  const out: number[] = [];
+  for (let i = 0; i < positions.length / 2; i++) {
+    const x = positions[2 * i], y = positions[2 * i + 1];
+    if (x < b.minX || x > b.maxX || y < b.minY || y > b.maxY) continue;
+    if (pointInPolygon(x, y, polygon)) out.push(i);
+  }
+  return out;
+}
+
+/**
+ * Uniform grid over the points for O(1)-ish nearest-point queries (hover on 100k
+ * points must not scan them all on every mouse move).
+ */
+export class PointGrid {
+  private cells: Map<number, number[]> = new Map();
+  private readonly size: number;
+  private readonly b: Bounds;
+  private readonly cols: number;
+
+  constructor(private readonly positions: Float32Array, cellsPerSide = 0) {
+    const n = positions.length / 2;
+    this.b = bounds(positions, 0.001);
+    const side = cellsPerSide || Math.max(1, Math.ceil(Math.sqrt(n / 4)));
+    this.size = Math.max(this.b.maxX - this.b.minX, this.b.maxY - this.b.minY) / side || 1;
+    this.cols = side + 1;
+    for (let i = 0; i < n; i++) {
+      const key = this.key(positions[2 * i], positions[2 * i + 1]);
+      let list = this.cells.get(key);
+      if (!list) this.cells.set(key, (list = []));
+      list.push(i);
+    }
+  }
+
+  private cell(v: number, min: number): number {
+    return Math.floor((v - min) / this.size);
+  }
+
+  private key(x: number, y: number): number {
+    return this.cell(y, this.b.minY) * this.cols + this.cell(x, this.b.minX);
+  }
+
+  /** Index of the nearest point within `radius` (data units) of (x, y), or -1. */
+  nearest(x: number, y: number, radius: number): number {
+    const c0 = this.cell(x - radius, this.b.minX), c1 = this.cell(x + radius, this.b.minX);
+    const r0 = this.cell(y - radius, this.b.minY), r1 = this.cell(y + radius, this.b.minY);
+    let best = -1, bestD = radius * radius;
+    const maxCells = this.cols * this.cols;
+    if ((c1 - c0 + 1) * (r1 - r0 + 1) > maxCells * 4) return this.scan(x, y, radius);
+    for (let r = Math.max(r0, 0); r <= Math.min(r1, this.cols); r++) {
+      for (let c = Math.max(c0, 0); c <= Math.min(c1, this.cols); c++) {
+        const list = this.cells.get(r * this.cols + c);
+        if (!list) continue;
+        for (const i of list) {
+          const dx = this.positions[2 * i] - x, dy = this.positions[2 * i + 1] - y;
+          const d = dx * dx + dy * dy;
+          if (d <= bestD) { bestD = d; best = i; }
+        }
+      }
+    }
+    return best;
+  }
+
+  private scan(x: number, y: number, radius: number): number {
+    let best = -1, bestD = radius * radius;
+    for (let i = 0; i < this.positions.length / 2; i++) {
+      const dx = this.positions[2 * i] - x, dy = this.positions[2 * i + 1] - y;
+      const d = dx * dx + dy * dy;
+      if (d <= bestD) { bestD = d; best = i; }
+    }
+    return best;
+  }
+}
+
+// ---------------------------------------------------------------- patches
+
+export interface ProbeInfo {
+  probe_hash: string;
+  n_images: number;
+  image_size: [number, number];
+  thumbnail_size: [number, number];
+  atlas_grid: number;
+  n_atlases: number;
+  class_names: string[] | null;
+  labels?: number[] | null;
+  vocabulary?: { names: string[]; categories: string[] } | null;
+}
+
+/**
+ * Where a patch lies in the thumbnail atlases: atlas index and source rectangle
+ * (atlas pixels) of the box `[x0, y0, x1, y1]` given in input pixels.
+ * @example patchSource(probe, 300, [0, 0, 32, 32]).atlas // 1 when the grid is 16
+ */
+export function patchSource(probe: ProbeInfo, image: number, box: number[] | null):
+  { atlas: number; sx: number; sy: number; sw: number; sh: number } | null {
+  if (image < 0 || image >= probe.n_images) return null;
+  const perAtlas = probe.atlas_grid * probe.atlas_grid;
+  const atlas = Math.floor(image / perAtlas);
+  if (atlas >= probe.n_atlases) return null;
+  const cell = image % perAtlas;
+  const [th, tw] = probe.thumbnail_size;
+  const cellX = (cell % probe.atlas_grid) * tw, cellY = Math.floor(cell / probe.atlas_grid) * th;
+  const [ih, iw] = probe.image_size;
+  const b = box && box.length === 4 ? box : [0, 0, iw, ih];
+  const sx = clamp((b[0] * tw) / iw, 0, tw), sy = clamp((b[1] * th) / ih, 0, th);
+  const ex = clamp((b[2] * tw) / iw, 0, tw), ey = clamp((b[3] * th) / ih, 0, th);
+  return { atlas, sx: cellX + sx, sy: cellY + sy, sw: Math.max(1, ex - sx), sh: Math.max(1, ey - sy) };
+}
+
+export const clamp = (v: number, lo: number, hi: number): number => Math.min(hi, Math.max(lo, v));
+
+// ---------------------------------------------------------------- metrics
+
+export interface Series {
+  tag: string;
+  points: [number, number][];
+}
+
+/**
+ * Group `/metrics` scalars: the plugin's `concepts/<metric>/<source>/<layer>` series by
+ * metric, and the run's own scalars (loss, accuracy...) apart.
+ */
+export function groupMetrics(scalars: Record<string, [number, number][]>, source?: string): {
+  concept: Record<string, { layer: string; source: string; points: [number, number][] }[]>;
+  training: Series[];
+} {
+  const concept: Record<string, { layer: string; source: string; points: [number, number][] }[]> = {};
+  const training: Series[] = [];
+  for (const tag of Object.keys(scalars).sort(naturalCompare)) {
+    const parts = tag.split("/");
+    if (parts[0] === "concepts" && parts.length >= 4) {
+      const [, metric, src] = parts;
+      const layer = parts.slice(3).join("/");
+      if (source && src !== source && metric !== "interpretable_fraction" && metric !== "invalid_neurons") continue;
+      (concept[metric] ||= []).push({ layer, source: src, points: scalars[tag] });
+    } else {
+      training.push({ tag, points: scalars[tag] });
+    }
+  }
+  return { concept, training };
+}
+
+/** Nice axis ticks (1, 2, 5 x 10^k) covering [lo, hi]. */
+export function niceTicks(lo: number, hi: number, count = 4): number[] {
+  if (!Number.isFinite(lo) || !Number.isFinite(hi)) return [];
+  if (hi === lo) return [lo];
+  const raw = (hi - lo) / Math.max(1, count);
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) ?? 10 * mag;
+  const ticks: number[] = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(12)));
+  return ticks;
+}
+
+/** Compact number for labels: 3 significant digits, k/M suffixes for big ones. */
+export function formatNumber(v: number | null | undefined): string {
+  if (v === null || v === undefined || !Number.isFinite(v)) return "–";
+  const a = Math.abs(v);
+  if (a >= 1e6) return `${(v / 1e6).toPrecision(3)}M`;
+  if (a >= 1e4) return `${(v / 1e3).toPrecision(3)}k`;
+  if (a >= 100 || Number.isInteger(v)) return String(Math.round(v));
+  return v.toPrecision(3);
+}
+
+// ---------------------------------------------------------------- importance
+
+export interface ImportanceResponse {
+  class: number;
+  class_name: string | null;
+  from_step: number | null;
+  to_step: number | null;
+  layer: string;
+  importance: (number | null)[];
+  mean_sensitivity: (number | null)[];
+  flagged: number[];
+}
+
+/** Neurons ranked by importance (then mean sensitivity, then channel); flagged/NaN last out. */
+export function rankImportance(r: ImportanceResponse): { channel: number; importance: number; sensitivity: number }[] {
+  const flagged = new Set(r.flagged ?? []);
+  const rows: { channel: number; importance: number; sensitivity: number }[] = [];
+  r.importance.forEach((v, channel) => {
+    if (flagged.has(channel) || v === null || !Number.isFinite(v)) return;
+    const s = r.mean_sensitivity[channel];
+    rows.push({ channel, importance: v, sensitivity: s === null || s === undefined || !Number.isFinite(s) ? 0 : s });
+  });
+  rows.sort((a, b) => b.importance - a.importance || b.sensitivity - a.sensitivity || a.channel - b.channel);
+  return rows;
+}
+
+// ---------------------------------------------------------------- export
+
+export interface TableRow {
+  id: string;
+  x: number | null;
+  y: number | null;
+  label: string;
+  similarity: number | null;
+  importance: number | null;
+}
+
+/** RFC 4180 field quoting; also defuses spreadsheet formulas in user strings. */
+export function csvField(v: string | number | null): string {
+  if (v === null || (typeof v === "number" && !Number.isFinite(v))) return "";
+  let s = String(v);
+  if (typeof v === "string" && /^[=+\-@\t\r]/.test(s)) s = `'${s}`;
+  return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+/** CSV of the neuron table: header `id,x,y,label,similarity,importance`. */
+export function toCsv(rows: TableRow[]): string {
+  const lines = ["id,x,y,label,similarity,importance"];
+  for (const r of rows) {
+    lines.push([r.id, r.x, r.y, r.label, r.similarity, r.importance].map(csvField).join(","));
+  }
+  return lines.join("\n") + "\n";
+}
+
+/** Build the table rows of one map (placed and unplaced neurons). */
+export function tableRows(points: PointSet, labelsByLayer: Record<string, Labels | undefined>,
+  importance: Map<string, number> | null): TableRow[] {
+  const rows: TableRow[] = [];
+  for (let i = 0; i < points.channel.length; i++) {
+    const layer = points.layers[points.layerIndex[i]];
+    const top = topLabel(labelsByLayer[layer], points.channel[i]);
+    const id = neuronId(layer, points.channel[i]);
+    rows.push({ id, x: points.positions[2 * i], y: points.positions[2 * i + 1], label: top?.concept ?? "",
+      similarity: top?.similarity ?? null, importance: importance?.get(id) ?? null });
+  }
+  for (const u of points.unplaced) {
+    const top = topLabel(labelsByLayer[u.layer], u.channel);
+    const id = neuronId(u.layer, u.channel);
+    rows.push({ id, x: null, y: null, label: top?.concept ?? "", similarity: top?.similarity ?? null,
+      importance: importance?.get(id) ?? null });
+  }
+  return rows;
+}
+
+export function escapeXml(s: string): string {
+  return s.replace(/[<>&"']/g, (c) => ({ "<": "&lt;", ">": "&gt;", "&": "&amp;", '"': "&quot;", "'": "&apos;" })[c]!);
+}
+
+export interface SvgMap {
+  width: number;
+  height: number;
+  title: string;
+  /** screen-space circles */
+  points: { x: number; y: number; r: number; fill: string; id: string }[];
+  anchors: { x: number; y: number; label: string }[];
+}
+
+/** Standalone SVG of a map (user strings escaped). */
+export function toSvg(m: SvgMap): string {
+  const out: string[] = [];
+  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${m.width}" height="${m.height}" viewBox="0 0 ${m.width} ${m.height}" font-family="Roboto, Arial, sans-serif">`);
+  out.push(`<title>${escapeXml(m.title)}</title>`);
+  out.push(`<rect width="100%" height="100%" fill="#ffffff"/>`);
+  out.push(`<g fill-opacity="0.85">`);
+  for (const p of m.points) {
+    out.push(`<circle cx="${p.x.toFixed(1)}" cy="${p.y.toFixed(1)}" r="${p.r}" fill="${p.fill}"><title>${escapeXml(p.id)}</title></circle>`);
+  }
+  out.push(`</g><g font-size="11" fill="#212121">`);
+  for (const a of m.anchors) {
+    out.push(`<path d="${starPath(a.x, a.y, 6)}" fill="#f57c00" stroke="#ffffff" stroke-width="1"/>`);
+    out.push(`<text x="${(a.x + 8).toFixed(1)}" y="${(a.y + 4).toFixed(1)}">${escapeXml(a.label)}</text>`);
+  }
+  out.push(`</g></svg>`);
+  return out.join("\n");
+}
+
+/** Five-pointed star polygon vertices around (x, y). */
+export function starVertices(x: number, y: number, r: number): number[] {
+  const v: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    const radius = i % 2 ? r * 0.45 : r;
+    const a = -Math.PI / 2 + (i * Math.PI) / 5;
+    v.push(x + radius * Math.cos(a), y + radius * Math.sin(a));
+  }
+  return v;
+}
+
+function starPath(x: number, y: number, r: number): string {
+  const v = starVertices(x, y, r);
+  let d = "";
+  for (let i = 0; i < v.length; i += 2) d += `${i ? "L" : "M"}${v[i].toFixed(1)} ${v[i + 1].toFixed(1)}`;
+  return d + "Z";
+}
+
+/** Label timeline: merge consecutive steps with the same concept into spans. */
+export function labelSpans(labels: { step: number; concept: string | null; similarity: number | null }[]):
+  { from: number; to: number; concept: string | null; best: number | null }[] {
+  const spans: { from: number; to: number; concept: string | null; best: number | null }[] = [];
+  for (const l of [...labels].sort((a, b) => a.step - b.step)) {
+    const last = spans[spans.length - 1];
+    if (last && last.concept === l.concept) {
+      last.to = l.step;
+      if (l.similarity !== null && (last.best === null || l.similarity > last.best)) last.best = l.similarity;
+    } else {
+      spans.push({ from: l.step, to: l.step, concept: l.concept, best: l.similarity });
+    }
+  }
+  return spans;
+}

@@ -1,0 +1,540 @@
+/**
+ * The concept-map scatter: WebGL points (one draw call, buffers uploaded once per
+ * data change, only uniforms per frame) with a Canvas-2D fallback, a 2-D overlay
+ * for anchors, hover ring, trajectories and selection shapes, and pan / zoom /
+ * box / lasso interaction.  Several views can share one {@link Camera}: that is the
+ * linked zoom of the small multiples.
+ */
+import { Bounds, PointGrid, selectInPolygon, starVertices } from "./data";
+
+export type Tool = "pan" | "box" | "lasso";
+
+/** Shared view transform: data (cx, cy) at the viewport centre, `k` pixels per unit. */
+export class Camera {
+  cx = 0;
+  cy = 0;
+  k = 1;
+  fitted = false;
+  private listeners = new Set<() => void>();
+
+  onChange(f: () => void): () => void {
+    this.listeners.add(f);
+    return () => this.listeners.delete(f);
+  }
+
+  changed(): void {
+    for (const f of this.listeners) f();
+  }
+
+  fit(b: Bounds, width: number, height: number): void {
+    this.cx = (b.minX + b.maxX) / 2;
+    this.cy = (b.minY + b.maxY) / 2;
+    this.k = Math.min(width / Math.max(b.maxX - b.minX, 1e-9), height / Math.max(b.maxY - b.minY, 1e-9));
+    this.fitted = true;
+    this.changed();
+  }
+}
+
+export interface Overlay {
+  anchors: { x: number; y: number; label: string; kind: string }[];
+  showAnchors: boolean;
+  /** neuron trajectory in data coordinates (null = not placed at that step) */
+  trajectory: { x: number | null; y: number | null; step: number; current: boolean }[] | null;
+  /** point drawn with a ring (hover, linked across views) */
+  ringAt: [number, number] | null;
+  /** point drawn with a second ring (clicked neuron) */
+  pinnedAt: [number, number] | null;
+}
+
+export interface ScatterCallbacks {
+  hover(index: number, clientX: number, clientY: number): void;
+  click(index: number): void;
+  select(indices: number[]): void;
+}
+
+const VERTEX = `
+attribute vec2 a_pos;
+attribute vec4 a_col;
+attribute float a_emph;
+uniform vec2 u_center;
+uniform vec2 u_scale;
+uniform float u_size;
+uniform float u_emphasis;
+varying vec4 v_col;
+void main() {
+  gl_Position = vec4((a_pos - u_center) * u_scale, 0.0, 1.0);
+  float emph = a_emph * u_emphasis;
+  gl_PointSize = u_size * (1.0 + 0.8 * emph);
+  float alpha = u_emphasis > 0.5 ? (emph > 0.5 ? 1.0 : 0.18) : 0.9;
+  v_col = vec4(a_col.rgb, a_col.a * alpha);
+}`;
+
+const FRAGMENT = `
+precision mediump float;
+varying vec4 v_col;
+void main() {
+  vec2 d = gl_PointCoord - vec2(0.5);
+  float r = length(d) * 2.0;
+  if (r > 1.0) discard;
+  float edge = 1.0 - smoothstep(0.75, 1.0, r);
+  gl_FragColor = vec4(v_col.rgb * v_col.a * edge, v_col.a * edge);
+}`;
+
+/** Base point diameter in CSS pixels for a map of n points (dense maps get smaller dots). */
+export function pointSize(n: number): number {
+  if (n <= 2000) return 8;
+  if (n <= 20000) return 5;
+  if (n <= 60000) return 3.5;
+  return 3;
+}
+
+export class ScatterView {
+  readonly element: HTMLDivElement;
+  private readonly canvas: HTMLCanvasElement;
+  private readonly overlayCanvas: HTMLCanvasElement;
+  private gl: WebGLRenderingContext | null = null;
+  private ctx2d: CanvasRenderingContext2D | null = null;
+  private program: WebGLProgram | null = null;
+  private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer } | null = null;
+  private loc: { pos: number; col: number; emph: number; center: WebGLUniformLocation; scale: WebGLUniformLocation;
+    size: WebGLUniformLocation; emphasis: WebGLUniformLocation } | null = null;
+  private positions = new Float32Array(0);
+  private colours = new Uint8Array(0);
+  private emphasis: Uint8Array | null = null;
+  private grid: PointGrid | null = null;
+  private frame = 0;
+  private width = 1;
+  private height = 1;
+  private dpr = 1;
+  private drag: { x: number; y: number; cx: number; cy: number; moved: boolean; tool: Tool; path: number[] } | null = null;
+  private unsubscribe: () => void;
+  private resizeObserver: ResizeObserver;
+  overlay: Overlay = { anchors: [], showAnchors: true, trajectory: null, ringAt: null, pinnedAt: null };
+  tool: Tool = "pan";
+  /** last frame's timestamp, read by benchmarks and tests */
+  drawCount = 0;
+  readonly renderer: "webgl" | "canvas";
+
+  constructor(readonly camera: Camera, private readonly callbacks: ScatterCallbacks, forceCanvas = false) {
+    this.element = document.createElement("div");
+    this.element.className = "ce-scatter";
+    this.canvas = document.createElement("canvas");
+    this.canvas.className = "ce-scatter-points";
+    this.overlayCanvas = document.createElement("canvas");
+    this.overlayCanvas.className = "ce-scatter-overlay";
+    this.overlayCanvas.tabIndex = 0;
+    this.overlayCanvas.setAttribute("role", "img");
+    this.element.append(this.canvas, this.overlayCanvas);
+    if (!forceCanvas) this.initGl();
+    if (!this.gl) this.ctx2d = this.canvas.getContext("2d");
+    this.renderer = this.gl ? "webgl" : "canvas";
+    this.element.dataset.renderer = this.renderer;
+    this.unsubscribe = camera.onChange(() => this.requestDraw());
+    this.resizeObserver = new ResizeObserver(() => this.resize());
+    this.resizeObserver.observe(this.element);
+    this.bindEvents();
+  }
+
+  private initGl(): void {
+    let gl: WebGLRenderingContext | null = null;
+    try {
+      gl = this.canvas.getContext("webgl", { antialias: false, premultipliedAlpha: true, alpha: true,
+        preserveDrawingBuffer: false, powerPreference: "high-performance" }) as WebGLRenderingContext | null;
+    } catch {
+      gl = null;
+    }
+    if (!gl) return;
+    const compile = (type: number, src: string) => {
+      const s = gl!.createShader(type)!;
+      gl!.shaderSource(s, src);
+      gl!.compileShader(s);
+      if (!gl!.getShaderParameter(s, gl!.COMPILE_STATUS)) throw new Error(gl!.getShaderInfoLog(s) || "shader error");
+      return s;
+    };
+    try {
+      const program = gl.createProgram()!;
+      gl.attachShader(program, compile(gl.VERTEX_SHADER, VERTEX));
+      gl.attachShader(program, compile(gl.FRAGMENT_SHADER, FRAGMENT));
+      gl.linkProgram(program);
+      if (!gl.getProgramParameter(program, gl.LINK_STATUS)) throw new Error(gl.getProgramInfoLog(program) || "link error");
+      this.program = program;
+      this.loc = {
+        pos: gl.getAttribLocation(program, "a_pos"),
+        col: gl.getAttribLocation(program, "a_col"),
+        emph: gl.getAttribLocation(program, "a_emph"),
+        center: gl.getUniformLocation(program, "u_center")!,
+        scale: gl.getUniformLocation(program, "u_scale")!,
+        size: gl.getUniformLocation(program, "u_size")!,
+        emphasis: gl.getUniformLocation(program, "u_emphasis")!,
+      };
+      this.buffers = { pos: gl.createBuffer()!, col: gl.createBuffer()!, emph: gl.createBuffer()! };
+      this.gl = gl;
+    } catch {
+      this.gl = null; // broken driver: fall back to Canvas 2-D
+    }
+  }
+
+  destroy(): void {
+    cancelAnimationFrame(this.frame);
+    this.unsubscribe();
+    this.resizeObserver.disconnect();
+    const lose = this.gl?.getExtension("WEBGL_lose_context");
+    lose?.loseContext();
+    this.element.remove();
+  }
+
+  get pointCount(): number {
+    return this.positions.length / 2;
+  }
+
+  setData(positions: Float32Array, rgba: Uint8Array): void {
+    const samePositions = positions === this.positions;
+    this.positions = positions;
+    this.colours = rgba;
+    if (!samePositions) {
+      this.grid = null; // built lazily on first hover: first draw must not wait for it
+      this.emphasis = null;
+    }
+    const gl = this.gl;
+    if (gl && this.buffers) {
+      if (!samePositions) {
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.pos);
+        gl.bufferData(gl.ARRAY_BUFFER, positions, gl.STATIC_DRAW);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.emph);
+        gl.bufferData(gl.ARRAY_BUFFER, new Uint8Array(positions.length / 2), gl.DYNAMIC_DRAW);
+      }
+      gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.col);
+      gl.bufferData(gl.ARRAY_BUFFER, rgba, gl.STATIC_DRAW);
+    }
+    this.requestDraw();
+  }
+
+  /** Highlight these point indices (dimming the rest); null clears. */
+  setEmphasis(indices: Iterable<number> | null): void {
+    const n = this.pointCount;
+    let flags: Uint8Array | null = null;
+    if (indices) {
+      flags = new Uint8Array(n);
+      let any = false;
+      for (const i of indices) if (i >= 0 && i < n) { flags[i] = 1; any = true; }
+      if (!any) flags = new Uint8Array(n); // everything dimmed: nothing matched
+    }
+    this.emphasis = flags;
+    const gl = this.gl;
+    if (gl && this.buffers) {
+      gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.emph);
+      gl.bufferData(gl.ARRAY_BUFFER, flags ?? new Uint8Array(n), gl.DYNAMIC_DRAW);
+    }
+    this.requestDraw();
+  }
+
+  requestDraw(): void {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => {
+      this.frame = 0;
+      this.draw();
+    });
+  }
+
+  private resize(): void {
+    const rect = this.element.getBoundingClientRect();
+    this.dpr = window.devicePixelRatio || 1;
+    this.width = Math.max(1, Math.round(rect.width));
+    this.height = Math.max(1, Math.round(rect.height));
+    for (const c of [this.canvas, this.overlayCanvas]) {
+      c.width = Math.round(this.width * this.dpr);
+      c.height = Math.round(this.height * this.dpr);
+    }
+    this.requestDraw();
+  }
+
+  get size(): { width: number; height: number } {
+    return { width: this.width, height: this.height };
+  }
+
+  toScreen(x: number, y: number): [number, number] {
+    const c = this.camera;
+    return [this.width / 2 + (x - c.cx) * c.k, this.height / 2 - (y - c.cy) * c.k];
+  }
+
+  toData(sx: number, sy: number): [number, number] {
+    const c = this.camera;
+    return [c.cx + (sx - this.width / 2) / c.k, c.cy - (sy - this.height / 2) / c.k];
+  }
+
+  private zoomFactor(): number {
+    return 1;
+  }
+
+  draw(): void {
+    this.drawCount++;
+    const n = this.pointCount;
+    const size = pointSize(n) * this.zoomFactor();
+    const c = this.camera;
+    if (this.gl && this.program && this.loc && this.buffers) {
+      const gl = this.gl;
+      gl.viewport(0, 0, this.canvas.width, this.canvas.height);
+      gl.clearColor(0, 0, 0, 0);
+      gl.clear(gl.COLOR_BUFFER_BIT);
+      if (n) {
+        gl.useProgram(this.program);
+        gl.enable(gl.BLEND);
+        gl.blendFunc(gl.ONE, gl.ONE_MINUS_SRC_ALPHA);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.pos);
+        gl.enableVertexAttribArray(this.loc.pos);
+        gl.vertexAttribPointer(this.loc.pos, 2, gl.FLOAT, false, 0, 0);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.col);
+        gl.enableVertexAttribArray(this.loc.col);
+        gl.vertexAttribPointer(this.loc.col, 4, gl.UNSIGNED_BYTE, true, 0, 0);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.emph);
+        gl.enableVertexAttribArray(this.loc.emph);
+        gl.vertexAttribPointer(this.loc.emph, 1, gl.UNSIGNED_BYTE, false, 0, 0);
+        gl.uniform2f(this.loc.center, c.cx, c.cy);
+        gl.uniform2f(this.loc.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
+        gl.uniform1f(this.loc.size, size * this.dpr);
+        gl.uniform1f(this.loc.emphasis, this.emphasis ? 1 : 0);
+        gl.drawArrays(gl.POINTS, 0, n);
+      }
+    } else if (this.ctx2d) {
+      this.draw2d(size);
+    }
+    this.drawOverlay(size);
+  }
+
+  private draw2d(size: number): void {
+    const ctx = this.ctx2d!;
+    ctx.setTransform(this.dpr, 0, 0, this.dpr, 0, 0);
+    ctx.clearRect(0, 0, this.width, this.height);
+    const n = this.pointCount;
+    const r = size / 2;
+    const col = this.colours;
+    const emph = this.emphasis;
+    // Points of one colour are drawn in one path: far fewer state changes than per point.
+    const byColour = new Map<number, number[]>();
+    for (let i = 0; i < n; i++) {
+      const [sx, sy] = this.toScreen(this.positions[2 * i], this.positions[2 * i + 1]);
+      if (sx < -r || sy < -r || sx > this.width + r || sy > this.height + r) continue;
+      const e = emph ? (emph[i] ? 2 : 1) : 0;
+      const key = ((col[4 * i] << 16) | (col[4 * i + 1] << 8) | col[4 * i + 2]) * 4 + e;
+      let list = byColour.get(key);
+      if (!list) byColour.set(key, (list = []));
+      list.push(sx, sy);
+    }
+    for (const [key, list] of byColour) {
+      const e = key % 4;
+      const rgb = Math.floor(key / 4);
+      ctx.globalAlpha = e === 1 ? 0.18 : e === 2 ? 1 : 0.9;
+      ctx.fillStyle = `rgb(${(rgb >> 16) & 255},${(rgb >> 8) & 255},${rgb & 255})`;
+      const rr = e === 2 ? r * 1.8 : r;
+      ctx.beginPath();
+      for (let j = 0; j < list.length; j += 2) {
+        ctx.moveTo(list[j] + rr, list[j + 1]);
+        ctx.arc(list[j], list[j + 1], rr, 0, Math.PI * 2);
+      }
+      ctx.fill();
+    }
+    ctx.globalAlpha = 1;
+  }
+
+  private drawOverlay(size: number): void {
+    const ctx = this.overlayCanvas.getContext("2d")!;
+    ctx.setTransform(this.dpr, 0, 0, this.dpr, 0, 0);
+    ctx.clearRect(0, 0, this.width, this.height);
+    const o = this.overlay;
+    if (o.trajectory && o.trajectory.length) {
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = "rgba(33,33,33,0.75)";
+      ctx.setLineDash([]);
+      ctx.beginPath();
+      let pen = false;
+      for (const p of o.trajectory) {
+        if (p.x === null || p.y === null) { pen = false; continue; }
+        const [sx, sy] = this.toScreen(p.x, p.y);
+        if (pen) ctx.lineTo(sx, sy); else ctx.moveTo(sx, sy);
+        pen = true;
+      }
+      ctx.stroke();
+      o.trajectory.forEach((p, i) => {
+        if (p.x === null || p.y === null) return;
+        const [sx, sy] = this.toScreen(p.x, p.y);
+        ctx.beginPath();
+        ctx.arc(sx, sy, p.current ? 5 : 3, 0, Math.PI * 2);
+        ctx.fillStyle = p.current ? "#f57c00" : i === 0 ? "#ffffff" : "#424242";
+        ctx.strokeStyle = "#424242";
+        ctx.lineWidth = 1.5;
+        ctx.fill();
+        ctx.stroke();
+      });
+      const last = o.trajectory.filter((p) => p.x !== null)[0];
+      if (last && last.x !== null && last.y !== null) {
+        const [sx, sy] = this.toScreen(last.x, last.y);
+        label(ctx, `step ${last.step}`, sx + 6, sy - 6, "#424242");
+      }
+    }
+    if (o.showAnchors) {
+      ctx.font = "500 11px Roboto, 'Helvetica Neue', Arial, sans-serif";
+      for (const a of o.anchors) {
+        const [sx, sy] = this.toScreen(a.x, a.y);
+        if (sx < -40 || sy < -20 || sx > this.width + 40 || sy > this.height + 20) continue;
+        const v = starVertices(sx, sy, a.kind === "anchor" ? 7 : 5);
+        ctx.beginPath();
+        for (let i = 0; i < v.length; i += 2) (i ? ctx.lineTo : ctx.moveTo).call(ctx, v[i], v[i + 1]);
+        ctx.closePath();
+        ctx.fillStyle = a.kind === "anchor" ? "#f57c00" : "#ffb74d";
+        ctx.strokeStyle = "#ffffff";
+        ctx.lineWidth = 1.2;
+        ctx.fill();
+        ctx.stroke();
+        label(ctx, a.label, sx + 9, sy + 4, "#5d4037");
+      }
+    }
+    for (const [at, colour, radius] of [[o.pinnedAt, "#212121", size / 2 + 6], [o.ringAt, "#f57c00", size / 2 + 4]] as const) {
+      if (!at) continue;
+      const [sx, sy] = this.toScreen(at[0], at[1]);
+      ctx.beginPath();
+      ctx.arc(sx, sy, radius, 0, Math.PI * 2);
+      ctx.lineWidth = 2.5;
+      ctx.strokeStyle = colour;
+      ctx.stroke();
+    }
+    const d = this.drag;
+    if (d && d.tool !== "pan" && d.path.length >= 4) {
+      ctx.beginPath();
+      if (d.tool === "box") {
+        const [x0, y0] = [d.path[0], d.path[1]];
+        const [x1, y1] = [d.path[d.path.length - 2], d.path[d.path.length - 1]];
+        ctx.rect(Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0));
+      } else {
+        for (let i = 0; i < d.path.length; i += 2) (i ? ctx.lineTo : ctx.moveTo).call(ctx, d.path[i], d.path[i + 1]);
+        ctx.closePath();
+      }
+      ctx.fillStyle = "rgba(245,124,0,0.08)";
+      ctx.fill();
+      ctx.setLineDash([4, 3]);
+      ctx.lineWidth = 1.5;
+      ctx.strokeStyle = "#f57c00";
+      ctx.stroke();
+      ctx.setLineDash([]);
+    }
+  }
+
+  /** Index of the placed point under the pointer (screen px relative to the view), or -1. */
+  pick(sx: number, sy: number): number {
+    if (!this.pointCount) return -1;
+    if (!this.grid) this.grid = new PointGrid(this.positions);
+    const [x, y] = this.toData(sx, sy);
+    const radius = Math.max(6, pointSize(this.pointCount)) / this.camera.k;
+    return this.grid.nearest(x, y, radius);
+  }
+
+  pointScreen(index: number): [number, number] | null {
+    if (index < 0 || index >= this.pointCount) return null;
+    return this.toScreen(this.positions[2 * index], this.positions[2 * index + 1]);
+  }
+
+  private bindEvents(): void {
+    const el = this.overlayCanvas;
+    const local = (e: MouseEvent): [number, number] => {
+      const r = el.getBoundingClientRect();
+      return [e.clientX - r.left, e.clientY - r.top];
+    };
+    el.addEventListener("wheel", (e) => {
+      e.preventDefault();
+      const [sx, sy] = local(e);
+      const [x, y] = this.toData(sx, sy);
+      const factor = Math.exp(-e.deltaY * (e.deltaMode === 1 ? 0.05 : 0.0015));
+      const c = this.camera;
+      c.k = Math.min(Math.max(c.k * factor, 1e-6), 1e9);
+      // keep the data point under the cursor fixed
+      c.cx = x - (sx - this.width / 2) / c.k;
+      c.cy = y + (sy - this.height / 2) / c.k;
+      c.changed();
+    }, { passive: false });
+    el.addEventListener("pointerdown", (e) => {
+      if (e.button !== 0) return;
+      el.setPointerCapture(e.pointerId);
+      const [sx, sy] = local(e);
+      const tool: Tool = e.shiftKey ? "box" : e.altKey ? "lasso" : this.tool;
+      this.drag = { x: sx, y: sy, cx: this.camera.cx, cy: this.camera.cy, moved: false, tool, path: [sx, sy] };
+    });
+    el.addEventListener("pointermove", (e) => {
+      const [sx, sy] = local(e);
+      const d = this.drag;
+      if (d) {
+        if (Math.abs(sx - d.x) + Math.abs(sy - d.y) > 3) d.moved = true;
+        if (d.tool === "pan") {
+          this.camera.cx = d.cx - (sx - d.x) / this.camera.k;
+          this.camera.cy = d.cy + (sy - d.y) / this.camera.k;
+          this.camera.changed();
+        } else {
+          d.path.push(sx, sy);
+          this.requestDraw();
+        }
+        return;
+      }
+      this.callbacks.hover(this.pick(sx, sy), e.clientX, e.clientY);
+    });
+    el.addEventListener("pointerleave", () => {
+      if (!this.drag) this.callbacks.hover(-1, 0, 0);
+    });
+    const finish = (e: PointerEvent) => {
+      const d = this.drag;
+      if (!d) return;
+      this.drag = null;
+      const [sx, sy] = local(e);
+      if (!d.moved) {
+        this.callbacks.click(this.pick(sx, sy));
+      } else if (d.tool !== "pan") {
+        let poly: number[];
+        if (d.tool === "box") {
+          const [x0, y0] = [d.path[0], d.path[1]];
+          poly = [x0, y0, sx, y0, sx, sy, x0, sy];
+        } else {
+          poly = d.path;
+        }
+        const dataPoly: number[] = [];
+        for (let i = 0; i < poly.length; i += 2) dataPoly.push(...this.toData(poly[i], poly[i + 1]));
+        this.callbacks.select(selectInPolygon(this.positions, dataPoly));
+      }
+      this.requestDraw();
+    };
+    el.addEventListener("pointerup", finish);
+    el.addEventListener("pointercancel", () => { this.drag = null; this.requestDraw(); });
+  }
+
+  /** The map as it is on screen (points + overlay) as a PNG blob, on a white background. */
+  async toPngBlob(): Promise<Blob> {
+    this.draw(); // the WebGL buffer is only readable in the frame it was drawn in
+    const out = document.createElement("canvas");
+    out.width = this.canvas.width;
+    out.height = this.canvas.height;
+    const ctx = out.getContext("2d")!;
+    ctx.fillStyle = "#ffffff";
+    ctx.fillRect(0, 0, out.width, out.height);
+    ctx.drawImage(this.canvas, 0, 0);
+    ctx.drawImage(this.overlayCanvas, 0, 0);
+    return new Promise((resolve, reject) => out.toBlob((b) => (b ? resolve(b) : reject(new Error("PNG export failed"))), "image/png"));
+  }
+
+  /** Screen-space points for SVG export (only those in view). */
+  screenPoints(): { x: number; y: number; i: number }[] {
+    const out: { x: number; y: number; i: number }[] = [];
+    for (let i = 0; i < this.pointCount; i++) {
+      const [x, y] = this.toScreen(this.positions[2 * i], this.positions[2 * i + 1]);
+      if (x >= 0 && y >= 0 && x <= this.width && y <= this.height) out.push({ x, y, i });
+    }
+    return out;
+  }
+
+  get colourBytes(): Uint8Array {
+    return this.colours;
+  }
+}
+
+function label(ctx: CanvasRenderingContext2D, text: string, x: number, y: number, colour: string): void {
+  ctx.lineWidth = 3;
+  ctx.strokeStyle = "rgba(255,255,255,0.9)";
+  ctx.strokeText(text, x, y);
+  ctx.fillStyle = colour;
+  ctx.fillText(text, x, y);
+}

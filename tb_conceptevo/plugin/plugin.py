@@ -1,0 +1,446 @@
+"""The ``conceptevo`` TensorBoard plugin: routes of ``docs/http_api.md``.
+
+Handlers are thin: validate parameters (:mod:`.web`), read through
+``context.data_provider`` (:mod:`.store`), shape the answer (:mod:`.views`).
+Per-step answers are immutable once logged, so they carry an ETag derived from the
+data's ``(step, wall_time)`` and are memoised in the store's bounded LRU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+from tensorboard import plugin_util
+from tensorboard.data import provider as tb_provider
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+
+from .. import metadata
+from ..reading import DataNotFound
+from ..summary import PayloadError
+from . import views, web
+from .web import BadRequest, route
+from .store import Store, datum_key
+
+logger = logging.getLogger(__name__)
+
+#: Shipped frontend files (the only directory static routes ever read).
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+_STATIC_TYPES = {
+    ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".map": "application/json",
+    ".json": "application/json", ".png": "image/png", ".svg": "image/svg+xml", ".wasm": "application/wasm",
+    ".woff2": "font/woff2", ".txt": "text/plain",
+}
+_STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}){0,3}")
+#: Rows per scalar series read for ``/metrics`` (the loaders keep 1,000 by default).
+MAX_SCALAR_POINTS = 100_000
+
+
+class ConceptEvoPlugin(base_plugin.TBPlugin):
+    """Serves concept maps, neuron stories, labels and metrics of the logdir."""
+
+    plugin_name = metadata.PLUGIN_NAME
+
+    def __init__(self, context, cache_bytes: Optional[int] = None):
+        self._provider = context.data_provider
+        self._store = Store(self._provider, **({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
+
+    # ------------------------------------------------------------------ TensorBoard hooks
+    def is_active(self):
+        # TensorBoard marks the tab active when the data provider lists data of
+        # data_plugin_names() (cheap); nothing else can make it active.
+        return False
+
+    def data_plugin_names(self):
+        return (metadata.PLUGIN_NAME,)
+
+    def frontend_metadata(self):
+        return base_plugin.FrontendMetadata(es_module_path="/static/index.js", tab_name="Concept Evolution")
+
+    def get_plugin_apps(self):
+        return {
+            "/static/*": self._serve_static,
+            "/runs": self._serve_runs,
+            "/probe": self._serve_probe,
+            "/atlas": self._serve_atlas,
+            "/patch": self._serve_patch,
+            "/map": self._serve_map,
+            "/labels": self._serve_labels,
+            "/neuron": self._serve_neuron,
+            "/metrics": self._serve_metrics,
+            "/categories": self._serve_categories,
+            "/anchors": self._serve_anchors,
+            "/importance": self._serve_importance,
+            "/revert": self._serve_revert,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _ctx(request):
+        return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+
+    def _series(self, ctx, eid, run, tag, what=""):
+        return self._store.series(ctx, eid, run, tag, what)
+
+    # ------------------------------------------------------------------ static
+    @route
+    def _serve_static(self, request):
+        prefix = "/static/"
+        path = request.path
+        index = path.find(prefix)
+        name = path[index + len(prefix):] if index >= 0 else ""
+        files = _static_files()
+        if not _STATIC_NAME.fullmatch(name) or ".." in name or name not in files:
+            raise DataNotFound(f"no static file {name!r}; shipped files: {sorted(files)}")
+        full = files[name]
+        with open(full, "rb") as handle:  # a shipped package file, never a logdir path
+            content = handle.read()
+        content_type = _STATIC_TYPES.get(os.path.splitext(name)[1], "application/octet-stream")
+        etag = web.etag_of("static", name, hashlib.sha1(content).hexdigest())
+        return web.respond(request, content, content_type, etag=etag)
+
+    # ------------------------------------------------------------------ /runs
+    @route
+    def _serve_runs(self, request):
+        ctx, eid = self._ctx(request)
+        warnings: List[str] = []
+        listed = self._store.list_series(ctx, eid)
+        newer = set()
+        for run, tags in listed.items():
+            for tag, series in tags.items():
+                version = _content_version(getattr(series, "plugin_content", b""))
+                if version is not None and version > metadata.FORMAT_VERSION:
+                    newer.add((run, tag))
+                    warnings.append(
+                        f"run {run!r}: tag {tag!r} has format version {version}, newer than this "
+                        f"tb_conceptevo understands ({metadata.FORMAT_VERSION}); upgrade tb_conceptevo")
+        data = self._store.read_all(ctx, eid)
+        summaries = []
+        for run in sorted(data, key=views.natural_key):
+            tags = {t: d for t, d in data[run].items() if (run, t) not in newer and d}
+            if not tags:
+                continue
+            probe_hash = self._probe_hash(ctx, run, tags, warnings)
+            summaries.append(views.run_summary(run, tags, probe_hash))
+        return web.respond(request, views.runs_answer(summaries, warnings), web.JSON)
+
+    def _probe_hash(self, ctx, run: str, tags: Dict[str, list], warnings: List[str]) -> Optional[str]:
+        """The run's probe hash: from the probe payload, else from any stimuli/space header."""
+        candidates = [metadata.probe_tag()] + sorted(
+            t for t in tags if (metadata.parse_tag(t) or ("",))[0] in (metadata.STIMULI, metadata.SPACE))
+        for tag in candidates:
+            data = tags.get(tag)
+            if not data:
+                continue
+            try:
+                value = self._store.header(ctx, data[-1]).get("probe_hash")
+            except PayloadError as exc:
+                warnings.append(f"run {run!r}: tag {tag!r} cannot be read: {exc}")
+                continue
+            if value:
+                return str(value)
+        return None
+
+    # ------------------------------------------------------------------ probe images
+    def _probe(self, ctx, eid, run, names=(), optional=()):
+        datum = self._store.datum(self._series(ctx, eid, run, metadata.probe_tag(), "probe set"), None)
+        header, arrays = self._store.payload(ctx, datum, list(names), optional=optional)
+        return datum, header, arrays
+
+    @route
+    def _serve_probe(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        datum, header, arrays = self._probe(ctx, eid, run, optional=["labels"])
+        etag = web.etag_of("probe", eid, run, datum_key(datum))
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.JSON, etag=etag)
+        body = self._store.memo(("probe", eid, run) + datum_key(datum),
+                                lambda: web.dumps(views.probe_answer(header, arrays)))
+        return web.respond(request, body, web.JSON, etag=etag)
+
+    @route
+    def _serve_atlas(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        index = web.int_param(request, "index")
+        datum, header, _ = self._probe(ctx, eid, run)
+        n_atlases = int(header.get("n_atlases", 0))
+        if index >= n_atlases:
+            raise DataNotFound(f"run {run!r} has {n_atlases} thumbnail atlases; index must be < {n_atlases}")
+        etag = web.etag_of("atlas", eid, run, index, datum_key(datum))
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.PNG, etag=etag)
+        _, arrays = self._store.payload(ctx, datum, [f"atlas_{index}"])
+        return web.respond(request, arrays[f"atlas_{index}"].tobytes(), web.PNG, etag=etag)
+
+    @route
+    def _serve_patch(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        image = web.int_param(request, "image")
+        box = [web.number_param(request, name) for name in ("x0", "y0", "x1", "y1")]
+        datum, header, _ = self._probe(ctx, eid, run)
+        n_images = int(header.get("n_images", 0))
+        if image >= n_images:
+            raise DataNotFound(f"run {run!r}: probe set has {n_images} images; image must be < {n_images}")
+        height, width = header["image_size"]
+        x0, y0, x1, y1 = box
+        if not (x0 < x1 <= width and y0 < y1 <= height):
+            raise BadRequest(f"box ({x0}, {y0}, {x1}, {y1}) must satisfy 0 <= x0 < x1 <= {width} and "
+                             f"0 <= y0 < y1 <= {height} (input pixels, as returned by /neuron)")
+        grid = int(header.get("atlas_grid", 16))
+        atlas_index = image // (grid * grid)
+        if atlas_index >= int(header.get("n_atlases", 0)):
+            raise DataNotFound(f"run {run!r} logged no thumbnails for image {image}")
+        etag = web.etag_of("patch", eid, run, image, tuple(box), datum_key(datum))
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.PNG, etag=etag)
+
+        def decoded_atlas():
+            _, arrays = self._store.payload(ctx, datum, [f"atlas_{atlas_index}"])
+            return views.decode_png(arrays[f"atlas_{atlas_index}"])
+
+        atlas = self._store.memo(("atlas-pixels", eid, run, atlas_index) + datum_key(datum), decoded_atlas)
+        thumbnail = views.patch_cell(atlas, image, grid, header["thumbnail_size"])
+        png = views.encode_png(views.crop_box(thumbnail, box, (height, width)))
+        return web.respond(request, png, web.PNG, etag=etag)
+
+    # ------------------------------------------------------------------ /map
+    @route
+    def _serve_map(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        space = web.name_param(request, "space")
+        layer = web.name_param(request, "layer")
+        step = web.int_param(request, "step")
+        tag = metadata.space_tag(space, layer)
+        datum = self._store.datum(self._series(ctx, eid, run, tag, f"space {space!r} for layer {layer!r}"), step)
+        key = ("map", eid, run, tag) + datum_key(datum)
+        etag = web.etag_of(*key)
+
+        def encode():
+            _, arrays = self._store.payload(ctx, datum, ["layout"], optional=["groups"])
+            layout = arrays["layout"]
+            return views.map_bytes(layout, arrays.get("groups")), views.unplaced_count(layout)
+
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.BINARY, etag=etag)
+        try:
+            body, unplaced = self._store.memo(key, encode)
+        except ValueError as exc:
+            raise PayloadError(str(exc)) from None
+        return web.respond(request, body, web.BINARY, etag=etag,
+                            headers=[("X-Conceptevo-Unplaced", str(unplaced))])
+
+    # ------------------------------------------------------------------ /labels, /categories
+    @route
+    def _serve_labels(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        detector = web.name_param(request, "detector")
+        layer = web.name_param(request, "layer")
+        step = web.int_param(request, "step")
+        tag = metadata.detector_tag(detector, layer)
+        datum = self._store.datum(self._series(ctx, eid, run, tag, f"detector {detector!r} for layer {layer!r}"), step)
+        key = ("labels", eid, run, tag) + datum_key(datum)
+        etag = web.etag_of(*key)
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.JSON, etag=etag)
+
+        def encode():
+            header, arrays = self._store.payload(ctx, datum, ["top_concepts", "top_similarity"])
+            return web.dumps(views.labels_answer(header, arrays))
+
+        return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+
+    @route
+    def _serve_categories(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        detector = web.name_param(request, "detector")
+        step = web.int_param(request, "step")
+        tags = self._store.read_all(ctx, eid, run).get(run, {})
+        if not tags:
+            raise DataNotFound(self._store.unknown_run_message(ctx, eid, run))
+        headers, keys = {}, []
+        for tag, data in tags.items():
+            kind, quals, layer = metadata.parse_tag(tag)
+            if kind != metadata.DETECTOR or quals[0] != detector:
+                continue
+            try:
+                datum = self._store.datum(data, step)
+            except DataNotFound:
+                continue
+            headers[layer] = self._store.header(ctx, datum)
+            keys.append((tag,) + datum_key(datum))
+        if not headers:
+            raise DataNotFound(f"run {run!r} has no detector {detector!r} data at step {step}; "
+                               "see /runs for its detectors and steps")
+        etag = web.etag_of("categories", eid, run, detector, step, tuple(sorted(keys)))
+        return web.respond(request, views.categories_answer(headers), web.JSON, etag=etag)
+
+    # ------------------------------------------------------------------ /neuron
+    @route
+    def _serve_neuron(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        layer = web.name_param(request, "layer")
+        channel = web.int_param(request, "channel")
+        step = web.int_param(request, "step")
+        space = web.name_param(request, "space", required=False)
+        detector = web.name_param(request, "detector", required=False)
+
+        stimuli_series = self._series(ctx, eid, run, metadata.stimuli_tag(layer), f"stimuli for layer {layer!r}")
+        datum = self._store.datum(stimuli_series, step)
+        space_series = detector_series = []
+        if space is not None:
+            space_series = self._series(ctx, eid, run, metadata.space_tag(space, layer),
+                                        f"space {space!r} for layer {layer!r}")
+        if detector is not None:
+            detector_series = self._series(ctx, eid, run, metadata.detector_tag(detector, layer),
+                                           f"detector {detector!r} for layer {layer!r}")
+        etag = web.etag_of("neuron", eid, run, layer, channel, step, space, detector,
+                            tuple(datum_key(d) for d in stimuli_series),
+                            tuple(datum_key(d) for d in space_series),
+                            tuple(datum_key(d) for d in detector_series))
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.JSON, etag=etag)
+
+        stimuli_names = ["image_ids", "activations", "positions"]
+        header, arrays = self._store.payload(ctx, datum, stimuli_names, optional=["invalid"])
+        n_neurons = int(arrays["image_ids"].shape[0])
+        if channel >= n_neurons:
+            raise DataNotFound(f"layer {layer!r} of run {run!r} has {n_neurons} neurons; channel must be < {n_neurons}")
+        invalid = arrays.get("invalid")
+        story = {
+            "id": f"{layer}:{channel}",
+            "run": run,
+            "layer": layer,
+            "channel": channel,
+            "step": step,
+            "invalid": bool(invalid[channel]) if invalid is not None else False,
+            "stimuli": views.neuron_stimuli(header, arrays, channel),
+            "trajectory": [],
+            "labels": [],
+            "stimuli_by_step": [],
+        }
+        for other in stimuli_series:
+            h, a = self._store.payload(ctx, other, ["image_ids", "positions"], optional=["activations"])
+            if channel < a["image_ids"].shape[0]:
+                images, _, boxes = views.stimuli_entries(
+                    h, {"image_ids": a["image_ids"], "positions": a["positions"],
+                        "activations": a.get("activations", np.zeros(a["image_ids"].shape, np.float32))}, channel)
+                story["stimuli_by_step"].append({"step": int(other.step), "images": images, "boxes": boxes})
+        for other in space_series:
+            _, a = self._store.payload(ctx, other, ["layout"])
+            if channel < a["layout"].shape[0]:
+                story["trajectory"].append(views.trajectory_point(int(other.step), a["layout"], channel))
+        for other in detector_series:
+            h, a = self._store.payload(ctx, other, ["top_concepts", "top_similarity"])
+            if channel < a["top_concepts"].shape[0]:
+                story["labels"].append(views.label_point(int(other.step), h, a, channel))
+        return web.respond(request, story, web.JSON, etag=etag)
+
+    # ------------------------------------------------------------------ /metrics
+    @route
+    def _serve_metrics(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        if self._provider is None:
+            raise DataNotFound(f"unknown run {run!r}: TensorBoard has no data provider")
+        runs = {r.run_name for r in self._provider.list_runs(ctx, experiment_id=eid)}
+        if run not in runs:
+            shown = ", ".join(repr(r) for r in sorted(runs)[:20])
+            raise DataNotFound(f"unknown run {run!r}; runs: {shown or 'none'}")
+        run_filter = tb_provider.RunTagFilter(runs=[run])
+        listed = self._provider.list_scalars(ctx, experiment_id=eid, plugin_name=scalar_metadata.PLUGIN_NAME,
+                                             run_tag_filter=run_filter).get(run, {})
+        series = {}
+        if listed:
+            series = self._provider.read_scalars(ctx, experiment_id=eid, plugin_name=scalar_metadata.PLUGIN_NAME,
+                                                 downsample=MAX_SCALAR_POINTS, run_tag_filter=run_filter).get(run, {})
+        return web.respond(request, views.scalars_answer(series), web.JSON)
+
+    # ------------------------------------------------------------------ /anchors
+    @route
+    def _serve_anchors(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        space = web.name_param(request, "space")
+        tag = metadata.anchors_tag(space)
+        datum = self._store.datum(self._series(ctx, eid, run, tag, f"anchors of space {space!r}"), None)
+        key = ("anchors", eid, run, tag) + datum_key(datum)
+        etag = web.etag_of(*key)
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.JSON, etag=etag)
+
+        def encode():
+            header, arrays = self._store.payload(ctx, datum, ["layout"])
+            return web.dumps(views.anchors_answer(header, arrays))
+
+        return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+
+    # ------------------------------------------------------------------ /importance, /revert
+    @route
+    def _serve_importance(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        class_index = web.int_param(request, "class", maximum=2**31 - 1)
+        layer = web.name_param(request, "layer")
+        step = web.int_param(request, "step", required=False)
+        tag = metadata.importance_tag(class_index, layer)
+        return self._table(request, ctx, eid, run, tag, step, views.importance_answer,
+                           f"importance of class {class_index} for layer {layer!r}")
+
+    @route
+    def _serve_revert(self, request):
+        ctx, eid = self._ctx(request)
+        run = web.run_param(request)
+        class_index = web.int_param(request, "class", maximum=2**31 - 1)
+        step = web.int_param(request, "step", required=False)
+        tag = metadata.revert_tag(class_index)
+        return self._table(request, ctx, eid, run, tag, step, views.revert_answer,
+                           f"revert evaluation of class {class_index}")
+
+    def _table(self, request, ctx, eid, run, tag, step, shape, what):
+        datum = self._store.datum(self._series(ctx, eid, run, tag, what), step)
+        key = ("table", eid, run, tag) + datum_key(datum)
+        etag = web.etag_of(*key)
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", web.JSON, etag=etag)
+
+        def encode():
+            header, arrays = self._store.payload(ctx, datum)
+            return web.dumps(shape(header, arrays))
+
+        return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+
+
+def _content_version(content: bytes) -> Optional[int]:
+    import json
+
+    try:
+        value = json.loads(bytes(content or b"{}").decode("utf-8")).get("version")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _static_files() -> Dict[str, str]:
+    """``{relative name: absolute path}`` of the shipped static files (the whitelist)."""
+    files = {}
+    if not os.path.isdir(STATIC_DIR):
+        return files
+    for root, _dirs, names in os.walk(STATIC_DIR):
+        for name in names:
+            full = os.path.join(root, name)
+            relative = os.path.relpath(full, STATIC_DIR).replace(os.sep, "/")
+            if os.path.isfile(full) and not os.path.islink(full):
+                files[relative] = full
+    return files

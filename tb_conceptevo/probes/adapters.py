@@ -1,0 +1,396 @@
+"""Probe sets from existing data: any ``torch.utils.data.Dataset`` or a folder of images.
+
+Both adapters keep the order of their source (dataset index order; sorted relative
+file paths), report a content hash (uint8 bytes for 8-bit sources, float32 bytes for
+float tensors) and give uint8 thumbnails through :meth:`raw_images`.
+
+Example:
+    >>> import torch
+    >>> data = torch.utils.data.TensorDataset(torch.rand(10, 3, 32, 32), torch.arange(10))
+    >>> probe = DatasetProbe(data)
+    >>> len(probe), probe.image_size, probe[2][1]
+    (10, (32, 32), 2)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .base import ProbeSet
+from .hashing import content_hash
+
+#: file extensions :class:`ImageFolderProbe` reads (case-insensitive)
+IMAGE_EXTENSIONS: Tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)
+
+_DEFAULT_IMAGE_KEYS = ("image", "img", "pixel_values", "input")
+_DEFAULT_LABEL_KEYS = ("label", "labels", "target", "class")
+
+
+def _is_label(value: Any) -> bool:
+    """True for an integer class label (python/numpy int, or 0-d integer tensor/array)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_floating_point and not value.dtype.is_complex
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
+    return False
+
+
+def _to_array(image: Any, index: int) -> np.ndarray:
+    """Untransformed image as uint8 ``[H, W, 3]`` (8-bit sources) or float32 ``[3, H, W]``."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow ships with torchvision
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # writable copy
+    if isinstance(image, torch.Tensor):
+        # torchvision convention: channels first
+        array = image.detach().cpu().numpy()
+        channels_last = False
+    elif isinstance(image, np.ndarray):
+        # numpy/PIL convention: channels last when the last axis looks like channels
+        array = image
+        channels_last = array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4)
+    else:
+        raise TypeError(
+            f"probe item {index}: expected a PIL image, tensor or ndarray image, got "
+            f"{type(image).__name__}; pass image_key= for dict items"
+        )
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"probe item {index}: image must be [C, H, W] or [H, W], got shape {array.shape}")
+    if channels_last:
+        array = np.moveaxis(array, -1, 0)
+    channels = array.shape[0]
+    if channels == 1:
+        array = np.repeat(array, 3, axis=0)
+    elif channels == 4:  # RGBA: drop alpha
+        array = array[:3]
+    elif channels != 3:
+        raise ValueError(
+            f"probe item {index}: image must have 1, 3 or 4 channels, got shape {tuple(image.shape)}"
+        )
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(np.moveaxis(array, 0, -1))
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        raise TypeError(
+            f"probe item {index}: integer images must be uint8, got {array.dtype}; convert to "
+            "uint8 or to float in [0, 1]"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    """float32 ``[3, H, W]`` in [0, 1] (for 8-bit sources) from :func:`_to_array` output."""
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(array.copy())
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` from :func:`_to_array` output (floats are clipped to [0, 1])."""
+    if array.dtype == np.uint8:
+        return array
+    return np.round(np.clip(np.moveaxis(array, 0, -1), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _size_of(array: np.ndarray) -> Tuple[int, int]:
+    return tuple(array.shape[:2]) if array.dtype == np.uint8 else tuple(array.shape[1:])
+
+
+class _ArrayProbe(ProbeSet):
+    """Shared machinery: subclasses implement ``_load(index) -> (array, label)``."""
+
+    _expected_size: Tuple[int, int]
+    _warned_range = False
+
+    def _load(self, index: int) -> Tuple[np.ndarray, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _checked(self, index: int) -> Tuple[np.ndarray, int]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"{type(self).__name__} index must be an int, got {type(index).__name__}")
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a probe set of {len(self)} images")
+        array, label = self._load(int(index))
+        size = _size_of(array)
+        if size != self._expected_size:
+            raise ValueError(
+                f"{type(self).__name__}: image {index} has size {size} but image 0 has "
+                f"{self._expected_size}; all probe images must have the same size (resize "
+                "them, e.g. with a torchvision Resize + CenterCrop in the dataset)"
+            )
+        if array.dtype != np.uint8 and not self._warned_range and (array.min() < 0 or array.max() > 1):
+            self._warned_range = True
+            warnings.warn(
+                f"{type(self).__name__}: image {index} has values outside [0, 1] "
+                f"({float(array.min()):.3g}..{float(array.max()):.3g}); thumbnails will be clipped. "
+                "Give the probe set unnormalised images and put the normalisation in transform=.",
+                stacklevel=3,
+            )
+        return array, label
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        array, label = self._checked(index)
+        image = _to_tensor(array)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(label)
+
+    def raw_images(self, indices: Union[Sequence[int], np.ndarray, torch.Tensor]) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` untransformed images (float sources clipped to [0, 1])."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        images = [_to_uint8(self._checked(int(i))[0]) for i in np.asarray(indices).reshape(-1)]
+        if not images:
+            return np.zeros((0, *self._expected_size, 3), np.uint8)
+        return np.stack(images)
+
+    def _content_chunk(self, indices: np.ndarray) -> List[np.ndarray]:
+        return [self._checked(int(i))[0] for i in indices]
+
+    @property
+    def hash(self) -> str:
+        """Content hash; the first call reads every image once (and so also checks
+        that all have the same size)."""
+        return content_hash(self, progress=len(self) >= 5000)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return self._expected_size
+
+
+class DatasetProbe(_ArrayProbe):
+    """A probe set over any map-style ``torch.utils.data.Dataset`` of images.
+
+    Items may be ``(image, label, ...)`` tuples, dicts (``image_key`` / ``label_key``)
+    or bare images; images may be PIL images, tensors ``[C, H, W]`` (uint8, or float
+    in [0, 1]) or ndarrays (``[H, W, C]`` or ``[C, H, W]``); grayscale is repeated to 3
+    channels and alpha dropped.  Put normalisation in ``transform``, not in the
+    dataset, so thumbnails and the hash see the real images.
+
+    Args:
+        dataset: the dataset (must have ``len``).
+        n: use only the first ``n`` items (default: all).
+        transform: callable on the float ``[3, H, W]`` image (e.g. ``Normalize``).
+        image_key, label_key: keys for dict items (default: first of ``image``,
+            ``img``, ``pixel_values``, ``input`` / ``label``, ``labels``, ``target``,
+            ``class`` that is present).
+        class_names: names of the label values (default: ``dataset.classes``).
+
+    Example:
+        >>> import torchvision
+        >>> fake = torchvision.datasets.FakeData(8, image_size=(3, 32, 32), num_classes=4)
+        >>> probe = DatasetProbe(fake)
+        >>> probe.raw_images([0, 1]).shape
+        (2, 32, 32, 3)
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        n: Optional[int] = None,
+        transform: Optional[Callable] = None,
+        image_key: Optional[str] = None,
+        label_key: Optional[str] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ):
+        try:
+            available = len(dataset)
+        except TypeError as error:
+            raise TypeError(
+                f"DatasetProbe needs a map-style dataset with len(); got {type(dataset).__name__}"
+            ) from error
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"DatasetProbe: n must be a positive int or None, got {n!r}")
+        if available == 0:
+            raise ValueError("DatasetProbe: the dataset is empty; a probe set needs at least one image")
+        if n is not None and n > available:
+            raise ValueError(f"DatasetProbe: n={n} exceeds the dataset length {available}; use n<={available}")
+        self.dataset = dataset
+        self.n = available if n is None else int(n)
+        self.transform = transform
+        self.image_key = image_key
+        self.label_key = label_key
+        self._class_names = list(class_names) if class_names is not None else None
+        if self._class_names is None and isinstance(getattr(dataset, "classes", None), (list, tuple)):
+            self._class_names = [str(c) for c in dataset.classes]
+        self._labels: Optional[np.ndarray] = None
+        first, _ = self._load(0)
+        self._expected_size = _size_of(first)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _split(self, item: Any, index: int) -> Tuple[Any, int]:
+        """(image, label) from one dataset item; label -1 when the item has none."""
+        if isinstance(item, dict):
+            key = self.image_key or next((k for k in _DEFAULT_IMAGE_KEYS if k in item), None)
+            if key is None or key not in item:
+                raise KeyError(
+                    f"DatasetProbe: item {index} is a dict with keys {sorted(item)}; pass "
+                    "image_key= naming the image entry"
+                )
+            label_key = self.label_key or next((k for k in _DEFAULT_LABEL_KEYS if k in item), None)
+            label = item.get(label_key, -1) if label_key is not None else -1
+            return item[key], (int(label) if _is_label(label) else -1)
+        if isinstance(item, (tuple, list)):
+            if not item:
+                raise ValueError(f"DatasetProbe: item {index} is an empty {type(item).__name__}")
+            label = item[1] if len(item) > 1 and _is_label(item[1]) else -1
+            return item[0], int(label)
+        return item, -1
+
+    def _load(self, index: int) -> Tuple[np.ndarray, int]:
+        image, label = self._split(self.dataset[index], index)
+        return _to_array(image, index), label
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """int64 ``[n]`` labels (-1 where unknown) or None when no item has a label.
+
+        Uses ``dataset.targets`` when present, else reads every item once (cached).
+        """
+        if self._labels is None:
+            targets = getattr(self.dataset, "targets", None)
+            if targets is not None and len(targets) == len(self.dataset):
+                labels = np.asarray(targets[: self.n] if not isinstance(targets, torch.Tensor)
+                                    else targets[: self.n].cpu().numpy(), dtype=np.int64)
+            else:
+                labels = np.array([self._split(self.dataset[i], i)[1] for i in range(self.n)], np.int64)
+            self._labels = labels
+        return None if (self._labels < 0).all() else self._labels.copy()
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        return list(self._class_names) if self._class_names is not None else None
+
+    def __repr__(self) -> str:
+        return f"DatasetProbe({type(self.dataset).__name__}, n={self.n}, image_size={self._expected_size})"
+
+
+class ImageFolderProbe(_ArrayProbe):
+    """A probe set from a folder of image files.
+
+    Files are found recursively (or only at the top level with ``recursive=False``),
+    filtered by extension (case-insensitive; hidden files skipped) and sorted by their
+    relative POSIX path, so the order and hash are the same on every machine.  Each
+    image is converted to RGB, scaled so its shorter side is ``size`` and centre-cropped
+    to ``size x size``.  When every file lies in a subfolder, the first-level folder
+    names are the classes (as in torchvision's ``ImageFolder``); otherwise labels are -1.
+
+    Args:
+        root: the folder.
+        size: side of the square output images (pixels).
+        transform: callable on the float ``[3, H, W]`` image.
+        extensions: accepted file extensions.
+        recursive: descend into subfolders.
+        n: use only the first ``n`` files (sorted order).
+        cache: keep decoded uint8 images in memory after the first read.
+
+    Example:
+        >>> probe = ImageFolderProbe("my_images/", size=64)   # doctest: +SKIP
+        >>> probe.class_names                                   # doctest: +SKIP
+        ['cats', 'dogs']
+    """
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        size: int = 64,
+        transform: Optional[Callable] = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        recursive: bool = True,
+        n: Optional[int] = None,
+        cache: bool = True,
+    ):
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"ImageFolderProbe: folder {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise NotADirectoryError(f"ImageFolderProbe: {str(root)!r} is not a folder")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"ImageFolderProbe: size must be a positive int, got {size!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"ImageFolderProbe: n must be a positive int or None, got {n!r}")
+        self.root = root
+        self.size = int(size)
+        self.transform = transform
+        self.cache = bool(cache)
+        suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        pattern = root.rglob("*") if recursive else root.glob("*")
+        relative = sorted(
+            path.relative_to(root).as_posix()
+            for path in pattern
+            if path.is_file()
+            and path.suffix.lower() in suffixes
+            and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        )
+        if not relative:
+            raise ValueError(
+                f"ImageFolderProbe: no image files ({', '.join(suffixes)}) found in {str(root)!r}"
+                + ("" if recursive else " (recursive=False: subfolders were not searched)")
+            )
+        if n is not None:
+            relative = relative[:n]
+        self.files: List[str] = relative
+        folders = [path.split("/")[0] if "/" in path else None for path in relative]
+        if all(folder is not None for folder in folders):
+            self._class_names: Optional[List[str]] = sorted(set(folders))
+            lookup = {name: i for i, name in enumerate(self._class_names)}
+            self._labels = np.array([lookup[f] for f in folders], np.int64)
+        else:
+            self._class_names = None
+            self._labels = np.full(len(relative), -1, np.int64)
+        self._cache: List[Optional[np.ndarray]] = [None] * len(relative)
+        self._expected_size = (self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> Tuple[np.ndarray, int]:
+        cached = self._cache[index]
+        if cached is None:
+            cached = self._decode(index)
+            if self.cache:
+                self._cache[index] = cached
+        return cached, int(self._labels[index])
+
+    def _decode(self, index: int) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        path = self.root / self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                # scale the shorter side to `size`, then centre-crop the longer one
+                fitted = ImageOps.fit(image, (self.size, self.size), method=Image.BILINEAR, centering=(0.5, 0.5))
+        except Exception as error:  # unreadable/corrupt file: name it
+            raise ValueError(f"ImageFolderProbe: cannot read image {str(path)!r}: {error}") from error
+        return np.asarray(fitted, dtype=np.uint8).copy()
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        return None if self._class_names is None else self._labels.copy()
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        return list(self._class_names) if self._class_names is not None else None
+
+    def __repr__(self) -> str:
+        return f"ImageFolderProbe({str(self.root)!r}, n={len(self)}, size={self.size})"

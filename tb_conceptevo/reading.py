@@ -1,0 +1,277 @@
+"""Read logged concept data back as numpy arrays, through TensorBoard's data provider.
+
+Going through ``DataProvider`` (never ``open()`` on event files) is what makes the
+same code work with the Python loader, with rustboard (``fast=True``) and with any
+logdir TensorBoard can read (gs://, s3://, ...).  Tests, the CLI and the plugin
+share the low-level functions here; :class:`LogReader` wraps them for scripts::
+
+    from tb_conceptevo import LogReader
+    with LogReader("runs") as logs:
+        obs = logs.observation("baseline")          # last logged step, all layers
+        print(obs["features.0"].image_ids[:3])
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import metadata
+from .observation import LayerObservation, Observation
+from .summary import PayloadError, decode_array, unpack_header
+
+#: Enough for any realistic number of logged steps; rustboard needs an explicit bound.
+MAX_STEPS = 1_000_000
+
+
+class DataNotFound(KeyError):
+    """The requested run / tag / step is not in the logs."""
+
+    def __str__(self):  # KeyError quotes its message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+# ----------------------------------------------------------------------------- low level
+
+def list_series(provider, ctx, experiment_id: str, run: Optional[str] = None) -> Dict[str, Dict[str, object]]:
+    """``{run: {tag: BlobSequenceTimeSeries}}`` of this plugin's tags (metadata only)."""
+    from tensorboard.data import provider as tb_provider
+
+    run_filter = tb_provider.RunTagFilter(runs=[run]) if run is not None else None
+    found = provider.list_blob_sequences(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, run_tag_filter=run_filter
+    )
+    return {r: {t: s for t, s in tags.items() if metadata.parse_tag(t)} for r, tags in found.items()}
+
+
+def read_series(provider, ctx, experiment_id: str, run: str, tag: str) -> List[object]:
+    """All ``BlobSequenceDatum`` of one run/tag, sorted by step (one small read per tag)."""
+    from tensorboard.data import provider as tb_provider
+
+    found = provider.read_blob_sequences(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+        downsample=MAX_STEPS, run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]),
+    )
+    data = found.get(run, {}).get(tag)
+    if data is None:
+        raise DataNotFound(f"run {run!r} has no tag {tag!r}")
+    return sorted(data, key=lambda d: d.step)
+
+
+def datum_at(series: Sequence[object], step: Optional[int]):
+    """The datum at ``step`` (None = last); the last one wins if a step was written twice."""
+    if not series:
+        raise DataNotFound("no data")
+    if step is None:
+        return series[-1]
+    match = [d for d in series if d.step == step]
+    if not match:
+        steps = [d.step for d in series]
+        raise DataNotFound(f"no data at step {step}; logged steps: {_summarise_steps(steps)}")
+    return match[-1]
+
+
+def _summarise_steps(steps: Sequence[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return f"{', '.join(map(str, steps[:4]))}, ..., {', '.join(map(str, steps[-3:]))}"
+
+
+def read_header(provider, ctx, datum) -> Dict:
+    blobs = datum.values
+    if not blobs:
+        raise PayloadError("empty payload")
+    header = unpack_header(provider.read_blob(ctx, blob_key=blobs[0].blob_key))
+    if len(header["arrays"]) != len(blobs) - 1:
+        raise PayloadError(f"payload lists {len(header['arrays'])} arrays but carries {len(blobs) - 1}")
+    return header
+
+
+def read_payload(provider, ctx, datum, names: Optional[Sequence[str]] = None) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    """``(header, arrays)`` of one datum; only the arrays in ``names`` when given."""
+    header = read_header(provider, ctx, datum)
+    arrays = {}
+    for spec, ref in zip(header["arrays"], datum.values[1:]):
+        if names is None or spec["name"] in names:
+            arrays[spec["name"]] = decode_array(spec, provider.read_blob(ctx, blob_key=ref.blob_key))
+    if names is not None:
+        missing = set(names) - set(arrays)
+        if missing:
+            raise PayloadError(f"payload has no arrays {sorted(missing)}")
+    return header, arrays
+
+
+def layer_observation(header: Dict, arrays: Dict[str, np.ndarray], step: Optional[int]) -> LayerObservation:
+    """Rebuild a :class:`LayerObservation` from a stimuli payload."""
+    return LayerObservation(
+        layer=header["layer"],
+        image_ids=arrays["image_ids"].astype(np.int32),
+        activations=arrays["activations"].astype(np.float32),
+        positions=arrays["positions"].astype(np.int32),
+        invalid=arrays["invalid"].astype(bool),
+        map_size=tuple(header["map_size"]),
+        input_size=tuple(header["input_size"]),
+        probe_hash=header.get("probe_hash", ""),
+        step=step,
+        reduce=header.get("reduce", "max"),
+    )
+
+
+# ----------------------------------------------------------------------------- providers
+
+def open_provider(logdir: str, fast: bool = False, reload_interval: float = 0):
+    """``(data_provider, close)`` for a logdir, loading every step of this plugin.
+
+    ``fast=True`` uses rustboard (TensorBoard's ``--load_fast``) as a subprocess.
+    """
+    if not fast and not ("://" in str(logdir)) and not os.path.isdir(logdir):
+        raise FileNotFoundError(f"logdir {logdir!r} does not exist")
+    samples = {metadata.PLUGIN_NAME: 0}
+    if fast:
+        from tensorboard.data import server_ingester
+        from tensorboard.util import grpc_util
+
+        binary = server_ingester.get_server_binary()
+        ingester = server_ingester.SubprocessServerDataIngester(
+            binary, str(logdir), reload_interval=reload_interval,
+            channel_creds_type=grpc_util.ChannelCredsType.LOCAL, samples_per_plugin=samples,
+        )
+        ingester.start()
+        provider = ingester.data_provider
+        # rustboard loads asynchronously; wait until it has seen the logdir once.
+        _wait_for_rustboard(provider)
+        return provider, lambda: None
+    from tensorboard.backend.event_processing import data_ingester, data_provider, plugin_event_multiplexer
+
+    guidance = dict(data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE)
+    guidance.update(samples)
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(
+        size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE, tensor_size_guidance=guidance,
+    )
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    return data_provider.MultiplexerDataProvider(multiplexer, str(logdir)), lambda: None
+
+
+def _wait_for_rustboard(provider, timeout: float = 60.0) -> None:
+    import time
+
+    from tensorboard import context as tb_context
+
+    deadline = time.time() + timeout
+    ctx = tb_context.RequestContext()
+    while time.time() < deadline:
+        # The data server answers with no runs until its first load completes.
+        if provider.list_runs(ctx, experiment_id=""):
+            time.sleep(0.5)  # let the first load finish reading every file
+            return
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- LogReader
+
+class LogReader:
+    """Read a logdir's concept data (stimuli, embeddings, probe) as numpy arrays.
+
+    Args:
+        logdir: directory (or URL TensorBoard understands) with one sub-directory per run.
+        fast: read through rustboard instead of the Python loader.
+        provider: an existing TensorBoard ``DataProvider`` (then ``logdir`` is ignored).
+    """
+
+    def __init__(self, logdir: Optional[str] = None, fast: bool = False, provider=None, experiment_id: str = ""):
+        from tensorboard import context as tb_context
+
+        if provider is None:
+            if logdir is None:
+                raise ValueError("give a logdir or a data provider")
+            provider, self._close = open_provider(logdir, fast=fast)
+        else:
+            self._close = lambda: None
+        self.provider = provider
+        self.ctx = tb_context.RequestContext()
+        self.experiment_id = experiment_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._close()
+
+    # -- listing
+    def series(self, run: Optional[str] = None) -> Dict[str, Dict[str, object]]:
+        return list_series(self.provider, self.ctx, self.experiment_id, run)
+
+    def runs(self) -> List[str]:
+        """Runs that have concept data, sorted."""
+        return sorted(r for r, tags in self.series().items() if tags)
+
+    def layers(self, run: str) -> List[str]:
+        tags = self._tags(run)
+        return sorted(p[2] for p in map(metadata.parse_tag, tags) if p and p[0] == metadata.STIMULI)
+
+    def steps(self, run: str, layer: Optional[str] = None) -> List[int]:
+        """Steps with stimuli logged (for ``layer``, or the union over layers)."""
+        layers = [layer] if layer else self.layers(run)
+        steps = set()
+        for name in layers:
+            steps.update(d.step for d in self._series(run, metadata.stimuli_tag(name)))
+        return sorted(steps)
+
+    def _tags(self, run: str) -> Dict[str, object]:
+        tags = self.series(run).get(run)
+        if not tags:
+            raise DataNotFound(f"run {run!r} has no tb_conceptevo data; runs with data: {self.runs()}")
+        return tags
+
+    def _series(self, run: str, tag: str):
+        return read_series(self.provider, self.ctx, self.experiment_id, run, tag)
+
+    # -- payloads
+    def payload(self, run: str, tag: str, step: Optional[int] = None, names=None):
+        datum = datum_at(self._series(run, tag), step)
+        return read_payload(self.provider, self.ctx, datum, names)
+
+    def observation(self, run: str, step: Optional[int] = None, layers: Optional[Sequence[str]] = None) -> Observation:
+        """Stimuli of ``layers`` (default all) at ``step`` (default: the last logged step)."""
+        layers = list(layers) if layers else self.layers(run)
+        if not layers:
+            raise DataNotFound(f"run {run!r} has no stimuli logged")
+        if step is None:
+            step = self.steps(run, layers[0])[-1]
+        obs = Observation(step=step)
+        for layer in layers:
+            header, arrays = self.payload(run, metadata.stimuli_tag(layer), step)
+            obs.layers[layer] = layer_observation(header, arrays, step)
+            obs.probe_hash = obs.layers[layer].probe_hash
+        return obs
+
+    def observations(self, run: str, layers: Optional[Sequence[str]] = None) -> Iterator[Observation]:
+        """Every logged step of ``run``, in ascending order."""
+        for step in self.steps(run, (list(layers) if layers else self.layers(run) or [None])[0]):
+            yield self.observation(run, step, layers)
+
+    def embedding(self, run: str, space: str, layer: str, step: Optional[int] = None):
+        from .spaces.base import Embedding
+
+        header, arrays = self.payload(run, metadata.space_tag(space, layer), step)
+        groups = arrays.get("groups")
+        return Embedding(
+            vectors=arrays["vectors"].astype(np.float32), layout=arrays["layout"].astype(np.float32),
+            placed=arrays["placed"].astype(bool), groups=None if groups is None else groups.astype(np.int32),
+        )
+
+    def space_steps(self, run: str, space: str, layer: str) -> List[int]:
+        try:
+            return [d.step for d in self._series(run, metadata.space_tag(space, layer))]
+        except DataNotFound:
+            return []
+
+    def probe(self, run: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
+        """Header (hash, sizes, labels, vocabulary) and thumbnail atlases of the run's probe set."""
+        return self.payload(run, metadata.probe_tag(), None)

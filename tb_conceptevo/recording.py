@@ -1,0 +1,409 @@
+"""Streaming top-k stimuli of every neuron: one forward pass over the probe set.
+
+Forward hooks on the chosen layers reduce each batch's activation maps to one
+response per (image, channel) and merge them into a running per-neuron top-k with
+tensor ops on the model's device, so memory is O(neurons x k + one batch).  Hooks
+exist only inside :func:`record`, which always removes them and restores the
+model's train/eval mode, whatever happens.
+
+Ties are broken by the lower probe index, so the result is exact and independent of
+the batch size or of how the probe set is sharded across distributed ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .observation import LayerObservation, Observation
+
+LayerSpec = Union[str, nn.Module]
+
+
+class RecordingConsumer:
+    """Something fed by the recording pass (e.g. a concept detector).
+
+    ``passes`` is how many passes over the probe set the consumer needs; the
+    recorder runs extra passes (without top-k bookkeeping) only when one asks for
+    them.  Methods are called in this order for each pass::
+
+        begin_pass(pass_index, shapes, probe)      # shapes: {layer: (C, H, W)}
+        update(pass_index, layer, fmap, response, indices)   # per batch and layer
+        end_pass(pass_index)
+
+    and ``result()`` once at the end.  ``fmap`` is the detached float activation map
+    ``[B, C, H, W]`` on the model's device, ``response`` the ``[B, C]`` reduced
+    response (NaN where non-finite), ``indices`` the probe indices ``[B]``.
+    When ``torch.distributed`` is initialised each rank sees only its shard; a
+    consumer that supports this implements ``all_reduce()``, called after the last pass.
+    """
+
+    passes: int = 1
+
+    def begin_pass(self, pass_index: int, shapes: Dict[str, Tuple[int, int, int]], probe) -> None:
+        pass
+
+    def update(self, pass_index: int, layer: str, fmap: torch.Tensor, response: torch.Tensor,
+               indices: torch.Tensor) -> None:
+        pass
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def result(self):
+        return None
+
+
+# ----------------------------------------------------------------------------- layers
+
+def list_layers(model: nn.Module, conv_only: bool = False) -> List[str]:
+    """Names of the model's modules as accepted by ``layers=`` (``"layer4.1.conv2"``).
+
+    >>> import torchvision
+    >>> list_layers(torchvision.models.resnet18(), conv_only=True)[:2]
+    ['conv1', 'layer1.0.conv1']
+    """
+    return [name for name, module in model.named_modules()
+            if name and (not conv_only or isinstance(module, nn.Conv2d))]
+
+
+def resolve_layers(model: nn.Module, layers: Optional[Iterable[LayerSpec]] = None) -> List[Tuple[str, nn.Module]]:
+    """Turn layer names / modules (default: every ``nn.Conv2d``) into ``(name, module)``."""
+    named = dict(model.named_modules())
+    if layers is None:
+        chosen = [(n, m) for n, m in named.items() if n and isinstance(m, nn.Conv2d)]
+        if not chosen:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Conv2d layers; pass layers=[...] with the "
+                "names of modules whose output is a [B, C, H, W] feature map "
+                "(tb_conceptevo.list_layers(model) lists them all)"
+            )
+        return chosen
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    by_identity = {id(m): n for n, m in named.items()}
+    chosen = []
+    for spec in layers:
+        if isinstance(spec, nn.Module):
+            name = by_identity.get(id(spec))
+            if name is None:
+                raise ValueError(f"module {type(spec).__name__} is not a submodule of the model")
+            if name == "":
+                raise ValueError("pass submodules, not the model itself, as layers")
+            chosen.append((name, spec))
+        elif isinstance(spec, str):
+            if spec not in named or spec == "":
+                close = difflib.get_close_matches(spec, [n for n in named if n], n=5, cutoff=0.5)
+                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(
+                    f"unknown layer {spec!r} in {type(model).__name__}.{hint} "
+                    "tb_conceptevo.list_layers(model) lists every layer name."
+                )
+            chosen.append((spec, named[spec]))
+        else:
+            raise TypeError(f"layers must be names or nn.Module objects, got {type(spec).__name__}")
+    names = [n for n, _ in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer listed twice in {names}")
+    return chosen
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def hooks_on(modules: Sequence[Tuple[str, nn.Module]], make_hook):
+    """Register ``make_hook(name)`` as forward hook on each module; always removed."""
+    handles = []
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def inference_mode_of(model: nn.Module):
+    """Eval mode and no grad inside; the model's previous mode restored whatever happens."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+# ----------------------------------------------------------------------------- top-k
+
+class _TopK:
+    """Running per-neuron top-k of one layer (values desc, ties by lower probe index)."""
+
+    def __init__(self, channels: int, k: int, device):
+        self.k = k
+        self.values = torch.full((channels, k), -math.inf, device=device)
+        self.ids = torch.full((channels, k), -1, dtype=torch.int64, device=device)
+        self.positions = torch.zeros((channels, k), dtype=torch.int64, device=device)
+        self.invalid = torch.zeros(channels, dtype=torch.bool, device=device)
+
+    def merge(self, values: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor) -> None:
+        """Merge one batch: ``values``/``positions`` ``[B, C]``, ``indices`` ``[B]`` ascending
+        and larger than every index merged before (so a stable sort keeps the tie order)."""
+        channels = values.shape[1]
+        cand_values = torch.cat([self.values, values.t()], dim=1)
+        cand_ids = torch.cat([self.ids, indices.unsqueeze(0).expand(channels, -1)], dim=1)
+        cand_pos = torch.cat([self.positions, positions.t()], dim=1)
+        order = torch.sort(cand_values, dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.values = torch.gather(cand_values, 1, order)
+        self.ids = torch.gather(cand_ids, 1, order)
+        self.positions = torch.gather(cand_pos, 1, order)
+
+
+def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, k: int):
+    """Exact top-k of candidate rows ``[C, M]`` in any order: values desc, then id asc."""
+    by_id = torch.sort(torch.where(ids < 0, torch.iinfo(torch.int64).max, ids), dim=1, stable=True).indices
+    values, ids, positions = (torch.gather(t, 1, by_id) for t in (values, ids, positions))
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return tuple(torch.gather(t, 1, order) for t in (values, ids, positions))
+
+
+def _reduce(fmap: torch.Tensor, reduce: str):
+    """``(response [B, C] with NaN where non-finite, sortable values, argmax [B, C], bad [C])``."""
+    flat = fmap.flatten(2)
+    finite = torch.isfinite(flat)
+    all_finite = bool(finite.all())  # one sync per batch and layer, not per neuron
+    clean = flat if all_finite else torch.where(finite, flat, torch.tensor(-math.inf, device=flat.device))
+    peak, argmax = clean.max(dim=2)
+    if reduce == "max":
+        response = peak
+    else:
+        if all_finite:
+            response = flat.mean(dim=2)
+        else:
+            count = finite.sum(dim=2)
+            response = torch.where(finite, flat, torch.zeros((), device=flat.device)).sum(dim=2) / count.clamp(min=1)
+            response = torch.where(count > 0, response, torch.tensor(-math.inf, device=flat.device))
+    if all_finite:
+        bad = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
+        return response, response, argmax, bad
+    bad = (~finite).any(dim=2).any(dim=0)
+    sortable = torch.where(torch.isfinite(response), response, torch.tensor(-math.inf, device=flat.device))
+    shown = torch.where((~finite).any(dim=2), torch.tensor(math.nan, device=flat.device), response)
+    return shown, sortable, argmax, bad
+
+
+# ----------------------------------------------------------------------------- record
+
+def _check_inputs(probe, k: int, batch_size: int, reduce: str) -> int:
+    n = len(probe)
+    if n == 0:
+        raise ValueError("the probe set is empty; give at least k images")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > n:
+        raise ValueError(f"k={k} is larger than the probe set ({n} images); lower k or add images")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    return n
+
+
+def _distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _probe_hash(probe) -> str:
+    return getattr(probe, "hash", "") or ""
+
+
+def _load(probe, indices: torch.Tensor, device) -> torch.Tensor:
+    loader = getattr(probe, "load_batch", None)
+    if loader is not None:
+        images = loader(indices.tolist())
+    else:
+        images = torch.stack([torch.as_tensor(probe[i][0]) for i in indices.tolist()])
+    return images.to(device=device, non_blocking=True)
+
+
+def _layer_output(name: str, output) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor) or output.dim() != 4:
+        kind = type(output).__name__ if not isinstance(output, torch.Tensor) else f"{output.dim()}-d tensor"
+        raise ValueError(
+            f"layer {name!r} returns a {kind}, not a [B, C, H, W] feature map; choose conv-like "
+            "layers (tb_conceptevo.list_layers(model, conv_only=True))"
+        )
+    return output
+
+
+def layer_shapes(model: nn.Module, probe, layers, device=None) -> Dict[str, Tuple[int, int, int]]:
+    """``{layer: (C, H, W)}`` from one forward pass of a single probe image."""
+    chosen = resolve_layers(model, layers)
+    device = device or model_device(model)
+    shapes: Dict[str, Tuple[int, int, int]] = {}
+
+    def make_hook(name):
+        def hook(_module, _inputs, output):
+            shapes[name] = tuple(_layer_output(name, output).shape[1:])
+        return hook
+
+    image = _load(probe, torch.arange(1), device)
+    with inference_mode_of(model), hooks_on(chosen, make_hook):
+        try:
+            model(image)
+        except ValueError:
+            raise
+        except Exception as exc:  # the model rejects the probe images
+            raise ValueError(
+                f"{type(model).__name__} cannot take the probe images of shape "
+                f"{tuple(image.shape[1:])}: {type(exc).__name__}: {exc}. Resize the probe "
+                "images (e.g. ConceptShapes(size=...)) or give a transform that matches the model"
+            ) from exc
+    missing = [n for n, _ in chosen if n not in shapes]
+    if missing:
+        raise ValueError(f"layers {missing} were not called in the forward pass; choose layers the model uses")
+    return shapes
+
+
+def record(
+    model: nn.Module,
+    probe,
+    layers: Optional[Iterable[LayerSpec]] = None,
+    k: int = 10,
+    batch_size: int = 64,
+    reduce: str = "max",
+    consumers: Sequence[RecordingConsumer] = (),
+    step: Optional[int] = None,
+    progress: bool = True,
+) -> Observation:
+    """Top-k stimuli of every channel of ``layers`` over ``probe``, in one pass.
+
+    Args:
+        model: any ``nn.Module``; it runs on its own device, in eval mode, without grad.
+        probe: a :class:`~tb_conceptevo.probes.ProbeSet` (or any dataset of
+            ``(image, label)`` with a ``hash`` attribute).
+        layers: module names (``"features.10"``), modules, or None for every ``nn.Conv2d``.
+        k: stimuli kept per neuron.
+        reduce: ``"max"`` (ConceptEvo) or ``"mean"`` spatial reduction.
+        consumers: extra :class:`RecordingConsumer` fed by the same pass (detectors).
+        step: stored in the observation.
+
+    Returns:
+        :class:`~tb_conceptevo.observation.Observation` with one
+        :class:`~tb_conceptevo.observation.LayerObservation` per layer.  Neurons with
+        NaN/Inf activations are flagged in ``invalid`` (with a warning) and ranked on
+        their finite responses only.
+
+    Example:
+        >>> import torchvision
+        >>> from tb_conceptevo import probes, record
+        >>> obs = record(torchvision.models.resnet18(), probes.ConceptShapes(n=64), k=5)
+        >>> obs["layer1.0.conv1"].image_ids.shape
+        (64, 5)
+    """
+    n = _check_inputs(probe, k, batch_size, reduce)
+    chosen = resolve_layers(model, layers)
+    device = model_device(model)
+    rank, world = _distributed()
+    shapes = layer_shapes(model, probe, [m for _, m in chosen], device)
+    shard = torch.arange(rank, n, world, device=device)
+    n_passes = max([1] + [int(getattr(c, "passes", 1)) for c in consumers])
+    tops = {name: _TopK(shapes[name][0], k, device) for name, _ in chosen}
+    input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
+
+    from tqdm.auto import tqdm
+
+    for pass_index in range(n_passes):
+        active = [c for c in consumers if pass_index < int(getattr(c, "passes", 1))]
+        for consumer in active:
+            consumer.begin_pass(pass_index, dict(shapes), probe)
+        batch_indices = [None]
+
+        def make_hook(name):
+            top = tops[name]
+
+            def hook(_module, _inputs, output):
+                fmap = _layer_output(name, output).detach()
+                if fmap.dtype != torch.float32:
+                    fmap = fmap.float()
+                response, sortable, argmax, bad = _reduce(fmap, reduce)
+                if pass_index == 0:
+                    top.invalid |= bad
+                    top.merge(sortable, argmax, batch_indices[0])
+                for consumer in active:
+                    consumer.update(pass_index, name, fmap, response, batch_indices[0])
+            return hook
+
+        batches = torch.split(shard, batch_size)
+        label = "recording" if pass_index == 0 else f"recording (pass {pass_index + 1}/{n_passes})"
+        with inference_mode_of(model), hooks_on(chosen, make_hook):
+            for indices in tqdm(batches, desc=label, disable=not progress or rank != 0, leave=False):
+                batch_indices[0] = indices
+                model(_load(probe, indices, device))
+        for consumer in active:
+            consumer.end_pass(pass_index)
+
+    if world > 1:
+        for top in tops.values():
+            _all_gather_topk(top)
+        for consumer in consumers:
+            if hasattr(consumer, "all_reduce"):
+                consumer.all_reduce()
+
+    probe_hash = _probe_hash(probe)
+    observation = Observation(step=step, probe_hash=probe_hash)
+    n_bad_total = 0
+    for name, _ in chosen:
+        top = tops[name]
+        values = top.values.cpu().numpy().astype(np.float32)
+        ids = top.ids.cpu().numpy().astype(np.int32)
+        missing = ~np.isfinite(values)
+        ids[missing] = -1
+        values[missing] = np.nan
+        invalid = top.invalid.cpu().numpy()
+        n_bad_total += int(invalid.sum())
+        observation.layers[name] = LayerObservation(
+            layer=name, image_ids=ids, activations=values,
+            positions=top.positions.cpu().numpy().astype(np.int32), invalid=invalid,
+            map_size=tuple(shapes[name][1:]), input_size=input_size,
+            probe_hash=probe_hash, step=step, reduce=reduce,
+        )
+    if n_bad_total:
+        warnings.warn(
+            f"{n_bad_total} neurons produced NaN/Inf activations at step {step}; they are flagged "
+            "as invalid and ranked on their finite responses only", RuntimeWarning, stacklevel=2,
+        )
+    return observation
+
+
+def _all_gather_topk(top: _TopK) -> None:
+    """Merge every rank's top-k into the exact global top-k (same on all ranks)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    parts = {}
+    for field in ("values", "ids", "positions"):
+        tensor = getattr(top, field).contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(gathered, tensor)
+        parts[field] = torch.cat(gathered, dim=1)
+    top.values, top.ids, top.positions = merge_topk(parts["values"], parts["ids"], parts["positions"], top.k)
+    invalid = top.invalid.to(torch.uint8)
+    dist.all_reduce(invalid, op=dist.ReduceOp.MAX)
+    top.invalid = invalid.bool()

@@ -1,0 +1,108 @@
+"""TF-free summary protos and the payload container used by every plugin tag.
+
+A payload is a *blob sequence* (``DATA_CLASS_BLOB_SEQUENCE``): blob 0 is a UTF-8
+JSON header, blobs 1..n are raw little-endian arrays whose names, dtypes and shapes
+the header lists under ``"arrays"``.  Both TensorBoard loaders (Python and rustboard)
+return blob sequences, and the plugin can fetch one array without decoding the rest.
+See ``docs/FORMAT.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+from . import metadata
+
+#: dtypes allowed in payloads (explicit little-endian, fixed width).
+ALLOWED_DTYPES = {"<f4", "<f2", "<i4", "<i2", "<u2", "|u1", "|i1", "<i8", "<f8"}
+
+
+def pack(header: Mapping, arrays: Mapping[str, np.ndarray]) -> List[bytes]:
+    """Encode a JSON-able header and named arrays into a list of blobs."""
+    specs = []
+    blobs: List[bytes] = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder not in "|<" else array.dtype
+        array = array.astype(dtype, copy=False)
+        if dtype.str not in ALLOWED_DTYPES:
+            raise TypeError(f"array {name!r} has unsupported dtype {array.dtype}")
+        specs.append({"name": name, "dtype": dtype.str, "shape": list(array.shape)})
+        blobs.append(array.tobytes())
+    full = dict(header)
+    full["arrays"] = specs
+    full.setdefault("version", metadata.FORMAT_VERSION)
+    head = json.dumps(full, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return [head] + blobs
+
+
+class PayloadError(ValueError):
+    """A payload could not be decoded (truncated, wrong version, inconsistent)."""
+
+
+def unpack_header(blob0: bytes) -> Dict:
+    try:
+        header = json.loads(blob0.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PayloadError(f"payload header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise PayloadError("payload header has no 'arrays' list")
+    version = header.get("version")
+    if not isinstance(version, int) or version > metadata.FORMAT_VERSION:
+        raise PayloadError(
+            f"payload format version {version!r} is newer than this tb_conceptevo "
+            f"understands ({metadata.FORMAT_VERSION}); upgrade tb_conceptevo"
+        )
+    return header
+
+
+def decode_array(spec: Mapping, blob: bytes) -> np.ndarray:
+    dtype = spec.get("dtype")
+    shape = spec.get("shape")
+    if dtype not in ALLOWED_DTYPES or not isinstance(shape, list):
+        raise PayloadError(f"bad array spec {spec!r}")
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if len(blob) != expected:
+        raise PayloadError(f"array {spec.get('name')!r}: {len(blob)} bytes, expected {expected}")
+    return np.frombuffer(blob, dtype=np.dtype(dtype)).reshape(shape)
+
+
+def unpack(blobs: Sequence[bytes]) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    """Inverse of :func:`pack`: ``(header, {name: array})`` (arrays are read-only views)."""
+    if not blobs:
+        raise PayloadError("empty payload")
+    header = unpack_header(blobs[0])
+    specs = header["arrays"]
+    if len(specs) != len(blobs) - 1:
+        raise PayloadError(f"payload lists {len(specs)} arrays but carries {len(blobs) - 1}")
+    arrays = {spec["name"]: decode_array(spec, blob) for spec, blob in zip(specs, blobs[1:])}
+    return header, arrays
+
+
+def blob_sequence_summary(tag: str, blobs: Sequence[bytes], description: str = "") -> summary_pb2.Summary:
+    """A ``Summary`` holding ``blobs`` as a string tensor with our plugin's metadata."""
+    plugin_data = summary_pb2.SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME,
+        content=json.dumps({"version": metadata.FORMAT_VERSION}).encode("utf-8"),
+    )
+    smd = summary_pb2.SummaryMetadata(
+        plugin_data=plugin_data,
+        summary_description=description,
+        data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE,
+    )
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING,
+        string_val=list(blobs),
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(blobs))]
+        ),
+    )
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=smd, tensor=tensor)])
+
+
+def payload_summary(tag: str, header: Mapping, arrays: Mapping[str, np.ndarray]) -> summary_pb2.Summary:
+    return blob_sequence_summary(tag, pack(header, arrays))

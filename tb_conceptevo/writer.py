@@ -1,0 +1,288 @@
+"""``ConceptWriter``: a ``SummaryWriter`` that also logs what every neuron has learned.
+
+::
+
+    from tb_conceptevo import ConceptWriter, probes
+    writer = ConceptWriter("runs/baseline", probe=probes.ConceptShapes(n=1024))
+    for epoch in range(epochs):
+        train_one_epoch(model)
+        writer.add_scalar("train/loss", loss, epoch)
+        writer.add_concepts(model, step=epoch)
+
+Everything is written through TensorBoard's protos (no TensorFlow).  Tags and
+payloads are documented in ``docs/FORMAT.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from . import metadata
+from .observation import Observation
+from .payloads import anchors_payload, detection_payload, embedding_payload, probe_payload, stimuli_payload
+from .recording import record
+from .summary import payload_summary
+
+
+def _use_native_crc() -> bool:
+    """Swap TensorBoard's pure-Python CRC32C (~0.7 s per 5 MB) for google-crc32c's C one.
+
+    Only when the package is installed; the checksum is the same function, so files
+    stay identical (``tests/test_writer.py`` checks it).
+    """
+    try:
+        import google_crc32c
+    except ImportError:  # pragma: no cover - optional speed-up
+        return False
+    from tensorboard.summary.writer import record_writer
+
+    def masked_crc32c(data: bytes) -> int:
+        crc = google_crc32c.value(bytes(data))
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    record_writer.masked_crc32c = masked_crc32c
+    return True
+
+
+NATIVE_CRC = _use_native_crc()
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class _NullFileWriter:
+    """Stands in for the event file on ranks other than 0: they record, never write."""
+
+    def __init__(self, log_dir):
+        self._log_dir = log_dir
+
+    def get_logdir(self):
+        return self._log_dir
+
+    def add_event(self, *a, **k):
+        pass
+
+    def add_summary(self, *a, **k):
+        pass
+
+    def add_graph(self, *a, **k):
+        pass
+
+    def add_onnx_graph(self, *a, **k):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def reopen(self):
+        pass
+
+
+class ConceptWriter(SummaryWriter):
+    """``SummaryWriter`` with :meth:`add_concepts`.
+
+    Args:
+        log_dir: the run's directory (as for ``SummaryWriter``).
+        probe: the :class:`~tb_conceptevo.probes.ProbeSet` every snapshot is recorded on
+            (use the same one for every run you want to compare).
+        layers: module names or modules (default: every ``nn.Conv2d``).
+        k: stimuli kept per neuron.
+        spaces: semantic spaces to place neurons in at every snapshot
+            (:class:`~tb_conceptevo.spaces.ConceptEvoSpace`, :class:`~tb_conceptevo.spaces.TextSpace`).
+        detectors: concept detectors to run besides those the spaces need.
+        batch_size: probe images per forward pass.
+        reduce: ``"max"`` or ``"mean"`` spatial reduction of a channel's map.
+        thumbnail_size: longest side of the logged probe thumbnails (default 64, or 32
+            above 4,096 images).
+        keep_previous_weights: keep a CPU copy of the weights at the last snapshot so
+            :meth:`add_concept_importance` can compare with "the last snapshot".
+        progress: tqdm progress bars.
+        **kwargs: passed to ``SummaryWriter``.
+
+    Under ``torch.distributed`` create the writer on every rank and call
+    :meth:`add_concepts` on every rank (it is collective); only rank 0 writes.
+    """
+
+    def __init__(self, log_dir: Optional[str] = None, probe=None, layers=None, k: int = 10, *,
+                 spaces: Sequence = (), detectors: Sequence = (), batch_size: int = 64,
+                 reduce: str = "max", thumbnail_size: Optional[int] = None,
+                 keep_previous_weights: bool = False, progress: bool = True, **kwargs):
+        self._is_writer_rank = _rank() == 0
+        super().__init__(log_dir, **kwargs)
+        self.probe = probe
+        self.layers = layers
+        self.k = k
+        self.spaces = list(spaces)
+        for space in self.spaces:
+            metadata.check_name(space.name, "space name")
+        self.detectors = list(detectors)
+        self.batch_size = batch_size
+        self.reduce = reduce
+        self.thumbnail_size = thumbnail_size
+        self.keep_previous_weights = keep_previous_weights
+        self.progress = progress
+        self.previous_state: Optional[Dict[str, torch.Tensor]] = None
+        self.previous_step: Optional[int] = None
+        self._probe_written = False
+        self._anchors_written = set()
+        self._previous_vectors: Dict[tuple, tuple] = {}
+
+    def _get_file_writer(self):
+        if not getattr(self, "_is_writer_rank", True):
+            if self.file_writer is None:
+                self.file_writer = _NullFileWriter(self.log_dir)
+            return self.file_writer
+        return super()._get_file_writer()
+
+    # ------------------------------------------------------------------ public
+    def all_detectors(self) -> List:
+        """Detectors run at each snapshot: those given plus those the spaces need."""
+        found = []
+        for detector in list(self.detectors) + [s.detector for s in self.spaces if s.detector is not None]:
+            if all(d is not detector for d in found):
+                if any(d.name == detector.name for d in found):
+                    raise ValueError(f"two different detectors are named {detector.name!r}; give them distinct names")
+                found.append(detector)
+        return found
+
+    def add_concepts(self, model: torch.nn.Module, step: int, layers=None) -> Observation:
+        """Record the model's neurons on the probe set and log everything for ``step``.
+
+        Logs, per layer: the top-k stimuli; per detector: each neuron's top concepts
+        and the interpretable-neuron counts; per space: embedding, 2-D layout and the
+        metrics (differential entropy, evolution speed, ``d_anchor``) as scalars.
+        Returns the :class:`~tb_conceptevo.observation.Observation`.
+
+        Nothing is written unless the whole snapshot was computed; hooks are removed and
+        the model's mode restored even when it raises.
+        """
+        if self.probe is None:
+            raise ValueError("ConceptWriter needs a probe set: ConceptWriter(log_dir, probe=probes.ConceptShapes())")
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        step = int(step)
+        detectors = self.all_detectors()
+        layer_spec = layers if layers is not None else self.layers
+        from .recording import resolve_layers
+
+        layer_names = [name for name, _ in resolve_layers(model, layer_spec)]
+        consumers = [d.consumer(self.probe, layer_names) for d in detectors]
+        observation = record(model, self.probe, layer_names, k=self.k, batch_size=self.batch_size,
+                             reduce=self.reduce, consumers=consumers, step=step, progress=self.progress)
+        detections = {d.name: c.result() for d, c in zip(detectors, consumers)}
+        embeddings = {}
+        for space in self.spaces:
+            space.check_probe(observation.probe_hash)
+            detection_of = detections.get(space.detector.name) if space.detector is not None else None
+            for name, layer_obs in observation.items():
+                detection = detection_of.get(name) if detection_of is not None else None
+                embeddings[(space.name, name)] = space.embed(layer_obs, detection)
+        if self._is_writer_rank:
+            self._write_snapshot(observation, detections, embeddings, step)
+        if self.keep_previous_weights:
+            self.previous_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.previous_step = step
+        return observation
+
+    # ------------------------------------------------------------------ writing
+    def add_payload(self, tag: str, header: Dict, arrays: Dict[str, np.ndarray], step: int) -> None:
+        """Write one plugin payload (see ``docs/FORMAT.md``)."""
+        self._get_file_writer().add_summary(payload_summary(tag, header, arrays), int(step))
+
+    def add_observation(self, observation: Observation, step: int) -> None:
+        """Write the stimuli of every layer of ``observation`` (e.g. recorded elsewhere)."""
+        self._write_probe_once(step)
+        n_invalid = 0
+        for name, layer_obs in observation.items():
+            header, arrays = stimuli_payload(layer_obs)
+            self.add_payload(metadata.stimuli_tag(name), header, arrays, step)
+            n_invalid += header["n_invalid"]
+        self._scalar(metadata.scalar_tag("invalid_neurons", "stimuli", "all"), n_invalid, step)
+
+    def add_space_embedding(self, space, layer: str, embedding, step: int, probe_hash: str = "") -> Dict[str, float]:
+        """Write one layer's embedding in ``space`` and its per-layer metrics; returns them."""
+        from .metrics import differential_entropy, evolution_speed
+
+        header, arrays = embedding_payload(space.name, layer, embedding, probe_hash)
+        self.add_payload(metadata.space_tag(space.name, layer), header, arrays, step)
+        anchors = space.anchors()
+        if anchors is not None and space.name not in self._anchors_written:
+            a_header, a_arrays = anchors_payload(space.name, anchors)
+            self.add_payload(metadata.anchors_tag(space.name), a_header, a_arrays, step)
+            self._anchors_written.add(space.name)
+        metrics = {"entropy": differential_entropy(embedding.layout[embedding.placed])}
+        previous = self._previous_vectors.get((space.name, layer))
+        if previous is not None:
+            metrics["speed"] = evolution_speed(previous[0], embedding.vectors, previous[1], embedding.placed)
+        self._previous_vectors[(space.name, layer)] = (embedding.vectors, embedding.placed)
+        if anchors is not None:
+            from .metrics import d_anchor
+
+            anchor_vectors = anchors.vectors[[k == "anchor" for k in anchors.kind]]
+            if len(anchor_vectors):
+                metrics["d_anchor"] = d_anchor(embedding.vectors[embedding.placed], anchor_vectors)
+        for metric, value in metrics.items():
+            self._scalar(metadata.scalar_tag(metric, space.name, layer), value, step)
+        return metrics
+
+    def add_detection(self, detector_name: str, detection, step: int) -> None:
+        header, arrays = detection_payload(detector_name, detection)
+        self.add_payload(metadata.detector_tag(detector_name, detection.layer), header, arrays, step)
+        self._scalar(metadata.scalar_tag("interpretable_fraction", detector_name, detection.layer),
+                     header["interpretable_fraction"], step)
+
+    def _write_snapshot(self, observation, detections, embeddings, step) -> None:
+        self.add_observation(observation, step)
+        for detector_name, per_layer in detections.items():
+            for detection in per_layer.values():
+                self.add_detection(detector_name, detection, step)
+        for space in self.spaces:
+            layer_items = [(name, embeddings[(space.name, name)]) for name in observation]
+            for name, embedding in layer_items:
+                self.add_space_embedding(space, name, embedding, step, observation.probe_hash)
+            self._whole_model_metrics(space, layer_items, step)
+        self.flush()
+
+    def _whole_model_metrics(self, space, layer_items, step) -> None:
+        from .metrics import d_anchor, differential_entropy, evolution_speed
+
+        vectors = np.concatenate([e.vectors for _, e in layer_items])
+        layout = np.concatenate([e.layout for _, e in layer_items])
+        placed = np.concatenate([e.placed for _, e in layer_items])
+        self._scalar(metadata.scalar_tag("entropy", space.name, "all"), differential_entropy(layout[placed]), step)
+        previous = self._previous_vectors.get((space.name, None))
+        if previous is not None and previous[0].shape == vectors.shape:
+            self._scalar(metadata.scalar_tag("speed", space.name, "all"),
+                         evolution_speed(previous[0], vectors, previous[1], placed), step)
+        self._previous_vectors[(space.name, None)] = (vectors, placed)
+        anchors = space.anchors()
+        if anchors is not None:
+            anchor_vectors = anchors.vectors[[k == "anchor" for k in anchors.kind]]
+            if len(anchor_vectors):
+                self._scalar(metadata.scalar_tag("d_anchor", space.name, "all"),
+                             d_anchor(vectors[placed], anchor_vectors), step)
+
+    def _write_probe_once(self, step: int) -> None:
+        # At the first snapshot's step, so the tag's steps only ever ascend.
+        if self._probe_written or self.probe is None:
+            return
+        header, arrays = probe_payload(self.probe, self.thumbnail_size)
+        self.add_payload(metadata.probe_tag(), header, arrays, step)
+        self._probe_written = True
+
+    def _scalar(self, tag: str, value, step: int) -> None:
+        value = float(value)
+        if math.isfinite(value):
+            self.add_scalar(tag, value, step)

@@ -1,0 +1,187 @@
+"""Streaming top-k equals brute force on torchvision models and a custom model."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tb_conceptevo.recording import list_layers, merge_topk, record, resolve_layers
+from tests.conftest import random_probe
+
+
+def brute_force(model, probe, layer_names, k, reduce="max", batch_size=None):
+    """Full activations of every image, then a per-neuron sort (ties: lower index).
+
+    Same batches as the recorder so the floats are bit-identical (conv kernels may
+    round differently for other batch sizes, which would reorder near-ties)."""
+    outputs = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.setdefault(n, []).append(o.detach().clone()))  # clone: inplace ReLU follows
+             for n in layer_names]
+    model.eval()
+    with torch.no_grad():
+        for chunk in torch.split(probe.images, batch_size or len(probe)):
+            model(chunk)
+    for h in hooks:
+        h.remove()
+    result = {}
+    for name in layer_names:
+        fmap = torch.cat(outputs[name]).flatten(2)  # [n, C, HW]
+        peak, argmax = fmap.max(dim=2)
+        resp = peak if reduce == "max" else fmap.mean(dim=2)
+        resp = resp.t().numpy()  # [C, n]
+        order = np.lexsort((np.broadcast_to(np.arange(resp.shape[1]), resp.shape), -resp), axis=1)[:, :k]
+        result[name] = (order, np.take_along_axis(resp, order, 1), np.take_along_axis(argmax.t().numpy(), order, 1))
+    return result
+
+
+class Branchy(nn.Module):
+    """A user model with a non-sequential forward (two branches and a skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left = nn.Conv2d(8, 6, 3, padding=1)
+        self.right = nn.Conv2d(8, 6, 5, padding=2)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.left(x) + torch.sigmoid(self.right(x))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def _check(model, probe, layers, k, batch_size, reduce="max"):
+    names = [n for n, _ in resolve_layers(model, layers)]
+    obs = record(model, probe, names, k=k, batch_size=batch_size, reduce=reduce, progress=False)
+    expected = brute_force(model, probe, names, k, reduce, batch_size)
+    for name in names:
+        ids, values, positions = expected[name]
+        got = obs[name]
+        np.testing.assert_array_equal(got.image_ids, ids)
+        np.testing.assert_allclose(got.activations, values, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got.positions, positions)
+        assert not got.invalid.any()
+    return obs
+
+
+@pytest.mark.parametrize("factory,size,layers", [
+    (lambda: torchvision.models.vgg16(), 32, ["features.0", "features.10", "features.28"]),
+    (lambda: torchvision.models.resnet18(), 32, None),
+    (lambda: torchvision.models.convnext_tiny(), 32, ["features.1.0.block.0", "features.5.2.block.0"]),
+    (lambda: torchvision.models.inception_v3(init_weights=False, aux_logits=False), 80,
+     ["Conv2d_1a_3x3.conv", "Mixed_5b.branch_pool.conv"]),
+])
+def test_topk_matches_brute_force_on_torchvision(factory, size, layers):
+    torch.manual_seed(0)
+    model = factory()
+    probe = random_probe(n=24, size=size)
+    _check(model, probe, layers, k=5, batch_size=7)
+
+
+def test_custom_model_mean_and_batch_independence():
+    torch.manual_seed(0)
+    model = Branchy()
+    probe = random_probe(n=50, size=16)
+    a = _check(model, probe, None, k=6, batch_size=8)
+    b = _check(model, probe, None, k=6, batch_size=50)
+    _check(model, probe, ["left", "right"], k=4, batch_size=9, reduce="mean")
+    for name in a:
+        np.testing.assert_array_equal(a[name].image_ids, b[name].image_ids)
+
+
+def test_ties_broken_by_lower_index():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.ones_(self.conv.bias)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    obs = record(Constant(), random_probe(n=20, size=4), k=5, batch_size=3, progress=False)
+    np.testing.assert_array_equal(obs["conv"].image_ids, [[0, 1, 2, 3, 4]] * 2)
+
+
+def test_merge_topk_any_order():
+    values = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
+    ids = torch.tensor([[7, 9, 4, 1]])
+    pos = torch.tensor([[0, 1, 2, 3]])
+    v, i, p = merge_topk(values, ids, pos, 3)
+    assert i.tolist() == [[4, 9, 1]] and p.tolist() == [[2, 1, 3]]
+
+
+def test_state_restored_and_hooks_removed_on_error():
+    model = Branchy().train()
+    model.left.eval()  # a mixed state must come back exactly
+    calls = {"n": 0}
+
+    def boom(*_):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("boom")
+
+    handle = model.right.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        record(model, random_probe(n=30, size=8), k=2, batch_size=4, progress=False)
+    handle.remove()
+    assert model.training and not model.left.training and model.right.training
+    for module in model.modules():
+        assert not module._forward_hooks
+    assert torch.is_grad_enabled()
+
+
+def test_nan_neurons_flagged_rest_recorded():
+    class Inject(nn.Module):
+        def forward(self, y):
+            y = y.clone()
+            y[:3, 1] = float("nan")   # channel 1 NaN on the first images of each batch
+            y[:, 2, 0, 0] = float("inf")
+            return y
+
+    class Nanny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.inject = Inject()
+
+        def forward(self, x):
+            return self.inject(self.conv(x))
+
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="2 neurons produced NaN/Inf"):
+        obs = record(Nanny(), random_probe(n=12, size=6), ["inject"], k=3, batch_size=12, progress=False)
+    layer = obs["inject"]
+    assert layer.invalid.tolist() == [False, True, True, False]
+    assert (layer.image_ids[1] >= 3).all()  # ranked on finite responses only
+    assert np.isnan(layer.activations[1]).sum() == 0 and np.isfinite(layer.activations[2]).all()
+    assert np.isfinite(layer.activations[[0, 3]]).all()
+
+
+def test_bad_inputs_have_clear_errors():
+    model = Branchy()
+    probe = random_probe(n=10, size=8)
+    with pytest.raises(ValueError, match=r"unknown layer 'lefft'.*'left'.*list_layers"):
+        record(model, probe, ["lefft"], k=2, progress=False)
+    with pytest.raises(ValueError, match="no nn.Conv2d layers"):
+        record(nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 2)), probe, k=2, progress=False)
+    with pytest.raises(ValueError, match="larger than the probe set"):
+        record(model, probe, k=11, progress=False)
+    with pytest.raises(ValueError, match="probe set is empty"):
+        record(model, random_probe(n=0, size=8), k=1, progress=False)
+    with pytest.raises(ValueError, match="cannot take the probe images"):
+        record(torchvision.models.vgg11(), random_probe(n=4, size=8).__class__(torch.rand(4, 1, 8, 8)), k=1, progress=False)
+    with pytest.raises(ValueError, match="not a \\[B, C, H, W\\] feature map"):
+        record(model, probe, ["head"], k=2, progress=False)
+    for module in model.modules():
+        assert not module._forward_hooks
+
+
+def test_list_layers():
+    names = list_layers(torchvision.models.resnet18(), conv_only=True)
+    assert names[:2] == ["conv1", "layer1.0.conv1"] and "layer4.1.conv2" in names
