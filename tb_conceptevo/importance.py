@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -361,9 +360,22 @@ def _check_output(name: str, output) -> torch.Tensor:
     return output
 
 
-def _capture_hooks(store: Dict[str, torch.Tensor]) -> Callable[[str], Callable]:
+def _check_all_ran(layers: Sequence[str], store: Mapping[str, torch.Tensor], model: str) -> None:
+    missing = [name for name in layers if name not in store]
+    if missing:
+        raise ValueError(f"layer(s) {missing} did not run in the forward pass of {model}")
+
+
+class _ForwardComplete(Exception):
+    """Raised by a capture hook to end a forward pass whose remaining output is unused."""
+
+
+def _capture_hooks(store: Dict[str, torch.Tensor], stop_when_complete: Optional[int] = None
+                   ) -> Callable[[str], Callable]:
     """Forward hooks that keep a copy of each layer's output (a copy because in-place
-    modules after the layer, e.g. ``ReLU(inplace=True)``, would overwrite it)."""
+    modules after the layer, e.g. ``ReLU(inplace=True)``, would overwrite it).  With
+    ``stop_when_complete=n`` the hook raises :class:`_ForwardComplete` once ``n`` layers
+    are stored."""
 
     def make(name: str):
         def hook(module, inputs, output):
@@ -373,6 +385,8 @@ def _capture_hooks(store: Dict[str, torch.Tensor]) -> Callable[[str], Callable]:
                     f"analysed module to run once per pass (pick another layer)"
                 )
             store[name] = _check_output(name, output).detach().clone()
+            if stop_when_complete is not None and len(store) == stop_when_complete:
+                raise _ForwardComplete
 
         return hook
 
@@ -413,6 +427,11 @@ def _no_images_error(class_index: int, labels: np.ndarray, source) -> ValueError
     present = sorted(set(int(v) for v in np.unique(labels) if v >= 0))
     name = _class_name(source, class_index)
     label = f"class {class_index}" + (f" ({name!r})" if name else "")
+    if not present:
+        return ValueError(
+            f"no images of {label}: the given {type(source).__name__} has no class labels (all -1); "
+            f"pass the class's images as a tensor, or a folder with one subfolder per class"
+        )
     return ValueError(
         f"no images of {label} in the given {type(source).__name__}; classes present: "
         f"{present[:50]}{' ...' if len(present) > 50 else ''}"
@@ -452,6 +471,8 @@ def class_images(probe_or_dataset: torch.utils.data.Dataset, class_index: int, n
     >>> images = class_images(ConceptShapes(n=1024), class_index=2, n=128, seed=0)
     """
     indices = class_indices(probe_or_dataset, class_index, n=n, seed=seed)
+    if isinstance(probe_or_dataset, ProbeSet) and callable(getattr(probe_or_dataset, "images", None)):
+        return probe_or_dataset.images(indices)  # one batched read (e.g. ConceptShapes' cache)
     return torch.stack([torch.as_tensor(probe_or_dataset[int(i)][0]) for i in indices])
 
 
@@ -568,11 +589,16 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
     device_to, dtype_to = _device_dtype(model_to)
     device_from, dtype_from = _device_dtype(model_from)
 
-    # Z^t' of every layer (no graph needed).
+    # Z^t' of every layer (no graph needed).  The pass stops once every layer is
+    # captured: the rest of model_to (e.g. VGG's large classifier) is not needed.
     z_to: Dict[str, torch.Tensor] = {}
-    make = _capture_hooks(z_to)
-    with torch.no_grad(), _forward_hooks(model_to, {name: make(name) for name in layers}):
-        _as_logits(model_to(images.to(device_to, dtype_to)), class_index)
+    make = _capture_hooks(z_to, stop_when_complete=len(layers))
+    try:
+        with torch.no_grad(), _forward_hooks(model_to, {name: make(name) for name in layers}):
+            _as_logits(model_to(images.to(device_to, dtype_to)), class_index)
+    except _ForwardComplete:
+        pass
+    _check_all_ran(layers, z_to, "model_to")
 
     # Z^t with a graph to the class logit.  The hooked tensor must stay untouched and in
     # the graph: the hook returns a clone so in-place modules after the layer modify the
@@ -597,9 +623,7 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
 
     with torch.enable_grad(), _forward_hooks(model_from, {n: make_graph_hook(n) for n in layers}):
         logits = _as_logits(model_from(images.to(device_from, dtype_from)), class_index)
-        missing = [name for name in layers if name not in z_from]
-        if missing:
-            raise ValueError(f"layer(s) {missing} did not run in the forward pass of model_from")
+        _check_all_ran(layers, z_from, "model_from")
         # Images are independent in eval mode: d(sum_b logit_b)/dZ_b = d logit_b / dZ_b.
         grads = torch.autograd.grad(
             logits[:, class_index].sum(), [z_from[name] for name in layers], allow_unused=True
@@ -855,9 +879,13 @@ def revert_evaluation(
         for batch in _progress(batches, progress, f"revert class {class_index}", len(batches)):
             n_images += batch.shape[0]
             z_from: Dict[str, torch.Tensor] = {}
-            make = _capture_hooks(z_from)
-            with _forward_hooks(model_from, {name: make(name) for name in layer_names}):
-                _as_logits(model_from(batch.to(device_from, dtype_from)), class_index)
+            make = _capture_hooks(z_from, stop_when_complete=len(layer_names))
+            try:
+                with _forward_hooks(model_from, {name: make(name) for name in layer_names}):
+                    _as_logits(model_from(batch.to(device_from, dtype_from)), class_index)
+            except _ForwardComplete:
+                pass
+            _check_all_ran(layer_names, z_from, "model_from")
             x_to = batch.to(device_to, dtype_to)
             c, s = score_batch(_as_logits(model_to(x_to), class_index))
             base_correct += c

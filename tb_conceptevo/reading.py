@@ -272,6 +272,20 @@ class LogReader:
         except DataNotFound:
             return []
 
+    def scalars(self, run: str) -> Dict[str, List[Tuple[int, float]]]:
+        """``{tag: [(step, value), ...]}`` of every scalar series of ``run``."""
+        return read_all_scalars(self.provider, self.ctx, self.experiment_id, run)
+
     def probe(self, run: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
         """Header (hash, sizes, labels, vocabulary) and thumbnail atlases of the run's probe set."""
         return self.payload(run, metadata.probe_tag(), None)
+
+
+def read_all_scalars(provider, ctx, experiment_id: str, run: str) -> Dict[str, List[Tuple[int, float]]]:
+    """Every scalar series of ``run`` (ours under ``concepts/`` and the user's own)."""
+    from tensorboard.data import provider as tb_provider
+
+    run_filter = tb_provider.RunTagFilter(runs=[run])
+    found = provider.read_scalars(ctx, experiment_id=experiment_id, plugin_name="scalars",
+                                  downsample=MAX_STEPS, run_tag_filter=run_filter)
+    return {tag: [(d.step, d.value) for d in data] for tag, data in found.get(run, {}).items()}

@@ -161,17 +161,37 @@ class _TopK:
         self.positions = torch.zeros((channels, k), dtype=torch.int64, device=device)
         self.invalid = torch.zeros(channels, dtype=torch.bool, device=device)
 
-    def merge(self, values: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor) -> None:
-        """Merge one batch: ``values``/``positions`` ``[B, C]``, ``indices`` ``[B]`` ascending
-        and larger than every index merged before (so a stable sort keeps the tie order)."""
-        channels = values.shape[1]
-        cand_values = torch.cat([self.values, values.t()], dim=1)
-        cand_ids = torch.cat([self.ids, indices.unsqueeze(0).expand(channels, -1)], dim=1)
-        cand_pos = torch.cat([self.positions, positions.t()], dim=1)
+    def merge(self, values: torch.Tensor, indices: torch.Tensor, fmap: torch.Tensor) -> None:
+        """Merge one batch: ``values`` ``[B, C]``, ``indices`` ``[B]`` ascending and larger
+        than every index merged before (so a stable sort keeps the tie order).
+
+        Only channels where some image beats the current k-th value are re-sorted, and
+        the argmax position is computed only for images that enter a top-k: after the
+        first batches almost nothing enters, so the merge costs little next to the
+        forward pass.
+        """
+        # Strictly greater: on a tie the earlier (lower) index already in the list wins.
+        enters = values.t() > self.values[:, -1:]
+        rows = enters.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        batch = values.t()[rows]
+        cand_values = torch.cat([self.values[rows], batch], dim=1)
         order = torch.sort(cand_values, dim=1, descending=True, stable=True).indices[:, : self.k]
-        self.values = torch.gather(cand_values, 1, order)
-        self.ids = torch.gather(cand_ids, 1, order)
-        self.positions = torch.gather(cand_pos, 1, order)
+        from_batch = order >= self.k
+        batch_pos = (order - self.k).clamp(min=0)
+        new_ids = torch.where(from_batch, indices[batch_pos], torch.gather(self.ids[rows], 1, order.clamp(max=self.k - 1)))
+        old_pos = torch.gather(self.positions[rows], 1, order.clamp(max=self.k - 1))
+        entrant_rows, entrant_slots = from_batch.nonzero(as_tuple=True)
+        new_pos = old_pos.clone()
+        if entrant_rows.numel():
+            batch_size, channels = fmap.shape[:2]
+            flat = fmap.reshape(batch_size * channels, -1)
+            picked = batch_pos[entrant_rows, entrant_slots] * channels + rows[entrant_rows]
+            new_pos[entrant_rows, entrant_slots] = torch.index_select(flat, 0, picked).argmax(dim=1)
+        self.values[rows] = torch.gather(cand_values, 1, order)
+        self.ids[rows] = new_ids
+        self.positions[rows] = new_pos
 
 
 def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, k: int):
@@ -183,28 +203,29 @@ def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
 
 
 def _reduce(fmap: torch.Tensor, reduce: str):
-    """``(response [B, C] with NaN where non-finite, sortable values, argmax [B, C], bad [C])``."""
+    """``(response [B, C] with NaN where non-finite, sortable values, bad [C])``.
+
+    Non-finite values are detected from the reduction itself (max and mean propagate
+    NaN and +Inf; mean also -Inf), so the common all-finite case costs one pass over
+    the map.  With ``reduce="max"`` a -Inf that never reaches a channel's max changes
+    nothing recorded and is not flagged.  When something is non-finite, a slow exact
+    path ranks on the finite values only.
+    """
+    response = fmap.amax(dim=(2, 3)) if reduce == "max" else fmap.mean(dim=(2, 3))
+    if bool(torch.isfinite(response).all()):  # one sync per batch and layer, not per neuron
+        return response, response, torch.zeros(fmap.shape[1], dtype=torch.bool, device=fmap.device)
     flat = fmap.flatten(2)
     finite = torch.isfinite(flat)
-    all_finite = bool(finite.all())  # one sync per batch and layer, not per neuron
-    clean = flat if all_finite else torch.where(finite, flat, torch.tensor(-math.inf, device=flat.device))
-    peak, argmax = clean.max(dim=2)
+    bad_pairs = (~finite).any(dim=2)
+    minus_inf = torch.tensor(-math.inf, device=flat.device)
     if reduce == "max":
-        response = peak
+        sortable = torch.where(finite, flat, minus_inf).amax(dim=2)
     else:
-        if all_finite:
-            response = flat.mean(dim=2)
-        else:
-            count = finite.sum(dim=2)
-            response = torch.where(finite, flat, torch.zeros((), device=flat.device)).sum(dim=2) / count.clamp(min=1)
-            response = torch.where(count > 0, response, torch.tensor(-math.inf, device=flat.device))
-    if all_finite:
-        bad = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
-        return response, response, argmax, bad
-    bad = (~finite).any(dim=2).any(dim=0)
-    sortable = torch.where(torch.isfinite(response), response, torch.tensor(-math.inf, device=flat.device))
-    shown = torch.where((~finite).any(dim=2), torch.tensor(math.nan, device=flat.device), response)
-    return shown, sortable, argmax, bad
+        count = finite.sum(dim=2)
+        sortable = torch.where(finite, flat, torch.zeros((), device=flat.device)).sum(dim=2) / count.clamp(min=1)
+        sortable = torch.where(count > 0, sortable, minus_inf)
+    shown = torch.where(bad_pairs, torch.tensor(math.nan, device=flat.device), sortable)
+    return shown, sortable, bad_pairs.any(dim=0)
 
 
 # ----------------------------------------------------------------------------- record
@@ -343,10 +364,12 @@ def record(
                 fmap = _layer_output(name, output).detach()
                 if fmap.dtype != torch.float32:
                     fmap = fmap.float()
-                response, sortable, argmax, bad = _reduce(fmap, reduce)
+                response, sortable, bad = _reduce(fmap, reduce)
                 if pass_index == 0:
                     top.invalid |= bad
-                    top.merge(sortable, argmax, batch_indices[0])
+                    # Argmax among finite values only: NaN would win torch's argmax.
+                    safe = fmap if not bool(bad.any()) else torch.nan_to_num(fmap, nan=-math.inf, posinf=-math.inf)
+                    top.merge(sortable, batch_indices[0], safe)
                 for consumer in active:
                     consumer.update(pass_index, name, fmap, response, batch_indices[0])
             return hook

@@ -119,22 +119,21 @@ class ConceptWriter(SummaryWriter):
                  spaces: Sequence = (), detectors: Sequence = (), batch_size: int = 64,
                  reduce: str = "max", thumbnail_size: Optional[int] = None,
                  keep_previous_weights: bool = False, progress: bool = True, **kwargs):
+        for space in spaces:
+            metadata.check_name(space.name, "space name")
         self._is_writer_rank = _rank() == 0
         super().__init__(log_dir, **kwargs)
         self.probe = probe
         self.layers = layers
         self.k = k
         self.spaces = list(spaces)
-        for space in self.spaces:
-            metadata.check_name(space.name, "space name")
         self.detectors = list(detectors)
         self.batch_size = batch_size
         self.reduce = reduce
         self.thumbnail_size = thumbnail_size
         self.keep_previous_weights = keep_previous_weights
         self.progress = progress
-        self.previous_state: Optional[Dict[str, torch.Tensor]] = None
-        self.previous_step: Optional[int] = None
+        self._snapshots: List[tuple] = []  # [(step, CPU state_dict)], at most two
         self._probe_written = False
         self._anchors_written = set()
         self._previous_vectors: Dict[tuple, tuple] = {}
@@ -192,9 +191,67 @@ class ConceptWriter(SummaryWriter):
         if self._is_writer_rank:
             self._write_snapshot(observation, detections, embeddings, step)
         if self.keep_previous_weights:
-            self.previous_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.previous_step = step
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            # Two snapshots: importance "since the last snapshot" may be asked before or
+            # after this step's add_concepts.
+            self._snapshots = [s for s in self._snapshots if s[0] != step][-1:] + [(step, state)]
         return observation
+
+    def add_concept_importance(self, model: torch.nn.Module, class_index: int, images, step: int, *,
+                               from_model: Optional[torch.nn.Module] = None, from_step: Optional[int] = None,
+                               layers=None, labels=None, max_images: Optional[int] = 128,
+                               revert: bool = False, class_name: Optional[str] = None, seed: int = 0):
+        """Log the importance of every neuron's concept evolution for ``class_index``
+        (ConceptEvo Eq. 7-9) from ``from_model`` (epoch t) to ``model`` (epoch t' = ``step``),
+        and optionally the revert evaluation (Sec. 4.4).
+
+        Without ``from_model`` the writer needs ``keep_previous_weights=True`` and uses the
+        last snapshot taken before ``step``.  ``images`` is a probe set / dataset (filtered
+        by its labels), a tensor with ``labels``, or a DataLoader (see
+        :func:`tb_conceptevo.importance.concept_evolution_importance`).
+
+        Returns ``(ImportanceResult, RevertResult or None)``.
+
+        Example:
+            >>> writer = ConceptWriter("runs/a", probe=probe, keep_previous_weights=True)
+            >>> writer.add_concepts(model, step=1); train(model)
+            >>> writer.add_concept_importance(model, class_index=3, images=probe, step=2, revert=True)
+        """
+        import copy
+
+        from .importance import concept_evolution_importance, importance_payloads, revert_evaluation, revert_payload
+
+        step = int(step)
+        if from_model is None:
+            earlier = [s for s in self._snapshots if s[0] < step]
+            if not earlier:
+                raise ValueError(
+                    "no earlier snapshot to compare with: pass from_model=<model at epoch t> (and from_step), "
+                    "or create the writer with keep_previous_weights=True and call add_concepts at an earlier step"
+                )
+            from_step, state = earlier[-1]
+            from_model = copy.deepcopy(model)
+            from_model.load_state_dict(state)
+        layer_spec = layers if layers is not None else self.layers
+        if class_name is None and self.probe is not None and self.probe.class_names is not None:
+            names = self.probe.class_names
+            class_name = names[class_index] if 0 <= class_index < len(names) else None
+        common = dict(labels=labels, max_images=max_images, seed=seed, class_name=class_name,
+                      from_step=from_step, to_step=step)
+        result = concept_evolution_importance(from_model, model, images, class_index, layer_spec,
+                                              self.batch_size, self.progress, **common)
+        reverted = None
+        if revert:
+            reverted = revert_evaluation(from_model, model, images, class_index, result, layer_spec,
+                                         batch_size=self.batch_size, progress=self.progress, **common)
+        if self._is_writer_rank:
+            for tag, (header, arrays) in importance_payloads(result).items():
+                self.add_payload(tag, header, arrays, step)
+            if reverted is not None:
+                header, arrays = revert_payload(reverted)
+                self.add_payload(metadata.revert_tag(class_index), header, arrays, step)
+            self.flush()
+        return result, reverted
 
     # ------------------------------------------------------------------ writing
     def add_payload(self, tag: str, header: Dict, arrays: Dict[str, np.ndarray], step: int) -> None:
@@ -249,11 +306,17 @@ class ConceptWriter(SummaryWriter):
             for detection in per_layer.values():
                 self.add_detection(detector_name, detection, step)
         for space in self.spaces:
-            layer_items = [(name, embeddings[(space.name, name)]) for name in observation]
-            for name, embedding in layer_items:
-                self.add_space_embedding(space, name, embedding, step, observation.probe_hash)
-            self._whole_model_metrics(space, layer_items, step)
+            self.add_space_embeddings(space, {name: embeddings[(space.name, name)] for name in observation},
+                                      step, observation.probe_hash)
         self.flush()
+
+    def add_space_embeddings(self, space, embeddings: Dict[str, object], step: int, probe_hash: str = "") -> None:
+        """Write every layer's embedding in ``space`` at ``step``, with per-layer and
+        whole-model (``all``) metrics.  Used live by :meth:`add_concepts` and by
+        ``tb-conceptevo project`` to back-fill (call it in ascending step order)."""
+        for name, embedding in embeddings.items():
+            self.add_space_embedding(space, name, embedding, step, probe_hash)
+        self._whole_model_metrics(space, list(embeddings.items()), step)
 
     def _whole_model_metrics(self, space, layer_items, step) -> None:
         from .metrics import d_anchor, differential_entropy, evolution_speed

@@ -101,7 +101,10 @@ def check_runs(fetch: Fetch, facts):
     groups = {g["probe_hash"]: sorted(g["runs"]) for g in answer["probe_groups"]}
     assert groups == {base["probe_hash"]: ["baseline", "truncated"],
                       runs["other_probe"]["probe_hash"]: ["other_probe"]}
-    assert answer["warnings"] == []
+    # The payload of a newer format version is left out, with a warning saying so.
+    (warning,) = answer["warnings"]
+    assert "baseline" in warning and fx.FUTURE_SPACE in warning and "upgrade tb_conceptevo" in warning
+    assert_json_error(fetch(f"map?run=baseline&space={fx.FUTURE_SPACE}&layer=features.0&step=0"), 422)
 
 
 def check_truncated(fetch: Fetch, facts):

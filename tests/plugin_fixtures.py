@@ -158,6 +158,26 @@ def write_run(run_dir: str, steps: List[int], seed: int = 0, probe_seed: int = 0
     return observations
 
 
+FUTURE_SPACE = "future"
+
+
+def write_future_payload(run_dir: str) -> None:
+    """A space payload in a newer format version (as a newer tb_conceptevo would write)."""
+    import json
+
+    from tensorboard.compat.proto import summary_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tb_conceptevo.summary import blob_sequence_summary
+
+    blobs = [json.dumps({"version": 99, "arrays": [], "kind": "space"}).encode()]
+    summary = blob_sequence_summary(metadata.space_tag(FUTURE_SPACE, LAYERS[0]), blobs)
+    summary.value[0].metadata.plugin_data.content = json.dumps({"version": 99}).encode()
+    assert isinstance(summary, summary_pb2.Summary)
+    with SummaryWriter(run_dir) as writer:
+        writer._get_file_writer().add_summary(summary, 0)
+
+
 def write_scalars_only(run_dir: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -198,6 +218,7 @@ def write_logdir(root: str) -> Dict[str, object]:
         # Without extras the last record is the detector payload of features.2 at step 2.
         "truncated": write_run(os.path.join(root, "truncated"), steps=[0, 1, 2], seed=2, probe_seed=0, extras=False),
     }
+    write_future_payload(os.path.join(root, "baseline"))
     write_scalars_only(os.path.join(root, "scalars_only"))
     truncate_last_record(os.path.join(root, "truncated"))
     return {

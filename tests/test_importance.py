@@ -319,15 +319,18 @@ def test_hooks_removed_and_state_restored_after_errors(snapshots, images):
         def forward(self, x):
             raise RuntimeError("boom")
 
+    # A model failing after the hooked layers: as model_from (its gradient pass runs to
+    # the logits) and as model_to of the revert evaluation.
     exploding = copy.deepcopy(model_to)
     exploding[8] = nn.Sequential(nn.AdaptiveAvgPool2d(1), Boom())
     exploding.train()
     with pytest.raises(RuntimeError, match="boom"):
-        concept_evolution_importance(model_from, exploding, images, 0, progress=False)
+        concept_evolution_importance(exploding, model_to, images, 0, progress=False)
     with pytest.raises(RuntimeError, match="boom"):
         revert_evaluation(model_from, exploding, images, 0, {"0": np.arange(6.0)}, progress=False)
     for module in exploding.modules():
-        assert not module._forward_hooks
+        assert not module._forward_hooks and module.training
+    assert all(p.requires_grad for p in exploding.parameters())
     assert_clean()
     # and the hooked computation still works afterwards
     result = concept_evolution_importance(model_from, model_to, images, 0, progress=False)
@@ -491,3 +494,104 @@ def test_reverting_important_evolutions_hurts_most(trained_snapshots):
     assert means[0] < -0.2          # reverting the top quartile costs real accuracy
     logits = np.mean(logits, axis=0)
     assert logits[0] < logits[1] < logits[-1]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+FACTORY_SOURCE = '''
+import torch
+from torch import nn
+
+def make():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6))
+
+NOT_A_FUNCTION = 3
+'''
+
+
+def run_cli(argv):
+    import argparse
+
+    from tb_conceptevo.cli import importance as importance_cli
+
+    parser = argparse.ArgumentParser(prog="tb-conceptevo")
+    importance_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["importance"] + argv)
+    return args.func(args)
+
+
+def read_payloads(run_dir):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    import glob
+
+    found = {}
+    for path in sorted(glob.glob(str(run_dir / "events.out.tfevents.*"))):
+        for event in EventFileLoader(path).Load():
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == metadata.PLUGIN_NAME
+                found[value.tag] = (event.step, summary.unpack(list(value.tensor.string_val)))
+    return found
+
+
+@pytest.fixture
+def cli_setup(tmp_path):
+    pytest.importorskip("tb_conceptevo.probes")
+    factory = tmp_path / "tiny_models.py"
+    factory.write_text(FACTORY_SOURCE)
+    namespace = {}
+    exec(FACTORY_SOURCE, namespace)
+    torch.manual_seed(0)
+    torch.save(namespace["make"]().state_dict(), tmp_path / "t.pt")
+    torch.save({"model": namespace["make"]().state_dict(), "epoch": 9}, tmp_path / "t2.pt")
+    base = ["--factory", f"{factory}:make", "--from", str(tmp_path / "t.pt"), "--to", str(tmp_path / "t2.pt"),
+            "--images", "concept_shapes:n=96,size=32,seed=0", "--logdir", str(tmp_path / "runs"),
+            "--run", "r1", "--from-step", "3", "--to-step", "9", "--n-images", "8", "--no-progress"]
+    return tmp_path, base
+
+
+def test_cli_writes_importance_and_revert_events(cli_setup, capsys):
+    tmp_path, base = cli_setup
+    assert run_cli(base + ["--class", "1", "--class", "star", "--revert", "--revert-seeds", "0", "1"]) == 0
+    found = read_payloads(tmp_path / "runs" / "r1")
+    star = 3
+    expected = {metadata.importance_tag(c, layer) for c in (1, star) for layer in ("0", "3")}
+    expected |= {metadata.revert_tag(1), metadata.revert_tag(star)}
+    assert set(found) == expected
+    step, (header, arrays) = found[metadata.importance_tag(star, "3")]
+    assert step == 9 and header["class_name"] == "star" and header["from_step"] == 3
+    assert header["n_images"] == 8 and arrays["importance"].shape == (8,)
+    step, (header, arrays) = found[metadata.revert_tag(1)]
+    assert header["layers"] == ["0", "3"] and arrays["random_accuracy_change"].shape == (2, 2)
+    assert "importance" in capsys.readouterr().out
+
+
+def test_cli_bad_input(cli_setup, tmp_path):
+    tmp_path, base = cli_setup
+    args = dict(zip(base[::2], base[1::2]))
+
+    def with_(**changes):
+        merged = dict(args, **changes)
+        return [x for pair in merged.items() for x in pair] + ["--no-progress", "--class", "0"]
+
+    with pytest.raises(ValueError, match="module:function"):
+        run_cli(with_(**{"--factory": "no_colon_here"}))
+    with pytest.raises(ValueError, match="cannot import module"):
+        run_cli(with_(**{"--factory": "surely_not_a_module_xyz:make"}))
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        run_cli(with_(**{"--factory": f"{tmp_path / 'tiny_models.py'}:nope"}))
+    with pytest.raises(ValueError, match="not callable"):
+        run_cli(with_(**{"--factory": f"{tmp_path / 'tiny_models.py'}:NOT_A_FUNCTION"}))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not fit the factory's model: missing"):
+        run_cli(with_(**{"--to": str(tmp_path / "other.pt")}))
+    with pytest.raises(FileNotFoundError):
+        run_cli(with_(**{"--from": str(tmp_path / "missing.pt")}))
+    with pytest.raises(ValueError, match="neither a folder nor a probe set"):
+        run_cli(with_(**{"--images": "imagenet:n=3"}))
+    with pytest.raises(ValueError, match="neither an index nor a class name"):
+        run_cli(with_() + ["--class", "hexagon"])
+    assert not (tmp_path / "runs").exists()  # nothing written on errors

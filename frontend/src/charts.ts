@@ -164,7 +164,8 @@ export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: num
   ctx.strokeStyle = "#eeeeee";
   for (const t of niceTicks(lo, hi, 4)) {
     ctx.beginPath(); ctx.moveTo(m.l, sy(t) + 0.5); ctx.lineTo(width - m.r, sy(t) + 0.5); ctx.stroke();
-    ctx.fillText(`${(t * 100).toFixed(Math.abs(hi - lo) < 0.05 ? 1 : 0)}%`, m.l - 4, sy(t) + 4);
+    const pct = Math.abs(t) < 1e-9 ? 0 : t * 100;
+    ctx.fillText(`${pct.toFixed(Math.abs(hi - lo) < 0.05 ? 1 : 0)}%`, m.l - 4, sy(t) + 4);
   }
   // random baseline band
   ctx.fillStyle = "rgba(158,158,158,0.25)";

@@ -197,10 +197,10 @@ export function keepStepIndex(oldSteps: number[], newSteps: number[], oldIndex: 
 
 // ---------------------------------------------------------------- colours
 
-/** Categorical palette (Google material 500s, TensorBoard's run colours family). */
+/** Categorical palette (material 600s); orange is kept for TensorBoard's accent: hover, selection, current step. */
 export const PALETTE = [
-  "#ff7043", "#0288d1", "#ab47bc", "#66bb6a", "#fdd835", "#ec407a", "#26a69a", "#8d6e63",
-  "#5c6bc0", "#9ccc65", "#ffa726", "#78909c", "#d4e157", "#29b6f6", "#ef5350", "#7e57c2",
+  "#1e88e5", "#e53935", "#43a047", "#8e24aa", "#00acc1", "#fdd835", "#6d4c41", "#d81b60",
+  "#3949ab", "#7cb342", "#546e7a", "#c0ca33", "#5e35b1", "#00897b", "#ffb300", "#039be5",
 ];
 export const NONE_COLOUR = "#b0b0b0";
 
@@ -227,10 +227,21 @@ export function colourPoints(points: PointSet, by: ColourBy, labelsByLayer: Reco
   legend: Legend;
 } {
   const n = points.channel.length;
-  const keys: (string | null)[] = new Array(n);
   if (by === "layer") {
-    for (let i = 0; i < n; i++) keys[i] = points.layers[points.layerIndex[i]];
-  } else if (by === "group") {
+    // Fast path (first draw of large maps): colour straight from the layer index.
+    const rgb = points.layers.map((_, i) => hexToRgb(PALETTE[i % PALETTE.length]));
+    const rgba = new Uint8Array(n * 4);
+    for (let i = 0; i < n; i++) {
+      const c = rgb[points.layerIndex[i]];
+      rgba[4 * i] = c[0];
+      rgba[4 * i + 1] = c[1];
+      rgba[4 * i + 2] = c[2];
+      rgba[4 * i + 3] = 255;
+    }
+    return { rgba, legend: { entries: points.layers.map((l, i) => ({ label: l, colour: PALETTE[i % PALETTE.length] })) } };
+  }
+  const keys: (string | null)[] = new Array(n);
+  if (by === "group") {
     for (let i = 0; i < n; i++) keys[i] = points.group[i] >= 0 ? `group ${points.group[i]}` : null;
   } else {
     for (let i = 0; i < n; i++) {
@@ -239,7 +250,7 @@ export function colourPoints(points: PointSet, by: ColourBy, labelsByLayer: Reco
     }
   }
   // Layers keep their order; other keys are sorted so colours do not jump between steps.
-  const distinct = by === "layer" ? points.layers.slice() : [...new Set(keys.filter((k): k is string => k !== null))].sort(naturalCompare);
+  const distinct = [...new Set(keys.filter((k): k is string => k !== null))].sort(naturalCompare);
   const colourOf = new Map<string, string>();
   distinct.forEach((k, i) => colourOf.set(k, PALETTE[i % PALETTE.length]));
   const rgbOf = new Map<string, [number, number, number]>();

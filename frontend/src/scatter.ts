@@ -26,10 +26,12 @@ export class Camera {
     for (const f of this.listeners) f();
   }
 
-  fit(b: Bounds, width: number, height: number): void {
+  /** Show `b` in a width x height view, keeping `margin` pixels free (labels, stars). */
+  fit(b: Bounds, width: number, height: number, margin = 18): void {
     this.cx = (b.minX + b.maxX) / 2;
     this.cy = (b.minY + b.maxY) / 2;
-    this.k = Math.min(width / Math.max(b.maxX - b.minX, 1e-9), height / Math.max(b.maxY - b.minY, 1e-9));
+    const w = Math.max(width - 2 * margin, 10), h = Math.max(height - 2 * margin, 10);
+    this.k = Math.min(w / Math.max(b.maxX - b.minX, 1e-9), h / Math.max(b.maxY - b.minY, 1e-9));
     this.fitted = true;
     this.changed();
   }
@@ -60,19 +62,23 @@ uniform vec2 u_center;
 uniform vec2 u_scale;
 uniform float u_size;
 uniform float u_emphasis;
+uniform float u_alpha;
 varying vec4 v_col;
 void main() {
   gl_Position = vec4((a_pos - u_center) * u_scale, 0.0, 1.0);
   float emph = a_emph * u_emphasis;
   gl_PointSize = u_size * (1.0 + 0.8 * emph);
-  float alpha = u_emphasis > 0.5 ? (emph > 0.5 ? 1.0 : 0.18) : 0.9;
+  float alpha = u_emphasis > 0.5 ? (emph > 0.5 ? 1.0 : 0.18) : u_alpha;
   v_col = vec4(a_col.rgb, a_col.a * alpha);
 }`;
 
 const FRAGMENT = `
 precision mediump float;
+uniform float u_round;
 varying vec4 v_col;
 void main() {
+  // Dense maps draw tiny points: squares there, skipping per-fragment work.
+  if (u_round < 0.5) { gl_FragColor = vec4(v_col.rgb * v_col.a, v_col.a); return; }
   vec2 d = gl_PointCoord - vec2(0.5);
   float r = length(d) * 2.0;
   if (r > 1.0) discard;
@@ -97,9 +103,9 @@ export class ScatterView {
   private program: WebGLProgram | null = null;
   private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer } | null = null;
   private loc: { pos: number; col: number; emph: number; center: WebGLUniformLocation; scale: WebGLUniformLocation;
-    size: WebGLUniformLocation; emphasis: WebGLUniformLocation } | null = null;
-  private positions = new Float32Array(0);
-  private colours = new Uint8Array(0);
+    size: WebGLUniformLocation; emphasis: WebGLUniformLocation; alpha: WebGLUniformLocation; round: WebGLUniformLocation } | null = null;
+  private positions: Float32Array = new Float32Array(0);
+  private colours: Uint8Array = new Uint8Array(0);
   private emphasis: Uint8Array | null = null;
   private grid: PointGrid | null = null;
   private frame = 0;
@@ -138,7 +144,9 @@ export class ScatterView {
   private initGl(): void {
     let gl: WebGLRenderingContext | null = null;
     try {
-      gl = this.canvas.getContext("webgl", { antialias: false, premultipliedAlpha: true, alpha: true,
+      // Opaque canvas: the compositor need not blend it with what lies below (a large
+      // saving with software compositing).
+      gl = this.canvas.getContext("webgl", { antialias: false, premultipliedAlpha: true, alpha: false,
         preserveDrawingBuffer: false, powerPreference: "high-performance" }) as WebGLRenderingContext | null;
     } catch {
       gl = null;
@@ -166,12 +174,26 @@ export class ScatterView {
         scale: gl.getUniformLocation(program, "u_scale")!,
         size: gl.getUniformLocation(program, "u_size")!,
         emphasis: gl.getUniformLocation(program, "u_emphasis")!,
+        alpha: gl.getUniformLocation(program, "u_alpha")!,
+        round: gl.getUniformLocation(program, "u_round")!,
       };
       this.buffers = { pos: gl.createBuffer()!, col: gl.createBuffer()!, emph: gl.createBuffer()! };
       this.gl = gl;
+      this.warmUp();
     } catch {
       this.gl = null; // broken driver: fall back to Canvas 2-D
     }
+  }
+
+  /** Software GL compiles its pipeline at the first draw: do it now, while data loads. */
+  private warmUp(): void {
+    this.setData(new Float32Array([0, 0]), new Uint8Array([255, 255, 255, 0]));
+    this.draw();
+    cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    this.drawCount = 0;
+    this.positions = new Float32Array(0);
+    this.colours = new Uint8Array(0);
   }
 
   destroy(): void {
@@ -236,7 +258,8 @@ export class ScatterView {
     });
   }
 
-  private resize(): void {
+  /** Re-read the element's size now (a new view is measured before its first fit). */
+  resize(): void {
     const rect = this.element.getBoundingClientRect();
     this.dpr = window.devicePixelRatio || 1;
     this.width = Math.max(1, Math.round(rect.width));
@@ -245,6 +268,7 @@ export class ScatterView {
       c.width = Math.round(this.width * this.dpr);
       c.height = Math.round(this.height * this.dpr);
     }
+    this.overlayBlank = true; // resizing clears a canvas
     this.requestDraw();
   }
 
@@ -266,20 +290,37 @@ export class ScatterView {
     return 1;
   }
 
+  /** called once, right after the first frame that drew points */
+  onFirstPoints: (() => void) | null = null;
+
   draw(): void {
     this.drawCount++;
     const n = this.pointCount;
+    if (n && this.onFirstPoints) {
+      const f = this.onFirstPoints;
+      this.onFirstPoints = null;
+      queueMicrotask(f);
+    }
     const size = pointSize(n) * this.zoomFactor();
     const c = this.camera;
     if (this.gl && this.program && this.loc && this.buffers) {
       const gl = this.gl;
       gl.viewport(0, 0, this.canvas.width, this.canvas.height);
-      gl.clearColor(0, 0, 0, 0);
+      gl.clearColor(1, 1, 1, 1);
       gl.clear(gl.COLOR_BUFFER_BIT);
       if (n) {
         gl.useProgram(this.program);
-        gl.enable(gl.BLEND);
-        gl.blendFunc(gl.ONE, gl.ONE_MINUS_SRC_ALPHA);
+        const pixels = size * this.dpr;
+        const round = pixels > 4.5;
+        // Blending only when something is translucent (round edges, dimmed points).
+        if (round || this.emphasis) {
+          gl.enable(gl.BLEND);
+          gl.blendFunc(gl.ONE, gl.ONE_MINUS_SRC_ALPHA);
+        } else {
+          gl.disable(gl.BLEND);
+        }
+        gl.uniform1f(this.loc.round, round ? 1 : 0);
+        gl.uniform1f(this.loc.alpha, round ? 0.9 : 1);
         gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.pos);
         gl.enableVertexAttribArray(this.loc.pos);
         gl.vertexAttribPointer(this.loc.pos, 2, gl.FLOAT, false, 0, 0);
@@ -304,7 +345,8 @@ export class ScatterView {
   private draw2d(size: number): void {
     const ctx = this.ctx2d!;
     ctx.setTransform(this.dpr, 0, 0, this.dpr, 0, 0);
-    ctx.clearRect(0, 0, this.width, this.height);
+    ctx.fillStyle = "#ffffff";
+    ctx.fillRect(0, 0, this.width, this.height);
     const n = this.pointCount;
     const r = size / 2;
     const col = this.colours;
@@ -336,10 +378,22 @@ export class ScatterView {
     ctx.globalAlpha = 1;
   }
 
+  private overlayBlank = true;
+
+  private overlayHasContent(): boolean {
+    const o = this.overlay;
+    return !!((o.trajectory && o.trajectory.length) || (o.showAnchors && o.anchors.length) || o.ringAt || o.pinnedAt ||
+      (this.drag && this.drag.tool !== "pan"));
+  }
+
   private drawOverlay(size: number): void {
+    // An untouched overlay costs nothing to composite: skip it while it stays empty.
+    const hasContent = this.overlayHasContent();
+    if (!hasContent && this.overlayBlank) return;
     const ctx = this.overlayCanvas.getContext("2d")!;
     ctx.setTransform(this.dpr, 0, 0, this.dpr, 0, 0);
     ctx.clearRect(0, 0, this.width, this.height);
+    this.overlayBlank = !hasContent;
     const o = this.overlay;
     if (o.trajectory && o.trajectory.length) {
       ctx.lineWidth = 2;

@@ -60,7 +60,7 @@ try:  # the protocol class lives in recording.py; fall back to a plain base if a
 except ImportError:  # pragma: no cover
     RecordingConsumer = object  # type: ignore
 
-#: elements of one upsampled chunk ``[B, N, H, W]`` (bounds temporary memory, ~64 MB)
+#: elements of one chunk of maps or masks (bounds temporary memory)
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
 #: relative tolerance of the ``>= T`` comparison (bilinear upsampling of equal values
 #: may be one float32 ulp below them)
@@ -169,6 +169,7 @@ class _LayerState:
         self.bad: Optional[torch.Tensor] = None         # [N] saw NaN/Inf
         self.thresholds: Optional[torch.Tensor] = None  # [N]
         self.strict: Optional[torch.Tensor] = None      # [N] use '>' instead of '>='
+        self.passing: Optional[torch.Tensor] = None     # [N] value an upsampled pixel must reach
         self.intersection: Optional[torch.Tensor] = None  # [N, C] float64
         self.active_count: Optional[torch.Tensor] = None  # [N] float64
         self.top_m = 0
@@ -190,6 +191,8 @@ class NetDissectConsumer(RecordingConsumer):
         self.concept_count: Optional[torch.Tensor] = None  # [C] float64 pixels per concept
         self._masks_key = None
         self._masks = None
+        self._pixel_major_of = None
+        self._pixel_major_masks = None
         self._done = False
 
     # ------------------------------------------------------------ protocol
@@ -242,6 +245,11 @@ class NetDissectConsumer(RecordingConsumer):
                 state.thresholds = state.top.min(dim=1).values
                 state.top = None
             state.strict = state.thresholds <= state.minimum
+            # one comparison for both rules: '>' T is '>=' the next float above T; '>=' T
+            # tolerates one-ulp rounding of the bilinear interpolation
+            above = torch.nextafter(state.thresholds, torch.full_like(state.thresholds, math.inf))
+            loose = state.thresholds - _TIE_TOLERANCE * state.thresholds.abs()
+            state.passing = torch.where(state.strict, above, loose)
         if self.cached:
             self._iou_from_cache()
 
@@ -289,8 +297,9 @@ class NetDissectConsumer(RecordingConsumer):
 
         device = next(iter(self.states.values())).cache.device
         height, width = self._mask_size()
-        largest = max(s.channels for s in self.states.values())
-        batch = max(1, min(256, _CHUNK_ELEMENTS // max(1, largest * height * width)))
+        largest = max(max(s.channels * s.height * s.width for s in self.states.values()),
+                      self.n_concepts * height * width)
+        batch = max(1, min(256, _CHUNK_ELEMENTS // max(1, largest)))
         starts = range(0, self.n_images, batch)
         for start in tqdm(starts, desc="NetDissect IoU", leave=False, disable=not self.detector.progress):
             indices = torch.arange(start, min(self.n_images, start + batch), device=device)
@@ -319,29 +328,95 @@ class NetDissectConsumer(RecordingConsumer):
         return masks
 
     def _accumulate(self, state: _LayerState, fmap: torch.Tensor, masks: torch.Tensor) -> None:
-        """Add one batch's intersections and counts for all neurons x concepts."""
-        n_batch, channels = fmap.shape[:2]
-        height, width = masks.shape[-2:]
+        """Add one batch's intersections and counts for all neurons x concepts.
+
+        Only ~0.5 % of the upsampled pixels pass the threshold, and a bilinear pixel
+        can only pass if one of the (at most) 2 x 2 cells it interpolates does.  So
+        instead of upsampling every map (the cost of the whole recording pass for
+        large masks), the pixels whose interpolation cells contain a cell above the
+        threshold are enumerated and interpolated exactly like
+        ``F.interpolate(mode="bilinear", align_corners=False)``; the intersections
+        with all concepts are then one gather + ``index_add`` over those pixels.
+        """
+        channels, height, width = fmap.shape[1], fmap.shape[2], fmap.shape[3]
+        out_h, out_w = masks.shape[-2:]
         device = fmap.device
         if state.intersection is None:
             state.intersection = torch.zeros((channels, self.n_concepts), dtype=torch.float64, device=device)
             state.active_count = torch.zeros(channels, dtype=torch.float64, device=device)
-        # every batch reaches every layer once: count concept pixels with the first layer only
-        count_concepts = state is self.states[self.layers[0]]
         if self.concept_count is None:
             self.concept_count = torch.zeros(self.n_concepts, dtype=torch.float64, device=device)
-        thresholds = state.thresholds.to(device)[None, :, None, None]
-        strict = state.strict.to(device)[None, :, None, None]
-        loose = thresholds - _TIE_TOLERANCE * thresholds.abs()
-        step = max(1, _CHUNK_ELEMENTS // max(1, channels * height * width))
-        for start in range(0, n_batch, step):
-            chunk = fmap[start:start + step]
-            upsampled = F.interpolate(chunk, size=(height, width), mode="bilinear", align_corners=False)
-            active = torch.where(strict, upsampled > thresholds, upsampled >= loose)
-            active = active.flatten(2).float()                             # [b, N, P]
-            concept = masks[start:start + step].flatten(2).float()         # [b, C, P]
-            # exact integer counts per batch in float32 (< 2**24), summed in float64
-            state.intersection += torch.bmm(active, concept.transpose(1, 2)).sum(dim=0).double()
-            state.active_count += active.sum(dim=(0, 2)).double()
-            if count_concepts:
-                self.concept_count += concept.sum(dim=(0, 2)).double()
+        if state is self.states[self.layers[0]]:  # every batch reaches every layer once
+            self.concept_count += masks.sum(dim=(0, 2, 3), dtype=torch.float64)
+        passing = state.passing.to(device)
+        hot = fmap >= passing[None, :, None, None]                                     # [B, N, h, w]
+        # anchor cell (y0, x0) of an output pixel: its cells are {y0, y0+1} x {x0, x0+1}
+        anchors = hot.clone()
+        anchors[..., :-1, :] |= hot[..., 1:, :]
+        anchors[..., :, :-1] |= anchors[..., :, 1:].clone()
+        image, neuron, cell_y, cell_x = anchors.nonzero(as_tuple=True)
+        if image.numel() == 0:
+            return
+        ys, xs = _bilinear_table(height, out_h, device), _bilinear_table(width, out_w, device)
+        rows = ys.pixels[cell_y][:, :, None]                                          # [n, Ly, 1]
+        cols = xs.pixels[cell_x][:, None, :]                                          # [n, 1, Lx]
+        valid = (rows >= 0) & (cols >= 0)
+        which, row, col = (t[valid] for t in torch.broadcast_tensors(
+            torch.arange(image.numel(), device=device)[:, None, None], rows, cols))
+        b, n = image[which], neuron[which]
+        # flat indices: one gather per interpolation corner
+        flat = fmap.reshape(-1)
+        base = (b * channels + n) * (height * width)
+        y0, y1, wy = ys.low[row] * width, ys.high[row] * width, ys.weight[row]
+        x0, x1, wx = xs.low[col], xs.high[col], xs.weight[col]
+        value = ((1 - wy) * ((1 - wx) * flat[base + y0 + x0] + wx * flat[base + y0 + x1])
+                 + wy * ((1 - wx) * flat[base + y1 + x0] + wx * flat[base + y1 + x1]))
+        active = value >= passing[n]
+        b, n, row, col = b[active], n[active], row[active], col[active]
+        state.active_count += torch.bincount(n, minlength=channels).double()
+        pixel_concepts = self._pixel_major(masks)                                      # [B*H*W, C]
+        concept_at_pixel = pixel_concepts[(b * out_h + row) * out_w + col].float()     # [nnz, C]
+        hits = torch.zeros((channels, self.n_concepts), dtype=torch.float32, device=device)
+        hits.index_add_(0, n, concept_at_pixel)
+        state.intersection += hits.double()
+
+
+    def _pixel_major(self, masks: torch.Tensor) -> torch.Tensor:
+        """Masks as ``[B*H*W, C]`` rows (one per pixel), computed once per batch."""
+        if self._pixel_major_of is not masks:
+            self._pixel_major_of = masks
+            self._pixel_major_masks = masks.permute(0, 2, 3, 1).reshape(-1, masks.shape[1])
+        return self._pixel_major_masks
+
+
+class _BilinearTable:
+    """1-D bilinear interpolation (PyTorch, ``align_corners=False``) from ``src`` to ``dst``
+    cells: per output index its low/high source cell and weight, and per source cell
+    the output indices anchored at it (``pixels``, -1 padded)."""
+
+    def __init__(self, src: int, dst: int, device):
+        scale = np.float32(src / dst)
+        position = np.maximum((np.arange(dst, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
+                              np.float32(0.0))
+        low = np.minimum(np.floor(position).astype(np.int64), src - 1)
+        high = low + (low < src - 1)
+        weight = (position - low).astype(np.float32)
+        counts = np.bincount(low, minlength=src)
+        pixels = np.full((src, max(1, counts.max())), -1, dtype=np.int64)
+        for cell in range(src):  # at most a few hundred cells, once per (src, dst)
+            members = np.nonzero(low == cell)[0]
+            pixels[cell, :len(members)] = members
+        self.low = torch.from_numpy(low).to(device)
+        self.high = torch.from_numpy(high).to(device)
+        self.weight = torch.from_numpy(weight).to(device)
+        self.pixels = torch.from_numpy(pixels).to(device)
+
+
+_TABLES: Dict[Tuple[int, int, str], _BilinearTable] = {}
+
+
+def _bilinear_table(src: int, dst: int, device) -> _BilinearTable:
+    key = (int(src), int(dst), str(device))
+    if key not in _TABLES:
+        _TABLES[key] = _BilinearTable(src, dst, device)
+    return _TABLES[key]

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Dict, List, Optional
 
-import numpy as np
+from tensorboard import errors as tb_errors
 from tensorboard import plugin_util
 from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
@@ -25,7 +25,7 @@ from ..reading import DataNotFound
 from ..summary import PayloadError
 from . import views, web
 from .web import BadRequest, route
-from .store import Store, datum_key
+from .store import READ_AHEAD_THREADS, Store, datum_key
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,16 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
     def _ctx(request):
         return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
 
-    def _series(self, ctx, eid, run, tag, what=""):
-        return self._store.series(ctx, eid, run, tag, what)
+    def _datum(self, ctx, eid, run, tag, step, what):
+        return self._store.datum_at(ctx, eid, run, tag, step, what)
 
     # ------------------------------------------------------------------ static
     @route
     def _serve_static(self, request):
-        prefix = "/static/"
+        marker = f"/plugin/{metadata.PLUGIN_NAME}/static/"  # robust to --path_prefix and experiment ids
         path = request.path
-        index = path.find(prefix)
-        name = path[index + len(prefix):] if index >= 0 else ""
+        index = path.find(marker)
+        name = path[index + len(marker):] if index >= 0 else ""
         files = _static_files()
         if not _STATIC_NAME.fullmatch(name) or ".." in name or name not in files:
             raise DataNotFound(f"no static file {name!r}; shipped files: {sorted(files)}")
@@ -119,15 +119,24 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
                     warnings.append(
                         f"run {run!r}: tag {tag!r} has format version {version}, newer than this "
                         f"tb_conceptevo understands ({metadata.FORMAT_VERSION}); upgrade tb_conceptevo")
-        data = self._store.read_all(ctx, eid)
-        summaries = []
+        data = self._store.refresh(ctx, eid, force=True)  # the menu is always read fresh
+        runs = {}
         for run in sorted(data, key=views.natural_key):
             tags = {t: d for t, d in data[run].items() if (run, t) not in newer and d}
-            if not tags:
-                continue
-            probe_hash = self._probe_hash(ctx, run, tags, warnings)
-            summaries.append(views.run_summary(run, tags, probe_hash))
+            if tags:
+                runs[run] = tags
+        self._prefetch_probe_headers(ctx, runs)
+        summaries = [views.run_summary(run, tags, self._probe_hash(ctx, run, tags, warnings))
+                     for run, tags in runs.items()]
         return web.respond(request, views.runs_answer(summaries, warnings), web.JSON)
+
+    def _prefetch_probe_headers(self, ctx, runs: Dict[str, Dict[str, list]]) -> None:
+        """Read every run's probe header in one concurrent batch (one round trip on rustboard)."""
+        data = [tags[metadata.probe_tag()][-1] for tags in runs.values() if metadata.probe_tag() in tags]
+        try:
+            self._store.payloads(ctx, data, [])
+        except (PayloadError, tb_errors.PublicError):
+            pass  # _probe_hash reads them one by one and reports the unreadable ones
 
     def _probe_hash(self, ctx, run: str, tags: Dict[str, list], warnings: List[str]) -> Optional[str]:
         """The run's probe hash: from the probe payload, else from any stimuli/space header."""
@@ -148,7 +157,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
 
     # ------------------------------------------------------------------ probe images
     def _probe(self, ctx, eid, run, names=(), optional=()):
-        datum = self._store.datum(self._series(ctx, eid, run, metadata.probe_tag(), "probe set"), None)
+        datum = self._datum(ctx, eid, run, metadata.probe_tag(), None, "probe set")
         header, arrays = self._store.payload(ctx, datum, list(names), optional=optional)
         return datum, header, arrays
 
@@ -220,17 +229,22 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         layer = web.name_param(request, "layer")
         step = web.int_param(request, "step")
         tag = metadata.space_tag(space, layer)
-        datum = self._store.datum(self._series(ctx, eid, run, tag, f"space {space!r} for layer {layer!r}"), step)
+        datum = self._datum(ctx, eid, run, tag, step, f"space {space!r} for layer {layer!r}")
         key = ("map", eid, run, tag) + datum_key(datum)
         etag = web.etag_of(*key)
 
         def encode():
-            _, arrays = self._store.payload(ctx, datum, ["layout"], optional=["groups"])
+            _, arrays = self._store.payload(ctx, datum, ["layout"], optional=["groups"], layout_key=(eid, run, tag))
             layout = arrays["layout"]
             return views.map_bytes(layout, arrays.get("groups")), views.unplaced_count(layout)
 
         if web.not_modified(request, etag):
             return web.respond(request, b"", web.BINARY, etag=etag)
+        series = self._store.series(ctx, eid, run, tag)
+        # Whoever opens a layer's map usually scrubs through its steps next.
+        self._store.read_ahead(("map", eid, run, tag, len(series), series[-1].wall_time),
+                               lambda: self._store.payloads(ctx, series, ["layout"], optional=["groups"],
+                                                            layout_key=(eid, run, tag), threads=READ_AHEAD_THREADS))
         try:
             body, unplaced = self._store.memo(key, encode)
         except ValueError as exc:
@@ -247,14 +261,15 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         layer = web.name_param(request, "layer")
         step = web.int_param(request, "step")
         tag = metadata.detector_tag(detector, layer)
-        datum = self._store.datum(self._series(ctx, eid, run, tag, f"detector {detector!r} for layer {layer!r}"), step)
+        datum = self._datum(ctx, eid, run, tag, step, f"detector {detector!r} for layer {layer!r}")
         key = ("labels", eid, run, tag) + datum_key(datum)
         etag = web.etag_of(*key)
         if web.not_modified(request, etag):
             return web.respond(request, b"", web.JSON, etag=etag)
 
         def encode():
-            header, arrays = self._store.payload(ctx, datum, ["top_concepts", "top_similarity"])
+            header, arrays = self._store.payload(ctx, datum, ["top_concepts", "top_similarity"],
+                                                 layout_key=(eid, run, tag))
             return web.dumps(views.labels_answer(header, arrays))
 
         return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
@@ -265,20 +280,19 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         run = web.run_param(request)
         detector = web.name_param(request, "detector")
         step = web.int_param(request, "step")
-        tags = self._store.read_all(ctx, eid, run).get(run, {})
-        if not tags:
-            raise DataNotFound(self._store.unknown_run_message(ctx, eid, run))
-        headers, keys = {}, []
+        tags = self._store.run_tags(ctx, eid, run)
+        found = {}
         for tag, data in tags.items():
             kind, quals, layer = metadata.parse_tag(tag)
             if kind != metadata.DETECTOR or quals[0] != detector:
                 continue
             try:
-                datum = self._store.datum(data, step)
+                found[layer] = (tag, self._store.datum(data, step))
             except DataNotFound:
                 continue
-            headers[layer] = self._store.header(ctx, datum)
-            keys.append((tag,) + datum_key(datum))
+        read = self._store.payloads(ctx, [datum for _, datum in found.values()], [])
+        headers = {layer: header for layer, (header, _) in zip(found, read)}
+        keys = [(tag,) + datum_key(datum) for tag, datum in found.values()]
         if not headers:
             raise DataNotFound(f"run {run!r} has no detector {detector!r} data at step {step}; "
                                "see /runs for its detectors and steps")
@@ -296,15 +310,18 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         space = web.name_param(request, "space", required=False)
         detector = web.name_param(request, "detector", required=False)
 
-        stimuli_series = self._series(ctx, eid, run, metadata.stimuli_tag(layer), f"stimuli for layer {layer!r}")
-        datum = self._store.datum(stimuli_series, step)
+        stimuli_tag = metadata.stimuli_tag(layer)
+        datum = self._datum(ctx, eid, run, stimuli_tag, step, f"stimuli for layer {layer!r}")
+        stimuli_series = self._store.series(ctx, eid, run, stimuli_tag)
         space_series = detector_series = []
+        space_tag = detector_tag = None
         if space is not None:
-            space_series = self._series(ctx, eid, run, metadata.space_tag(space, layer),
-                                        f"space {space!r} for layer {layer!r}")
+            space_tag = metadata.space_tag(space, layer)
+            space_series = self._store.series(ctx, eid, run, space_tag, f"space {space!r} for layer {layer!r}")
         if detector is not None:
-            detector_series = self._series(ctx, eid, run, metadata.detector_tag(detector, layer),
-                                           f"detector {detector!r} for layer {layer!r}")
+            detector_tag = metadata.detector_tag(detector, layer)
+            detector_series = self._store.series(ctx, eid, run, detector_tag,
+                                                 f"detector {detector!r} for layer {layer!r}")
         etag = web.etag_of("neuron", eid, run, layer, channel, step, space, detector,
                             tuple(datum_key(d) for d in stimuli_series),
                             tuple(datum_key(d) for d in space_series),
@@ -313,7 +330,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
             return web.respond(request, b"", web.JSON, etag=etag)
 
         stimuli_names = ["image_ids", "activations", "positions"]
-        header, arrays = self._store.payload(ctx, datum, stimuli_names, optional=["invalid"])
+        header, arrays = self._store.payload(ctx, datum, stimuli_names, optional=["invalid"],
+                                             layout_key=(eid, run, stimuli_tag))
         n_neurons = int(arrays["image_ids"].shape[0])
         if channel >= n_neurons:
             raise DataNotFound(f"layer {layer!r} of run {run!r} has {n_neurons} neurons; channel must be < {n_neurons}")
@@ -330,19 +348,19 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
             "labels": [],
             "stimuli_by_step": [],
         }
-        for other in stimuli_series:
-            h, a = self._store.payload(ctx, other, ["image_ids", "positions"], optional=["activations"])
+        # Every step of each tag is read in one concurrent batch (cached afterwards).
+        stimuli_all = self._store.payloads(ctx, stimuli_series, stimuli_names, layout_key=(eid, run, stimuli_tag))
+        for other, (h, a) in zip(stimuli_series, stimuli_all):
             if channel < a["image_ids"].shape[0]:
-                images, _, boxes = views.stimuli_entries(
-                    h, {"image_ids": a["image_ids"], "positions": a["positions"],
-                        "activations": a.get("activations", np.zeros(a["image_ids"].shape, np.float32))}, channel)
+                images, _, boxes = views.stimuli_entries(h, a, channel)
                 story["stimuli_by_step"].append({"step": int(other.step), "images": images, "boxes": boxes})
-        for other in space_series:
-            _, a = self._store.payload(ctx, other, ["layout"])
+        space_all = self._store.payloads(ctx, space_series, ["layout"], layout_key=(eid, run, space_tag))
+        for other, (_, a) in zip(space_series, space_all):
             if channel < a["layout"].shape[0]:
                 story["trajectory"].append(views.trajectory_point(int(other.step), a["layout"], channel))
-        for other in detector_series:
-            h, a = self._store.payload(ctx, other, ["top_concepts", "top_similarity"])
+        detector_all = self._store.payloads(ctx, detector_series, ["top_concepts", "top_similarity"],
+                                            layout_key=(eid, run, detector_tag))
+        for other, (h, a) in zip(detector_series, detector_all):
             if channel < a["top_concepts"].shape[0]:
                 story["labels"].append(views.label_point(int(other.step), h, a, channel))
         return web.respond(request, story, web.JSON, etag=etag)
@@ -374,7 +392,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         run = web.run_param(request)
         space = web.name_param(request, "space")
         tag = metadata.anchors_tag(space)
-        datum = self._store.datum(self._series(ctx, eid, run, tag, f"anchors of space {space!r}"), None)
+        datum = self._datum(ctx, eid, run, tag, None, f"anchors of space {space!r}")
         key = ("anchors", eid, run, tag) + datum_key(datum)
         etag = web.etag_of(*key)
         if web.not_modified(request, etag):
@@ -409,7 +427,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
                            f"revert evaluation of class {class_index}")
 
     def _table(self, request, ctx, eid, run, tag, step, shape, what):
-        datum = self._store.datum(self._series(ctx, eid, run, tag, what), step)
+        datum = self._datum(ctx, eid, run, tag, step, what)
         key = ("table", eid, run, tag) + datum_key(datum)
         etag = web.etag_of(*key)
         if web.not_modified(request, etag):

@@ -9,15 +9,16 @@ after a restart gets a new wall time, so a stale entry can never be served.
 Example (inside a request handler)::
 
     store = Store(context.data_provider)
-    series = store.series(ctx, eid, "baseline", "conceptevo/space/text/features.0")
-    datum = store.datum(series, step=3)
+    datum = store.datum_at(ctx, eid, "baseline", "conceptevo/space/text/features.0", step=3)
     header, arrays = store.payload(ctx, datum, ["layout"])
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
+import time
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,6 +27,11 @@ from tensorboard.data import provider as tb_provider
 from .. import metadata
 from ..reading import MAX_STEPS, DataNotFound, _summarise_steps
 from ..summary import PayloadError, decode_array, unpack_header
+
+logger = logging.getLogger(__name__)
+
+#: Blob reads in flight for a read-ahead job (foreground requests use ``fetch_threads``).
+READ_AHEAD_THREADS = 4
 
 #: Default byte budget of the cache (decoded arrays, headers, encoded answers).
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -116,11 +122,40 @@ def _size_of(value) -> int:
 
 
 class Store:
-    """Reads this plugin's payloads through a ``DataProvider``; shared by all requests."""
+    """Reads this plugin's payloads through a ``DataProvider``; shared by all requests.
 
-    def __init__(self, data_provider, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    Two caches keep requests off the data provider (each rustboard gRPC call costs
+    ~40 ms on loopback, whatever its size):
+
+    * the *index* (every run/tag's datums: steps, wall times, blob keys, never blob
+      contents), read in one call for the whole experiment.  It is refreshed in the
+      background once older than ``index_ttl`` seconds (the stale copy is served
+      meanwhile), and synchronously -- at most every ``min_refresh`` seconds -- when a
+      request names a run, tag or step it does not know yet;
+    * the LRU of decoded headers / arrays / encoded answers (immutable data).
+
+    Blobs missing from the LRU are fetched concurrently; the array layout of the
+    previous step of the same tag is used to fetch a payload's header and arrays in
+    one round trip.
+    """
+
+    def __init__(self, data_provider, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 index_ttl: float = 2.0, min_refresh: float = 0.5, fetch_threads: int = 16):
         self.provider = data_provider
         self.cache = LRUCache(cache_bytes)
+        self.index_ttl = index_ttl
+        self.min_refresh = min_refresh
+        self._indexes: Dict[str, Tuple[float, Dict[str, Dict[str, List[object]]]]] = {}
+        self._refreshing: set = set()
+        self._index_lock = threading.Lock()
+        self._templates: Dict[Hashable, List[str]] = {}
+        self._fetch_threads = fetch_threads
+        self._pool = None
+        # Each read of rustboard / a remote provider is a round trip worth overlapping;
+        # the in-process multiplexer's reads are CPU work under the GIL, where threads only add cost.
+        self.remote = data_provider is not None and not _is_in_process(data_provider)
+        self._ahead_keys: set = set()
+        self._ahead_pool = None
 
     # -- listing
     def list_series(self, ctx, eid: str) -> Dict[str, Dict[str, object]]:
@@ -131,7 +166,7 @@ class Store:
         return {run: {t: s for t, s in tags.items() if metadata.parse_tag(t)} for run, tags in (found or {}).items()}
 
     def read_all(self, ctx, eid: str, run: Optional[str] = None) -> Dict[str, Dict[str, List[object]]]:
-        """``{run: {tag: [datum sorted by step]}}`` of every plugin tag (blob keys, not blobs)."""
+        """``{run: {tag: [datum sorted by step]}}`` of every plugin tag, read now."""
         if self.provider is None:
             return {}
         run_filter = tb_provider.RunTagFilter(runs=[run]) if run is not None else None
@@ -140,41 +175,92 @@ class Store:
             downsample=MAX_STEPS, run_tag_filter=run_filter,
         )
         return {
-            r: {t: sorted(data, key=lambda d: d.step) for t, data in tags.items() if metadata.parse_tag(t)}
+            r: {t: sorted(data, key=lambda d: d.step) for t, data in tags.items() if metadata.parse_tag(t) and data}
             for r, tags in (found or {}).items()
         }
 
+    def index(self, ctx, eid: str) -> Dict[str, Dict[str, List[object]]]:
+        """The cached experiment index (see the class docstring)."""
+        with self._index_lock:
+            entry = self._indexes.get(eid)
+            stale = entry is not None and time.monotonic() - entry[0] > self.index_ttl
+            start_background = stale and eid not in self._refreshing
+            if start_background:
+                self._refreshing.add(eid)
+        if entry is None:
+            return self.refresh(ctx, eid, force=True)
+        if start_background:
+            threading.Thread(target=self._background_refresh, args=(ctx, eid), daemon=True,
+                             name="conceptevo-index").start()
+        return entry[1]
+
+    def refresh(self, ctx, eid: str, force: bool = False) -> Dict[str, Dict[str, List[object]]]:
+        """Re-read the index now (unless refreshed less than ``min_refresh`` s ago)."""
+        with self._index_lock:
+            entry = self._indexes.get(eid)
+        if not force and entry is not None and time.monotonic() - entry[0] < self.min_refresh:
+            return entry[1]
+        started = time.monotonic()
+        data = self.read_all(ctx, eid)
+        with self._index_lock:
+            current = self._indexes.get(eid)
+            if current is None or current[0] <= started:
+                self._indexes[eid] = (started, data)
+        return data
+
+    def _background_refresh(self, ctx, eid: str) -> None:
+        try:
+            self.refresh(ctx, eid, force=True)
+        except Exception:  # the next request retries; never kill the server over it
+            logger.warning("conceptevo: background index refresh failed", exc_info=True)
+        finally:
+            with self._index_lock:
+                self._refreshing.discard(eid)
+
+    def run_tags(self, ctx, eid: str, run: str) -> Dict[str, List[object]]:
+        """``{tag: [datum]}`` of one run; :class:`DataNotFound` for an unknown run."""
+        tags = self.index(ctx, eid).get(run)
+        if not tags:
+            tags = self.refresh(ctx, eid).get(run)
+        if not tags:
+            raise DataNotFound(self.unknown_run_message(run, self.index(ctx, eid)))
+        return tags
+
     def series(self, ctx, eid: str, run: str, tag: str, what: str = "") -> List[object]:
         """Data of one run/tag sorted by step; :class:`DataNotFound` says what is missing."""
-        found = {}
-        if self.provider is not None:
-            found = self.provider.read_blob_sequences(
-                ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=MAX_STEPS,
-                run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]),
-            ) or {}
-        data = found.get(run, {}).get(tag)
+        data = self.index(ctx, eid).get(run, {}).get(tag)
         if not data:
-            raise DataNotFound(self._missing_message(ctx, eid, run, tag, what))
-        return sorted(data, key=lambda d: d.step)
+            data = self.refresh(ctx, eid).get(run, {}).get(tag)
+        if not data:
+            raise DataNotFound(self._missing_message(self.index(ctx, eid), run, tag, what))
+        return data
 
-    def unknown_run_message(self, ctx, eid: str, run: str, runs=None) -> str:
-        runs = self.list_series(ctx, eid) if runs is None else runs
-        names = sorted(r for r, tags in runs.items() if tags)
+    def datum_at(self, ctx, eid: str, run: str, tag: str, step: Optional[int], what: str = ""):
+        """The datum of ``run``/``tag`` at ``step`` (None = last), re-reading the index once
+        when the step is not known yet."""
+        try:
+            return self.datum(self.series(ctx, eid, run, tag, what), step)
+        except DataNotFound:
+            self.refresh(ctx, eid)
+            return self.datum(self.series(ctx, eid, run, tag, what), step)
+
+    @staticmethod
+    def unknown_run_message(run: str, index: Dict[str, Dict[str, list]]) -> str:
+        names = sorted(r for r, tags in index.items() if tags)
         shown = ", ".join(repr(r) for r in names[:20]) + (", ..." if len(names) > 20 else "")
         return f"unknown run {run!r}; runs with concept data: {shown or 'none'}"
 
-    def _missing_message(self, ctx, eid: str, run: str, tag: str, what: str) -> str:
-        runs = self.list_series(ctx, eid)
-        if run not in runs or not runs[run]:
-            return self.unknown_run_message(ctx, eid, run, runs)
-        kind, quals, layer = metadata.parse_tag(tag)
-        similar = sorted(t for t in runs[run] if (metadata.parse_tag(t) or ("",))[0] == kind)
+    def _missing_message(self, index, run: str, tag: str, what: str) -> str:
+        if not index.get(run):
+            return self.unknown_run_message(run, index)
+        kind, _quals, _layer = metadata.parse_tag(tag)
+        similar = sorted(t for t in index[run] if (metadata.parse_tag(t) or ("",))[0] == kind)
         shown = ", ".join(similar[:20]) + (", ..." if len(similar) > 20 else "")
         return f"run {run!r} has no {what or kind} data ({tag}); its {kind} tags: {shown or 'none'}"
 
     @staticmethod
     def datum(series: Sequence[object], step: Optional[int]):
-        """The datum at ``step`` (None = the last one)."""
+        """The datum at ``step`` (None = the last one) of a step-sorted series."""
         if not series:
             raise DataNotFound("no data")
         if step is None:
@@ -189,43 +275,150 @@ class Store:
         raise DataNotFound(f"no data at step {step}; logged steps: {_summarise_steps(steps)}")
 
     # -- payloads
+    def _fetch(self, ctx, refs: Sequence[object], threads: Optional[int] = None) -> List[bytes]:
+        """Raw blobs, concurrently: the calls wait on the data server, not on the CPU.
+
+        One long-lived pool (starting threads per request costs more CPU than the reads);
+        a batch keeps at most ``threads`` reads in flight, so a request reading hundreds
+        of blobs leaves workers free for the next request's three.
+        """
+        if len(refs) <= 1 or not self.remote:
+            return [self.provider.read_blob(ctx, blob_key=ref.blob_key) for ref in refs]
+        pool = self._fetch_pool()
+        read = lambda ref: self.provider.read_blob(ctx, blob_key=ref.blob_key)  # noqa: E731
+        step = max(1, threads or self._fetch_threads)
+        out: List[bytes] = []
+        for start in range(0, len(refs), step):
+            out.extend(pool.map(read, refs[start:start + step]))
+        return out
+
+    def _fetch_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with self._index_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(2 * self._fetch_threads, thread_name_prefix="conceptevo-blob")
+        return self._pool
+
     def header(self, ctx, datum) -> Dict:
-        blobs = datum.values
-        if not blobs:
-            raise PayloadError("empty payload")
-        key = ("header", blobs[0].blob_key, datum.wall_time)
+        return self.payload(ctx, datum, [])[0]
 
-        def read():
-            header = unpack_header(self.provider.read_blob(ctx, blob_key=blobs[0].blob_key))
-            if len(header["arrays"]) != len(blobs) - 1:
-                raise PayloadError(f"payload lists {len(header['arrays'])} arrays but carries {len(blobs) - 1}")
-            return header
-
-        return self.cache.get_or_compute(key, read)
-
-    def payload(self, ctx, datum, names: Optional[Sequence[str]] = None, optional: Sequence[str] = ()
-                ) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    def payload(self, ctx, datum, names: Optional[Sequence[str]] = None, optional: Sequence[str] = (),
+                layout_key: Optional[Hashable] = None) -> Tuple[Dict, Dict[str, np.ndarray]]:
         """``(header, arrays)``: the arrays in ``names`` (all when None) plus those of
-        ``optional`` that the payload has.  A missing required array is a PayloadError."""
-        header = self.header(ctx, datum)
+        ``optional`` that the payload has.  A missing required array is a PayloadError.
+
+        ``layout_key`` (e.g. ``(eid, run, tag)``) names payloads that share an array
+        layout, so header and arrays of a new step are fetched in one round trip.
+        """
+        return self.payloads(ctx, [datum], names, optional, layout_key)[0]
+
+    def payloads(self, ctx, data: Sequence[object], names: Optional[Sequence[str]] = None,
+                 optional: Sequence[str] = (), layout_key: Optional[Hashable] = None,
+                 threads: Optional[int] = None) -> List[Tuple[Dict, Dict[str, np.ndarray]]]:
+        """:meth:`payload` of several datums (e.g. every step of a tag), in at most two
+        concurrent rounds of blob reads (headers plus guessed arrays, then the rest) with
+        up to ``threads`` reads in flight."""
         wanted = None if names is None else set(names) | set(optional)
-        arrays = {}
-        for spec, ref in zip(header["arrays"], datum.values[1:]):
-            name = spec.get("name")
-            if wanted is not None and name not in wanted:
-                continue
-            key = ("array", ref.blob_key, datum.wall_time)
-            arrays[name] = self.cache.get_or_compute(
-                key, lambda: _readonly(decode_array(spec, self.provider.read_blob(ctx, blob_key=ref.blob_key))))
-        if names is not None:
-            missing = set(names) - set(arrays)
-            if missing:
-                raise PayloadError(f"payload {header.get('kind', '')!r} has no arrays {sorted(missing)}")
-        return header, arrays
+        for datum in data:
+            if not datum.values:
+                raise PayloadError("empty payload")
+        template = self._templates.get(layout_key) if layout_key is not None else None
+
+        # Round 1: missing headers, and the arrays the previous layout says we need.
+        headers: List[Optional[Dict]] = []
+        raw: Dict[Tuple[int, int], bytes] = {}
+        round1: List[Tuple[int, int]] = []
+        for d, datum in enumerate(data):
+            header = self.cache.get(("header", datum.values[0].blob_key, float(datum.wall_time)))
+            headers.append(header)
+            if header is None:
+                round1.append((d, 0))
+                if template is not None:
+                    round1.extend((d, i) for i, name in enumerate(template, start=1)
+                                  if (wanted is None or name in wanted) and i < len(datum.values)
+                                  and not self._has_array(datum, i))
+        raw.update(zip(round1, self._fetch(ctx, [data[d].values[i] for d, i in round1], threads)))
+        for d, datum in enumerate(data):
+            if headers[d] is None:
+                header = unpack_header(raw[(d, 0)])
+                if len(header["arrays"]) != len(datum.values) - 1:
+                    raise PayloadError(
+                        f"payload lists {len(header['arrays'])} arrays but carries {len(datum.values) - 1}")
+                self.cache.put(("header", datum.values[0].blob_key, float(datum.wall_time)), header)
+                if layout_key is not None:
+                    self._templates[layout_key] = [spec.get("name") for spec in header["arrays"]]
+                headers[d] = header
+
+        # Round 2: arrays still missing (first step of a tag, or a changed layout).
+        results: List[Tuple[Dict, Dict[str, np.ndarray]]] = []
+        round2: List[Tuple[int, int]] = []
+        plans = []
+        for d, datum in enumerate(data):
+            specs = [(i, spec) for i, spec in enumerate(headers[d]["arrays"], start=1)
+                     if wanted is None or spec.get("name") in wanted]
+            arrays = {}
+            for i, spec in specs:
+                cached = self.cache.get(("array", datum.values[i].blob_key, float(datum.wall_time)))
+                if cached is not None:
+                    arrays[spec["name"]] = cached
+                elif (d, i) not in raw:
+                    round2.append((d, i))
+            plans.append((specs, arrays))
+        raw.update(zip(round2, self._fetch(ctx, [data[d].values[i] for d, i in round2], threads)))
+        for d, datum in enumerate(data):
+            specs, arrays = plans[d]
+            for i, spec in specs:
+                if spec["name"] not in arrays:
+                    array = _readonly(decode_array(spec, raw[(d, i)]))
+                    self.cache.put(("array", datum.values[i].blob_key, float(datum.wall_time)), array)
+                    arrays[spec["name"]] = array
+            if names is not None:
+                missing = set(names) - set(arrays)
+                if missing:
+                    raise PayloadError(f"payload {headers[d].get('kind', '')!r} has no arrays {sorted(missing)}")
+            results.append((headers[d], arrays))
+        return results
+
+    def _has_array(self, datum, index: int) -> bool:
+        return ("array", datum.values[index].blob_key, float(datum.wall_time)) in self.cache
+
+    def read_ahead(self, key: Hashable, job: Callable[[], object]) -> bool:
+        """Run ``job`` (e.g. read every step of the tag just opened) in the background,
+        once per ``key``, for remote providers only, one job at a time (read-ahead must
+        not starve the requests being served).  Returns whether it was scheduled."""
+        if not self.remote:
+            return False
+        with self._index_lock:
+            if key in self._ahead_keys:
+                return False
+            if len(self._ahead_keys) > 100_000:
+                self._ahead_keys.clear()
+            self._ahead_keys.add(key)
+            if self._ahead_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="conceptevo-ahead")
+
+        def run():
+            try:
+                job()
+            except Exception:  # a foreground request will report the problem properly
+                logger.debug("conceptevo: read-ahead failed", exc_info=True)
+
+        self._ahead_pool.submit(run)
+        return True
 
     def memo(self, key: Hashable, compute: Callable[[], object]):
         """Cache a derived value (an encoded answer) under ``key``."""
         return self.cache.get_or_compute(("memo",) + tuple(key), compute)
+
+
+def _is_in_process(provider) -> bool:
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+
+    return isinstance(provider, MultiplexerDataProvider)
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:

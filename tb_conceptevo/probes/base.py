@@ -50,10 +50,12 @@ class ProbeSet(torch.utils.data.Dataset, abc.ABC):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]: ...
 
     @property
-    @abc.abstractmethod
     def hash(self) -> str:
         """Hex SHA-256 of the images' content and order (stable across processes and
-        machines); computed once and cached."""
+        machines); computed once and cached (see :func:`~tb_conceptevo.probes.content_hash`)."""
+        from .hashing import content_hash
+
+        return content_hash(self)
 
     def load_batch(self, indices: Sequence[int]) -> torch.Tensor:
         """float32 ``[B, 3, H, W]`` model inputs for ``indices`` (transform applied).

@@ -457,6 +457,10 @@ class ConceptShapes(ProbeSet):
             batch = torch.stack([self.transform(image) for image in batch])
         return batch
 
+    def load_batch(self, indices: IndexLike) -> torch.Tensor:
+        """The recorder's batch loader (see ``ProbeSet.load_batch``): :meth:`images`."""
+        return self.images(indices)
+
     def raw_images(self, indices: IndexLike) -> np.ndarray:
         """uint8 ``[B, H, W, 3]`` untransformed images."""
         return self._fetch(self._index_array(indices))[0]

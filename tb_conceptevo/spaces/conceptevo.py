@@ -84,7 +84,8 @@ class ConceptEvoSpace(Space):
     ``image_status_`` (0 unknown, 1 covered, 2 indirect), ``layout_``,
     ``group_centers_``, ``probe_hash``, and the statistics ``n_pairs_``,
     ``n_covered_images_``, ``n_indirect_images_``, ``n_isolated_neurons_``,
-    ``reconstruction_error_`` (relative RMS error of Eq. 4 on the base neurons).
+    ``reconstruction_error_`` (relative RMS error of Eq. 4 on the base neurons),
+    ``timings_`` (seconds per stage of the last ``fit``; not saved).
     """
 
     name = "conceptevo"
@@ -157,6 +158,7 @@ class ConceptEvoSpace(Space):
                     f"indirect observation of layer {obs.layer!r} comes from probe set "
                     f"{obs.probe_hash[:12]}... but the base from {probe_hash[:12]}...; use the same probe set"
                 )
+        clock = _Clock()
         rng = np.random.default_rng(self.random_state)
         generator = torch.Generator().manual_seed(int(self.random_state))
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
@@ -179,6 +181,7 @@ class ConceptEvoSpace(Space):
 
         # ---- Step 1.2: co-activated neuron pairs (groups = images, members = neurons)
         pairs = cooccurrence_pairs(image_of_entry, neuron_of_entry, self.repetitions, rng)
+        clock.lap("pairs")
         if pairs.shape[0] == 0:
             raise ValueError(
                 "no two base neurons share a stimulus image, so there are no co-activated pairs "
@@ -194,6 +197,7 @@ class ConceptEvoSpace(Space):
             lr=self.lr_neuron, epochs=self.epochs, batch_size=self._batch_size(len(pool)),
             generator=generator, progress=self.progress, desc="ConceptEvo neurons (step 1.3)",
         )
+        clock.lap("skipgram")
         neuron_embeddings = table.cpu().numpy().astype(np.float64)
         neuron_embeddings[~valid_neurons] = np.nan
         in_pairs = np.zeros(n_neurons, dtype=bool)
@@ -207,12 +211,14 @@ class ConceptEvoSpace(Space):
         )
         image_embeddings[covered] = covered_vectors
         status[covered] = 1
+        clock.lap("image_embeddings")
 
         # ---- Step 2.1 (cont.): indirect embeddings of uncovered images
         indirect = self._indirect_embeddings(
             image_embeddings, status, ids, invalid, extra, rng, generator, device
         )
         status[indirect] = 2
+        clock.lap("indirect")
 
         # ---- fitted state
         self.neuron_ids_ = [nid for obs in layers for nid in obs.neuron_ids()]
@@ -231,7 +237,10 @@ class ConceptEvoSpace(Space):
         self.group_centers_ = self._fit_groups(self.neuron_embeddings_[valid_neurons])
         layout_params = {"random_state": self.random_state, "refine": False}
         layout_params.update(self.umap_kwargs or {})
+        clock.lap("groups")
         self.layout_ = StableLayout(**layout_params).fit(self.neuron_embeddings_[valid_neurons])
+        clock.lap("layout")
+        self.timings_ = clock.laps
         return self
 
     def _stimulus_mask(self, ids: np.ndarray) -> np.ndarray:
@@ -565,6 +574,15 @@ def train_skipgram(
     n_pairs = int(pairs.shape[0])
     if n_pairs == 0:
         return table
+    with _single_thread_on_cpu(table.device):
+        _skipgram_epochs(table, pairs, negative_pool, negatives, lr, epochs, batch_size, generator,
+                         trainable, progress, desc)
+    return table
+
+
+def _skipgram_epochs(table, pairs, negative_pool, negatives, lr, epochs, batch_size, generator,
+                     trainable, progress, desc):
+    n_pairs = int(pairs.shape[0])
     pool_size = int(negative_pool.numel())
     device = table.device
     mask = trainable.to(table.dtype).unsqueeze(1) if trainable is not None else None
@@ -600,7 +618,24 @@ def train_skipgram(
             step += 1
         bar.update(batches_per_epoch)
     bar.close()
-    return table
+
+
+class _single_thread_on_cpu:
+    """Run small-tensor CPU work on one thread: the per-batch tensors are tiny, so
+    intra-op threads only add synchronisation (measured 15x slower with 2 threads
+    on a busy 2-core machine)."""
+
+    def __init__(self, device):
+        self.active = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.previous)
 
 
 def _uniform_init(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -672,6 +707,20 @@ def _common_probe_hash(layers: Sequence[LayerObservation]) -> str:
             "observations recorded with one probe set"
         )
     return hashes.pop() if hashes else ""
+
+
+class _Clock:
+    def __init__(self):
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: Dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -21,15 +21,18 @@ Usage (any space)::
 Serialise with :meth:`StableLayout.state` / :meth:`StableLayout.from_state` (what
 ``spaces.io`` stores inside a space file).
 
-Determinism: UMAP's ``transform`` draws its negative samples from ``transform_seed``
-(fixed here) and runs single-threaded once ``random_state`` is set, so identical input
-gives identical output (checked in tests).  Two caveats of UMAP's own ``transform``:
-(1) a point's position depends slightly on the other rows transformed in the same
-call (shared random stream and a batch-relative edge threshold), and (2) transforming
-exactly the training matrix returns the fitted embedding.  ``refine=False`` avoids
-(1): each point is placed at the membership-weighted mean of its reference
-neighbours' positions (UMAP's own transform initialisation), which depends on that
-point alone and is much faster, at the price of less local spreading.
+How ``transform`` places a vector (default ``refine=False``): at the
+membership-weighted mean of the fitted positions of its ``n_neighbors`` nearest
+reference vectors, with UMAP's own out-of-sample weights ``exp(-d / sigma)`` (this is
+the initialisation step of UMAP's ``transform``).  It depends on that vector alone
+(not on the other rows of the call), is exactly deterministic, takes a few
+milliseconds per thousand rows, and needs no pickled UMAP model (only the reference
+vectors and their positions are stored).  ``refine=True`` runs UMAP's full
+``transform`` instead (a further 100 epochs of negative-sampling SGD against the fixed
+map): deterministic for identical input (fixed ``transform_seed``, single-threaded),
+but a point then depends slightly on the other rows of the call (shared random
+stream, batch-relative edge threshold: up to ~0.5 map units measured), it takes
+seconds for 4,000 rows, and the UMAP object is pickled into the file.
 """
 
 from __future__ import annotations
@@ -56,9 +59,8 @@ class StableLayout:
         random_state: seed of the fit; also makes UMAP single-threaded and hence
             deterministic.
         transform_seed: seed of the negative sampling in ``transform``.
-        refine: True = UMAP's full ``transform`` (initialisation + a few optimisation
-            epochs against the fixed map); False = initialisation only (per-point,
-            independent of the other rows, fast).
+        refine: False (default) = per-point placement from the reference neighbours
+            (see above); True = UMAP's full ``transform``.
 
     Attributes (after ``fit``):
         umap_: the fitted ``umap.UMAP``.
@@ -73,7 +75,7 @@ class StableLayout:
         metric: str = "euclidean",
         random_state: int = 0,
         transform_seed: int = 42,
-        refine: bool = True,
+        refine: bool = False,
     ):
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
@@ -115,6 +117,7 @@ class StableLayout:
         if not np.isfinite(layout).all():
             raise RuntimeError("UMAP produced non-finite positions for the reference set")
         self.umap_ = model
+        self.reference_vectors_ = np.ascontiguousarray(reference)
         self.reference_layout_ = layout.astype(np.float32)
         self.n_features_in_ = reference.shape[1]
         self.n_neighbors_ = n_neighbors
@@ -141,6 +144,8 @@ class StableLayout:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             if self.refine:
+                if self.umap_ is None:
+                    raise RuntimeError("refine=True needs the fitted UMAP model, which this layout lacks")
                 placed = self.umap_.transform(rows)
             else:
                 placed = self._initial_positions(rows)
@@ -149,35 +154,31 @@ class StableLayout:
 
     def _initial_positions(self, rows: np.ndarray) -> np.ndarray:
         """Membership-weighted mean of the reference neighbours' positions, per row
-        (UMAP's transform initialisation; independent of the other rows)."""
-        from sklearn.neighbors import NearestNeighbors
-        from umap.umap_ import smooth_knn_dist, compute_membership_strengths
+        (UMAP's out-of-sample initialisation; independent of the other rows).
 
-        if not hasattr(self, "_neighbors_index"):
+        Weights follow UMAP's transform: ``exp(-d_j / sigma)`` over the
+        ``n_neighbors`` nearest reference vectors, ``sigma`` found by bisection so
+        that the weights sum to ``log2(n_neighbors)``."""
+        from sklearn.neighbors import NearestNeighbors
+
+        if getattr(self, "_neighbors_index", None) is None:
             self._neighbors_index = NearestNeighbors(
                 n_neighbors=self.n_neighbors_, metric=self.metric
-            ).fit(self.umap_._raw_data)
+            ).fit(self.reference_vectors_)
         dists, indices = self._neighbors_index.kneighbors(rows)
-        dists = dists.astype(np.float32)
-        # same bandwidth as UMAP's transform (local_connectivity - 1 neighbours at 0)
-        sigmas, rhos = smooth_knn_dist(
-            dists, float(self.n_neighbors_), local_connectivity=self.umap_.local_connectivity - 1
-        )
-        _, _, weights, _ = compute_membership_strengths(indices, dists, sigmas, rhos)
-        weights = weights.reshape(indices.shape).astype(np.float64)
-        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        weights = membership_weights(dists, float(np.log2(self.n_neighbors_)))
         positions = np.einsum("nk,nkc->nc", weights, self.reference_layout_[indices].astype(np.float64))
         return positions.astype(np.float32)
 
     # ---------------------------------------------------------- serialisation
     def state(self) -> Tuple[Dict, Dict[str, np.ndarray]]:
-        """``(header, arrays)`` for storage: JSON-able parameters plus the pickled UMAP
-        model as a uint8 array (loading it runs pickle: only load trusted files)."""
+        """``(header, arrays)`` for storage: JSON-able parameters, the reference vectors
+        and their fitted positions.  Only with ``refine=True`` is the UMAP model itself
+        needed; it is then pickled into a uint8 array (unpickling runs code: only load
+        trusted files)."""
         self._check_fitted()
         import umap
 
-        buffer = io.BytesIO()
-        pickle.dump(self.umap_, buffer, protocol=pickle.HIGHEST_PROTOCOL)
         header = {
             "params": self.get_params(),
             "n_features_in": int(self.n_features_in_),
@@ -185,36 +186,46 @@ class StableLayout:
             "umap_version": getattr(umap, "__version__", "unknown"),
         }
         arrays = {
-            "umap_pickle": np.frombuffer(buffer.getvalue(), dtype=np.uint8),
+            "reference_vectors": self.reference_vectors_,
             "reference_layout": self.reference_layout_,
         }
+        if self.refine:
+            buffer = io.BytesIO()
+            pickle.dump(self.umap_, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+            arrays["umap_pickle"] = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
         return header, arrays
 
     @classmethod
     def from_state(cls, header: Dict, arrays: Dict[str, np.ndarray]) -> "StableLayout":
-        """Inverse of :meth:`state`; ValueError if the stored UMAP cannot be restored."""
+        """Inverse of :meth:`state`; ValueError if the stored layout cannot be restored."""
         try:
             layout = cls(**header["params"])
-            blob = arrays["umap_pickle"].tobytes()
-            reference_layout = np.asarray(arrays["reference_layout"], dtype=np.float32)
-            n_features = int(header["n_features_in"])
-            n_neighbors = int(header["n_neighbors_fitted"])
+            layout.reference_vectors_ = np.ascontiguousarray(arrays["reference_vectors"], dtype=np.float32)
+            layout.reference_layout_ = np.asarray(arrays["reference_layout"], dtype=np.float32)
+            layout.n_features_in_ = int(header["n_features_in"])
+            layout.n_neighbors_ = int(header["n_neighbors_fitted"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"stored layout is incomplete or malformed ({exc!r})") from None
-        try:
-            model = pickle.loads(blob)
-        except Exception as exc:  # any unpickling failure means the same thing to the user
-            import umap
+        if (
+            layout.reference_vectors_.ndim != 2
+            or layout.reference_vectors_.shape != (layout.reference_layout_.shape[0], layout.n_features_in_)
+            or layout.reference_layout_.shape[1:] != (2,)
+        ):
+            raise ValueError("stored layout has inconsistent array shapes")
+        layout.umap_ = None
+        if layout.refine:
+            if "umap_pickle" not in arrays:
+                raise ValueError("stored layout (refine=True) lacks its UMAP model")
+            try:
+                layout.umap_ = pickle.loads(arrays["umap_pickle"].tobytes())
+            except Exception as exc:  # any unpickling failure means the same thing to the user
+                import umap
 
-            raise ValueError(
-                "could not restore the stored UMAP layout (saved with umap-learn "
-                f"{header.get('umap_version', '?')}, installed {getattr(umap, '__version__', '?')}): "
-                f"{exc!r}; refit the space with the installed versions"
-            ) from None
-        layout.umap_ = model
-        layout.reference_layout_ = reference_layout
-        layout.n_features_in_ = n_features
-        layout.n_neighbors_ = n_neighbors
+                raise ValueError(
+                    "could not restore the stored UMAP model (saved with umap-learn "
+                    f"{header.get('umap_version', '?')}, installed {getattr(umap, '__version__', '?')}): "
+                    f"{exc!r}; refit the space with the installed versions, or use refine=False"
+                ) from None
         return layout
 
     def get_params(self) -> Dict:
@@ -232,13 +243,36 @@ class StableLayout:
         state.pop("_neighbors_index", None)  # cache, rebuilt on demand
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "umap_"):
+        if not hasattr(self, "reference_layout_"):
             raise RuntimeError("StableLayout is not fitted; call fit(reference_vectors) first")
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"StableLayout({params})"
+
+
+def membership_weights(dists: np.ndarray, target: float, iterations: int = 64) -> np.ndarray:
+    """Row-normalised UMAP membership weights ``exp(-d / sigma)`` of ``[n, k]`` neighbour
+    distances, ``sigma`` per row found by vectorised bisection so that the raw weights
+    sum to ``target`` (UMAP: ``log2(k)``)."""
+    dists = np.asarray(dists, dtype=np.float64)
+    low = np.zeros(dists.shape[0])
+    high = np.full(dists.shape[0], np.inf)
+    sigma = np.ones(dists.shape[0])
+    for _ in range(iterations):
+        total = np.exp(-dists / sigma[:, None]).sum(axis=1)
+        too_wide = total > target
+        high = np.where(too_wide, sigma, high)
+        low = np.where(too_wide, low, sigma)
+        sigma = np.where(np.isinf(high), sigma * 2.0, (low + high) / 2.0)
+    # UMAP's floor on the bandwidth, relative to the mean neighbour distance
+    sigma = np.maximum(sigma, 1e-3 * dists.mean(axis=1) + 1e-12)
+    weights = np.exp(-dists / sigma[:, None])
+    return weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
 
 
 def _as_matrix(values, what: str) -> np.ndarray:

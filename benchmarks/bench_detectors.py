@@ -1,0 +1,166 @@
+"""Detector overheads relative to the recording pass (issue "Concept-Monitor", Performance).
+
+1. NetDissect statistics: record() with the NetDissect consumer vs record() alone on
+   the demo-sized CNN (4 conv layers 32-64-128-128) and ConceptShapes(n=1024, 64 px).
+   Target: ratio <= 1.5.  Printed twice: with the recorder as it is, and with a recorder
+   that reads ``consumer.passes`` after the first pass (NetDissect's cached mode needs
+   no second forward pass; see the report to the lead).
+2. CLIP-Dissect per-step similarity for 4,096 neurons x 1,000 concepts x 2,048 probe
+   images with the image features cached: the extra recording cost of gathering the
+   [images, neurons] responses plus soft-WPMI (and cos^3) on all neurons, vs the
+   recording pass of a VGG16 whose conv layers 3-13 have exactly 4,096 channels.
+   Target: ratio <= 1.
+
+Run: python benchmarks/bench_detectors.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import types
+
+import torch
+import torch.nn as nn
+
+from tb_conceptevo.detectors.clip_dissect import CLIPDissectConsumer, cos_cubed, soft_wpmi
+from tb_conceptevo.detectors.netdissect import NetDissect
+from tb_conceptevo.probes import ConceptShapes
+from tb_conceptevo.recording import RecordingConsumer, record
+
+
+def demo_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 6),
+    )
+
+
+class OnePassIfCached(RecordingConsumer):
+    """Forwards to a NetDissect consumer, as a recorder that re-reads ``passes`` would."""
+
+    passes = 1
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def begin_pass(self, pass_index, shapes, probe):
+        self.inner.begin_pass(pass_index, shapes, probe)
+        assert self.inner.passes == 1, "activation maps do not fit the cache: two passes are needed"
+
+    def update(self, *args):
+        self.inner.update(*args)
+
+    def end_pass(self, pass_index):
+        self.inner.end_pass(pass_index)
+
+    def result(self):
+        return self.inner.result()
+
+
+def timed(fn, repeats=2):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+
+
+def bench_netdissect(quick: bool):
+    probe = ConceptShapes(n=256 if quick else 1024, size=64, seed=0)
+    probe.raw_images([0])  # render the cache outside the timings
+    model = demo_cnn()
+    layers = ["0", "3", "6", "9"]
+    torch.set_num_threads(torch.get_num_threads())
+
+    def alone():
+        record(model, probe, layers, k=10, progress=False)
+
+    def with_detector(one_pass):
+        consumer = NetDissect(vocabulary=probe, progress=False).consumer(probe, layers)
+        wrapped = OnePassIfCached(consumer) if one_pass else consumer
+        record(model, probe, layers, k=10, consumers=[wrapped], progress=False)
+        consumer.result()
+
+    alone()  # warm-up
+    base = timed(alone)
+    as_is = timed(lambda: with_detector(False))
+    one_pass = timed(lambda: with_detector(True))
+    print(f"NetDissect, {len(probe)} images, layers {layers} (32-64-128-128 channels):")
+    print(f"  recording pass alone            {base:7.2f} s")
+    print(f"  + NetDissect, recorder as is    {as_is:7.2f} s  ratio {as_is / base:5.2f}  "
+          f"(runs a second forward pass nobody needs)")
+    print(f"  + NetDissect, one pass (cached) {one_pass:7.2f} s  ratio {one_pass / base:5.2f}  "
+          f"target <= 1.5  {verdict(one_pass / base <= 1.5)}")
+
+
+def vgg16_features():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.vgg16(weights=None).features
+
+
+def bench_clip_dissect(quick: bool):
+    n_images, n_concepts = (512, 1000) if quick else (2048, 1000)
+    probe = ConceptShapes(n=n_images, size=32, seed=0)
+    probe.raw_images([0])
+    model = vgg16_features()
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)][2:]
+    n_neurons = sum(model.get_submodule(n).out_channels for n in convs)
+
+    def alone():
+        record(model, probe, convs, k=10, progress=False)
+
+    stub = types.SimpleNamespace(reduce="mean")
+
+    def with_responses():
+        consumer = CLIPDissectConsumer.__new__(CLIPDissectConsumer)
+        consumer.detector, consumer.probe, consumer.layers, consumer.responses = stub, probe, convs, {}
+        record(model, probe, convs, k=10, consumers=[consumer], progress=False)
+        return consumer.responses
+
+    alone()
+    base = timed(alone, repeats=1)
+    gathered = timed(with_responses, repeats=1)
+    responses = with_responses()
+    # cached image features: a fixed [images, concepts] CLIP similarity matrix
+    g = torch.Generator().manual_seed(0)
+    image_features = torch.nn.functional.normalize(torch.randn(n_images, 512, generator=g), dim=1)
+    text_features = torch.nn.functional.normalize(torch.randn(n_concepts, 512, generator=g), dim=1)
+
+    def similarities(fn):
+        clip_similarity = image_features @ text_features.t()
+        for layer in convs:
+            fn(clip_similarity, responses[layer])
+
+    wpmi = timed(lambda: similarities(soft_wpmi))
+    cos3 = timed(lambda: similarities(cos_cubed))
+    extra_gather = max(0.0, gathered - base)
+    print(f"CLIP-Dissect, {n_neurons} neurons x {n_concepts} concepts x {n_images} images "
+          f"(VGG16 conv 3-13, 32 px):")
+    print(f"  recording pass alone            {base:7.2f} s")
+    print(f"  gathering responses (extra)     {extra_gather:7.2f} s")
+    print(f"  soft-WPMI, all layers           {wpmi:7.2f} s")
+    print(f"  cos^3, all layers               {cos3:7.2f} s")
+    ratio = (extra_gather + wpmi) / base
+    print(f"  per-step soft-WPMI cost / recording pass  ratio {ratio:5.2f}  target <= 1  {verdict(ratio <= 1)}")
+    ratio3 = (extra_gather + cos3) / base
+    print(f"  per-step cos^3 cost / recording pass      ratio {ratio3:5.2f}  target <= 1  {verdict(ratio3 <= 1)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller probe sets (smoke run)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_netdissect(args.quick)
+    bench_clip_dissect(args.quick)

@@ -1,0 +1,122 @@
+"""add_concepts vs a bare no-grad forward pass, and peak memory of recording.
+
+Targets (issue 2): add_concepts wall time / bare forward <= 1.25 on resnet18 and on a
+VGG16-sized model, 2,048 probe images at 64 px, same batch size; peak extra memory
+with 4,096+ neurons and 10,000 probe images stays O(neurons x k + batch).
+
+    python benchmarks/bench_recording.py [--images 2048] [--repeats 3]
+
+Timings are paired in one process (bare, then add_concepts, alternating) and the
+median of each is compared, since shared machines are noisy.
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tb_conceptevo.probes import ConceptShapes  # noqa: E402
+from tb_conceptevo.writer import ConceptWriter  # noqa: E402
+
+
+def bare_forward(model, probe, batch_size):
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(probe), batch_size):
+            model(probe.load_batch(range(start, min(len(probe), start + batch_size))))
+
+
+def time_ratio(name, model, probe, batch_size, repeats):
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = ConceptWriter(tmp, probe=probe, k=10, batch_size=batch_size, progress=False)
+        writer.add_concepts(model, step=0)  # warm-up; also writes the thumbnails once
+        bare, ours = [], []
+        for step in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            bare_forward(model, probe, batch_size)
+            t1 = time.perf_counter()
+            writer.add_concepts(model, step=step)
+            t2 = time.perf_counter()
+            bare.append(t1 - t0)
+            ours.append(t2 - t1)
+        writer.close()
+    neurons = sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    ratio = float(np.median(ours) / np.median(bare))
+    verdict = "PASS" if ratio <= 1.25 else "FAIL"
+    print(f"{name:10s} {neurons:5d} neurons  bare {np.median(bare):6.2f} s  add_concepts {np.median(ours):6.2f} s  "
+          f"ratio {ratio:.3f} (target <= 1.25) {verdict}")
+    return ratio
+
+
+class Wide(torch.nn.Module):
+    """4,608 conv channels on small maps: many neurons, cheap forward."""
+
+    def __init__(self):
+        super().__init__()
+        chans = [3, 512, 1024, 1024, 2048]
+        self.layers = torch.nn.Sequential(*[
+            torch.nn.Sequential(torch.nn.Conv2d(a, b, 3, stride=2, padding=1), torch.nn.ReLU())
+            for a, b in zip(chans[:-1], chans[1:])])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def memory_child(mode: str, images: int):
+    """Run in a fresh process: peak RSS of either the bare pass or add_concepts."""
+    torch.manual_seed(0)
+    model = Wide()
+    probe = ConceptShapes(n=images, size=16, seed=0)
+    probe.load_batch(range(len(probe)))  # build any cache before measuring
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode == "bare":
+        bare_forward(model, probe, 64)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = ConceptWriter(tmp, probe=probe, k=10, batch_size=64, progress=False, thumbnail_size=16)
+            writer.add_concepts(model, step=0)
+            writer.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - base) / 1024.0)  # MiB
+
+
+def memory(images: int):
+    run = lambda mode: float(subprocess.run([sys.executable, __file__, "--memory-child", mode, "--images", str(images)],
+                                            capture_output=True, text=True, check=True).stdout.split()[-1])
+    bare, ours = run("bare"), run("record")
+    neurons = 512 + 1024 + 1024 + 2048
+    dense = neurons * images * 4 / 2**20
+    extra = ours - bare
+    verdict = "PASS" if extra < 0.1 * dense + 64 else "FAIL"
+    print(f"memory     {neurons} neurons x {images} images: peak RSS growth bare {bare:.0f} MiB, add_concepts {ours:.0f} MiB, "
+          f"extra {extra:.0f} MiB (a dense neurons x images float32 matrix would be {dense:.0f} MiB) {verdict}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-images", type=int, default=10_000)
+    parser.add_argument("--memory-child", choices=["bare", "record"])
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.images)
+        return
+    torch.manual_seed(0)
+    probe = ConceptShapes(n=args.images, size=64, seed=0)
+    time_ratio("resnet18", torchvision.models.resnet18(), probe, 64, args.repeats)
+    time_ratio("vgg16", torchvision.models.vgg16(), probe, 64, args.repeats)
+    memory(args.memory_images)
+
+
+if __name__ == "__main__":
+    main()

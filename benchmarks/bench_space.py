@@ -1,0 +1,200 @@
+"""Benchmark of the ConceptEvo space (issue 3 targets).
+
+    python benchmarks/bench_space.py                 # fit + embed targets
+    python benchmarks/bench_space.py --alignment     # also: layout alignment on a small CNN
+
+Targets: fit (Steps 1 + 2.1) for 4,224 neurons, 12,000 probe images, k = 10 in at
+most 60 s on 2 CPU cores; embed + layout transform of 4,224 neurons in at most 1 s.
+
+The observations are synthetic with realistic structure: 12,000 images each showing
+a few of 400 concepts (Zipf-distributed frequency) with an intensity; every neuron
+detects one or two concepts (polysemantic) with its own image preference and noise;
+its stimuli are its top-10 images.  The "later" model is the same detectors with
+fresh noise (so its stimuli overlap the base's only partly).
+
+``--alignment`` trains a small CNN on ConceptShapes for a few epochs, records the
+probe at several steps, fits the space on the last step and compares the layouts
+of consecutive steps (Procrustes disparity, lower = more aligned) between the
+stable layout and UMAP fitted independently per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tb_conceptevo.observation import LayerObservation, Observation  # noqa: E402
+from tb_conceptevo.spaces.conceptevo import ConceptEvoSpace  # noqa: E402
+
+N_NEURONS, N_IMAGES, K = 4224, 12000, 10
+
+
+def synthetic_model(seed_noise: int, n_neurons=N_NEURONS, n_images=N_IMAGES, n_concepts=400, k=K):
+    """Top-k image ids [n_neurons, k] of concept detectors (see module docstring)."""
+    world = np.random.default_rng(0)
+    frequency = 1.0 / np.arange(1, n_concepts + 1) ** 0.7
+    frequency /= frequency.sum()
+    concepts_per_image = world.integers(2, 6, n_images)
+    image_of = np.repeat(np.arange(n_images), concepts_per_image)
+    concept_of = world.choice(n_concepts, size=image_of.size, p=frequency)
+    intensity = np.zeros((n_images, n_concepts), np.float32)
+    intensity[image_of, concept_of] = world.uniform(0.3, 1.0, image_of.size)
+    primary = world.integers(0, n_concepts, n_neurons)
+    secondary = np.where(world.random(n_neurons) < 0.3, world.integers(0, n_concepts, n_neurons), primary)
+    noise = np.random.default_rng(seed_noise)
+    ids = np.empty((n_neurons, k), np.int32)
+    for start in range(0, n_neurons, 512):  # chunks bound memory to 512 x images
+        rows = slice(start, min(start + 512, n_neurons))
+        preference = np.random.default_rng(1000 + start).uniform(0, 0.3, (n_images, primary[rows].size))
+        response = (intensity[:, primary[rows]] + 0.7 * intensity[:, secondary[rows]]) * (1 + preference)
+        response += noise.normal(0, 0.05, response.shape).astype(np.float32)
+        top = np.argpartition(-response, k, axis=0)[:k]
+        order = np.argsort(-np.take_along_axis(response, top, 0), axis=0)
+        ids[rows] = np.take_along_axis(top, order, 0).T
+    return ids
+
+
+def layer_observations(ids, probe_hash="bench"):
+    """Split [N, k] ids into VGG16-like layers (the real VGG16 conv widths)."""
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    assert sum(widths) == ids.shape[0]
+    out, start = {}, 0
+    for index, width in enumerate(widths):
+        name = f"features.{index}"
+        out[name] = LayerObservation(
+            layer=name, image_ids=ids[start:start + width], activations=np.zeros((width, ids.shape[1]), np.float32),
+            positions=np.zeros((width, ids.shape[1]), np.int32), invalid=np.zeros(width, bool),
+            map_size=(7, 7), input_size=(224, 224), probe_hash=probe_hash,
+        )
+        start += width
+    return Observation(layers=out, probe_hash=probe_hash)
+
+
+def bench_fit_and_embed():
+    import torch
+
+    print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
+    t = time.perf_counter()
+    base = layer_observations(synthetic_model(seed_noise=1))
+    later = layer_observations(synthetic_model(seed_noise=2))
+    print(f"synthetic observations built in {time.perf_counter() - t:.1f} s")
+
+    space = ConceptEvoSpace(random_state=0, progress=False)
+    t = time.perf_counter()
+    space.fit(base)
+    total = time.perf_counter() - t
+    steps = {k: v for k, v in space.timings_.items() if k != "layout"}
+    fit_seconds = sum(steps.values())
+    print("fit stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in space.timings_.items()))
+    print(f"pairs {space.n_pairs_:,}, covered images {space.n_covered_images_:,}, "
+          f"reconstruction error {space.reconstruction_error_:.4f}")
+    print(f"fit Steps 1 + 2.1: {fit_seconds:.1f} s (target <= 60 s, ratio {fit_seconds / 60:.2f}) "
+          f"{'PASS' if fit_seconds <= 60 else 'FAIL'};  with the UMAP layout (incl. numba JIT): {total:.1f} s")
+
+    # embed + transform the whole "later" model (all layers), first call and warm
+    def embed_all():
+        return [space.embed(obs) for obs in later.layers.values()]
+
+    t = time.perf_counter()
+    first = embed_all()
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    again = embed_all()
+    warm = time.perf_counter() - t
+    placed = sum(int(e.placed.sum()) for e in again)
+    same = all(np.array_equal(a.layout, b.layout, equal_nan=True) for a, b in zip(first, again))
+    print(f"embed + layout of {N_NEURONS} neurons: first call {cold:.3f} s, warm {warm:.3f} s "
+          f"(target <= 1 s, ratio {warm:.2f}) {'PASS' if warm <= 1.0 else 'FAIL'}; placed {placed}/{N_NEURONS}, "
+          f"deterministic {same}")
+    return space
+
+
+# ------------------------------------------------------------------------ alignment
+def bench_alignment(epochs=4, records_per_epoch=2):
+    import torch
+    from scipy.spatial import procrustes
+    from torch import nn
+
+    from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.recording import record
+    from tb_conceptevo.spaces.layout import StableLayout
+
+    torch.manual_seed(0)
+    train = ConceptShapes(n=3000, size=32, seed=1)
+    probe = ConceptShapes(n=1000, size=32, seed=0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Linear(64, len(train.class_names)),
+    )
+    layers = ["0", "3", "6"]
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    images = train.images(np.arange(len(train)))
+    labels = torch.as_tensor(train.labels)
+    snapshots = []
+    batches = np.array_split(np.arange(len(train)), len(train) // 64)
+    record_every = max(1, len(batches) // records_per_epoch)
+    step = 0
+    t = time.perf_counter()
+    for _ in range(epochs):
+        for index, batch in enumerate(np.random.default_rng(step).permutation(len(batches))):
+            rows = torch.as_tensor(batches[batch])
+            model.train()
+            loss = nn.functional.cross_entropy(model(images[rows]), labels[rows])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            step += 1
+            if step % record_every == 0:
+                snapshots.append(record(model, probe, layers=layers, k=10, progress=False, step=step))
+    print(f"trained {step} steps, recorded {len(snapshots)} snapshots in {time.perf_counter() - t:.1f} s "
+          f"(last loss {loss.item():.3f})")
+
+    space = ConceptEvoSpace(random_state=0, progress=False).fit(snapshots[-1])
+    embedded = [np.concatenate([space.embed(s[l]).vectors for l in layers]) for s in snapshots]
+    ours = [np.concatenate([space.embed(s[l]).layout for l in layers]) for s in snapshots]
+    independent = [StableLayout(random_state=0).fit(v).transform(v) for v in embedded]
+
+    def disparities(layouts):
+        values = []
+        for a, b in zip(layouts[:-1], layouts[1:]):
+            both = np.isfinite(a).all(1) & np.isfinite(b).all(1)
+            values.append(procrustes(a[both], b[both])[2])
+        return np.array(values)
+
+    def raw_shift(layouts):  # mean movement without any alignment, relative to map size
+        values = []
+        for a, b in zip(layouts[:-1], layouts[1:]):
+            both = np.isfinite(a).all(1) & np.isfinite(b).all(1)
+            scale = np.linalg.norm(a[both] - a[both].mean(0), axis=1).mean()
+            values.append(np.linalg.norm(a[both] - b[both], axis=1).mean() / scale)
+        return np.array(values)
+
+    ours_d, indep_d = disparities(ours), disparities(independent)
+    print("Procrustes disparity of consecutive steps (0 = identical up to rotation/scale):")
+    print(f"  stable layout (ours):        mean {ours_d.mean():.3f}  per step {np.round(ours_d, 3).tolist()}")
+    print(f"  independent UMAP per step:   mean {indep_d.mean():.3f}  per step {np.round(indep_d, 3).tolist()}")
+    print(f"  raw movement / map radius:   ours {raw_shift(ours).mean():.3f}, independent {raw_shift(independent).mean():.3f}")
+    print(f"alignment: ours better than independent: {'PASS' if ours_d.mean() < indep_d.mean() else 'FAIL'}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--alignment", action="store_true", help="also measure layout alignment on a small CNN")
+    parser.add_argument("--only-alignment", action="store_true")
+    args = parser.parse_args()
+    if not args.only_alignment:
+        bench_fit_and_embed()
+    if args.alignment or args.only_alignment:
+        bench_alignment()
+
+
+if __name__ == "__main__":
+    main()

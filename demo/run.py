@@ -1,0 +1,205 @@
+"""The demo: three training runs on the embedded ConceptShapes data, then TensorBoard.
+
+    python demo/run.py                      # train + log (a few minutes on 2 CPU cores), then serve
+    python demo/run.py --no-serve           # train + log, then exit
+    python demo/run.py --check --logdir D   # print the reproduced discoveries; non-zero exit on failure
+
+Runs (same small CNN, same seeds, only the training setup differs):
+
+* ``baseline``     SGD lr 0.05, dropout 0.3, weight decay 5e-4, 2,000 training images
+* ``lr_too_high``  the same with lr 0.5 (the papers' failure case)
+* ``overfit``      no dropout, no weight decay, 250 training images
+
+Every epoch ``writer.add_concepts`` places all 176 neurons in a text-anchored space
+(Network Dissection on the probe masks + the offline MiniLM text encoder).  At the end
+a ConceptEvo space is fitted from the baseline's last snapshot and back-filled into
+every run, and the importance of concept evolutions for one class is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+IMAGE_SIZE = 32
+PROBE_IMAGES = 512
+TEST_IMAGES = 600
+SEED = 0
+IMPORTANCE_CLASS = 0          # "circle"
+IMPORTANCE_FROM_EPOCH = 2
+
+
+@dataclass(frozen=True)
+class Setup:
+    lr: float
+    dropout: float
+    weight_decay: float
+    n_train: int
+
+
+RUNS = {
+    "baseline": Setup(lr=0.05, dropout=0.3, weight_decay=5e-4, n_train=2000),
+    "lr_too_high": Setup(lr=0.5, dropout=0.3, weight_decay=5e-4, n_train=2000),
+    "overfit": Setup(lr=0.05, dropout=0.0, weight_decay=0.0, n_train=250),
+}
+
+
+def make_text_space(probe):
+    from tb_conceptevo.detectors import MiniLMTextEncoder, NetDissect
+    from tb_conceptevo.spaces import TextSpace
+
+    detector = NetDissect(vocabulary=probe.vocabulary, progress=False)
+    # Anchors: every concept word of the probe set, so d_anchor measures how much of
+    # the vocabulary the layer's neurons cover (lower = more diverse).
+    return TextSpace(detector, text_encoder=MiniLMTextEncoder(), temperature=0.1,
+                     anchors=list(probe.vocabulary.names))
+
+
+def accuracy(model, images, labels, batch_size=256):
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            correct += (model(images[start:start + batch_size]).argmax(1) == labels[start:start + batch_size]).sum()
+    model.train()
+    return float(correct) / len(images)
+
+
+def train_run(name, setup, logdir, epochs, probe, space, test, progress=True):
+    import torch
+    from tqdm.auto import tqdm
+
+    from demo.model import DemoCNN
+    from tb_conceptevo import ConceptWriter
+    from tb_conceptevo.probes import ConceptShapes
+
+    torch.manual_seed(SEED)
+    train_set = ConceptShapes(n=setup.n_train, size=IMAGE_SIZE, seed=1)
+    x_train = train_set.images(range(len(train_set)))
+    y_train = torch.as_tensor(train_set.labels)
+    x_test, y_test = test
+    model = DemoCNN(n_classes=len(train_set.class_names), dropout=setup.dropout)
+    optimiser = torch.optim.SGD(model.parameters(), lr=setup.lr, momentum=0.9, weight_decay=setup.weight_decay)
+    writer = ConceptWriter(os.path.join(logdir, name), probe=probe, k=10, batch_size=256,
+                           spaces=[space], progress=False)
+    generator = torch.Generator().manual_seed(SEED)
+    snapshots = {}
+    # A fixed number of optimisation steps per epoch for every run, so the runs differ
+    # only in their setup, not in how much they trained.
+    steps_per_epoch = 2000 // 64
+    writer.add_concepts(model, step=0)
+    snapshots[0] = {k: v.clone() for k, v in model.state_dict().items()}
+    bar = tqdm(range(1, epochs + 1), desc=f"{name:12s}", disable=not progress)
+    for epoch in bar:
+        model.train()
+        total = 0.0
+        for _ in range(steps_per_epoch):
+            batch = torch.randint(0, len(x_train), (64,), generator=generator)
+            optimiser.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach())
+        train_acc = accuracy(model, x_train, y_train)
+        test_acc = accuracy(model, x_test, y_test)
+        writer.add_scalar("train/loss", total / steps_per_epoch, epoch)
+        writer.add_scalar("train/accuracy", train_acc, epoch)
+        writer.add_scalar("test/accuracy", test_acc, epoch)
+        writer.add_concepts(model, step=epoch)
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        bar.set_postfix(train=f"{train_acc:.2f}", test=f"{test_acc:.2f}")
+    if name == "baseline":
+        before = DemoCNN(n_classes=len(train_set.class_names), dropout=setup.dropout)
+        before.load_state_dict(snapshots[IMPORTANCE_FROM_EPOCH])
+        writer.add_concept_importance(model, IMPORTANCE_CLASS, x_test, epochs, labels=y_test,
+                                      from_model=before, from_step=IMPORTANCE_FROM_EPOCH, revert=True)
+    writer.close()
+
+
+def log_everything(logdir, epochs, progress=True):
+    import torch
+
+    from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.spaces import ConceptEvoSpace
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    started = time.time()
+    probe = ConceptShapes(n=PROBE_IMAGES, size=IMAGE_SIZE, seed=0)
+    test_set = ConceptShapes(n=TEST_IMAGES, size=IMAGE_SIZE, seed=2)
+    test = (test_set.images(range(len(test_set))), torch.as_tensor(test_set.labels))
+    space = make_text_space(probe)
+    for name, setup in RUNS.items():
+        train_run(name, setup, logdir, epochs, probe, space, test, progress)
+    # ConceptEvo: fit the unified space on the baseline's last snapshot, back-fill all runs.
+    with LogReader(logdir) as logs:
+        base = logs.observation("baseline")
+    evo = ConceptEvoSpace(random_state=SEED, progress=progress)
+    evo.fit(base)
+    space_path = os.path.join(logdir, "conceptevo_space.npz")
+    evo.save(space_path)
+    from tb_conceptevo.cli.space import project_logdir
+
+    project_logdir(logdir, evo, progress=progress)
+    print(f"logged {len(RUNS)} runs x {epochs + 1} snapshots in {time.time() - started:.0f} s -> {logdir}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(logdir, port):
+    port = port or free_port()
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command)
+    print(f"\nTensorBoard: http://127.0.0.1:{port}/#conceptevo   (Ctrl-C to stop)\n", flush=True)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--logdir", default=os.path.join("runs", "demo"))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--no-serve", action="store_true", help="train and log, then exit")
+    parser.add_argument("--check", action="store_true", help="check the logged discoveries and exit")
+    parser.add_argument("--port", type=int, default=0, help="TensorBoard port (default: a free one)")
+    parser.add_argument("--force", action="store_true", help="log again even if the logdir has the runs")
+    args = parser.parse_args(argv)
+    if args.check:
+        from demo.check import check
+
+        return check(args.logdir)
+    done = all(os.path.isdir(os.path.join(args.logdir, run)) for run in RUNS) and \
+        os.path.exists(os.path.join(args.logdir, "conceptevo_space.npz"))
+    if done and not args.force:
+        print(f"{args.logdir} already holds the demo runs (use --force to log them again)")
+    else:
+        if os.path.isdir(args.logdir) and args.force:
+            import shutil
+
+            shutil.rmtree(args.logdir)
+        log_everything(args.logdir, args.epochs)
+    if not args.no_serve:
+        serve(args.logdir, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

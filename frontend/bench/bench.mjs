@@ -1,0 +1,177 @@
+// Frontend performance benchmark (issue 7), against a real TensorBoard and Debian's
+// headless chromium (software WebGL through SwiftShader here, so every figure is
+// compared with a reference measured in the same run):
+//
+//  1. 100,000 points: first draw after the plugin's frame starts loading   (<= 1.5 s)
+//  2. pan/zoom: median requestAnimationFrame interval while zooming, vs a bare WebGL
+//     page drawing the same 100,000 points in the same browser               (<= 1.25x)
+//  3. moving the slider on a 10,000-point map, fetch from TensorBoard included (<= 100 ms)
+//
+//   npm run bench            (or: node bench/bench.mjs)
+import { rmSync } from "node:fs";
+import { launchBrowser, makeFixture, startTensorBoard, tempDir } from "../tests/harness.mjs";
+
+const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
+const fmt = (v) => v.toFixed(1);
+const verdict = (ok) => (ok ? "PASS" : "FAIL");
+const STATE_KEY = "tb-conceptevo:state:v1";
+
+const logdir = tempDir("ce-bench-logs-");
+let t = Date.now();
+makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
+makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
+console.log(`fixtures written in ${((Date.now() - t) / 1000).toFixed(1)} s`);
+const tb = await startTensorBoard(logdir, { expectRuns: 2, timeoutMs: 180000 });
+const { context, close } = await launchBrowser({ width: 1400, height: 950 });
+const results = [];
+
+async function pluginPage(runs, step) {
+  const page = await context.newPage();
+  await page.addInitScript(([key, value]) => localStorage.setItem(key, value), [STATE_KEY, JSON.stringify({ runs, step, anchors: false })]);
+  return page;
+}
+
+try {
+  // ---------------------------------------------------------------- 1. first draw, 100k points
+  const firstDraws = [];
+  for (let i = 0; i < 4; i++) {
+    const page = await pluginPage(["big100k"], 0);
+    await page.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
+    await page.waitForFunction(() => document.body?.dataset.conceptevoReady === "true", null, { timeout: 60000 });
+    const ms = await page.evaluate(() => performance.getEntriesByName("conceptevo-first-draw")[0].startTime);
+    const phases = await page.evaluate(() => ["conceptevo-render", "conceptevo-runs", "conceptevo-maps", "conceptevo-first-draw"]
+      .map((n) => `${n.replace("conceptevo-", "")} ${Math.round(performance.getEntriesByName(n)[0]?.startTime ?? -1)}`).join(", "));
+    console.log(`  load ${i}: ${phases} ms`);
+    const points = await page.evaluate(() => window.__conceptevo.panels()[0].points);
+    if (points < 99990) throw new Error(`expected ~100k points, drew ${points}`);
+    firstDraws.push(ms);
+    await page.close();
+  }
+  const cold = firstDraws[0], warm = median(firstDraws.slice(1));
+  console.log(`first draw of 100,000 points after the frame starts loading: cold server ${fmt(cold)} ms, warm median ${fmt(warm)} ms ` +
+    `(runs: ${firstDraws.map(fmt).join(", ")})`);
+  results.push(["first draw 100k (cold server) <= 1500 ms", cold <= 1500]);
+  results.push(["first draw 100k (warm) <= 1500 ms", warm <= 1500]);
+
+  // ---------------------------------------------------------------- 2. pan/zoom frame interval
+  const page = await pluginPage(["big100k"], 0);
+  await page.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
+  await page.waitForFunction(() => document.body?.dataset.conceptevoReady === "true", null, { timeout: 60000 });
+  const frames = 100;
+  await page.waitForTimeout(2000); // let the page settle (tabs, polling) before timing frames
+  const measurePlugin = () => page.evaluate(async (frames) => {
+    const canvas = document.querySelector(".ce-scatter-overlay");
+    const r = canvas.getBoundingClientRect();
+    const stamps = [];
+    await new Promise((done) => {
+      let i = 0;
+      const loop = (ts) => {
+        stamps.push(ts);
+        // zoom in and out around the centre: the map redraws every frame
+        canvas.dispatchEvent(new WheelEvent("wheel", { deltaY: (Math.floor(i / 30) % 2 ? 1 : -1) * 30, clientX: r.left + r.width / 2,
+          clientY: r.top + r.height / 2, bubbles: true, cancelable: true }));
+        if (++i < frames) requestAnimationFrame(loop); else done();
+      };
+      requestAnimationFrame(loop);
+    });
+    return stamps.slice(1).map((s, i) => s - stamps[i]).slice(20); // first 20 frames: warm-up
+  }, frames);
+  const size = await page.evaluate(() => { const r = document.querySelector(".ce-scatter").getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; });
+  const positions = await page.evaluate(() => Array.from(window.__conceptevo.app.panels[0].points.positions));
+
+  const bare = await context.newPage();
+  await bare.setContent("<!doctype html><body style='margin:0'><canvas id=c></canvas></body>");
+  await bare.evaluate(({ positions, size }) => {
+    const c = document.getElementById("c");
+    c.width = size[0]; c.height = size[1];
+    const gl = c.getContext("webgl", { antialias: false });
+    const sh = (type, src) => { const s = gl.createShader(type); gl.shaderSource(s, src); gl.compileShader(s); return s; };
+    const p = gl.createProgram();
+    gl.attachShader(p, sh(gl.VERTEX_SHADER, "attribute vec2 a;uniform vec2 c;uniform float k;void main(){gl_Position=vec4((a-c)*k,0.,1.);gl_PointSize=3.;}"));
+    gl.attachShader(p, sh(gl.FRAGMENT_SHADER, "precision mediump float;void main(){gl_FragColor=vec4(.1,.5,.9,1.);}"));
+    gl.linkProgram(p); gl.useProgram(p);
+    const data = new Float32Array(positions);
+    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
+    for (let i = 0; i < data.length; i += 2) {
+      if (!Number.isFinite(data[i])) continue;
+      minX = Math.min(minX, data[i]); maxX = Math.max(maxX, data[i]); minY = Math.min(minY, data[i + 1]); maxY = Math.max(maxY, data[i + 1]);
+    }
+    const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b); gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
+    const a = gl.getAttribLocation(p, "a"); gl.enableVertexAttribArray(a); gl.vertexAttribPointer(a, 2, gl.FLOAT, false, 0, 0);
+    const uc = gl.getUniformLocation(p, "c"), uk = gl.getUniformLocation(p, "k");
+    let k = 2 / Math.max(maxX - minX, maxY - minY);
+    window.measure = (frames) => new Promise((done) => {
+      const stamps = [];
+      let i = 0;
+      const loop = (ts) => {
+        stamps.push(ts);
+        k *= Math.exp((Math.floor(i / 30) % 2 ? -1 : 1) * 0.045);
+        gl.clearColor(1, 1, 1, 1); gl.clear(gl.COLOR_BUFFER_BIT);
+        gl.uniform2f(uc, (minX + maxX) / 2, (minY + maxY) / 2); gl.uniform1f(uk, k);
+        gl.drawArrays(gl.POINTS, 0, data.length / 2);
+        if (++i < frames) requestAnimationFrame(loop); else done(stamps.slice(1).map((s, j) => s - stamps[j]).slice(20));
+      };
+      requestAnimationFrame(loop);
+    });
+  }, { positions, size });
+  // Alternate the two pages so load from other processes on the machine hits both alike.
+  const pluginIntervals = [], bareIntervals = [];
+  for (let round = 0; round < 3; round++) {
+    await page.bringToFront();
+    pluginIntervals.push(...await measurePlugin());
+    await bare.bringToFront();
+    bareIntervals.push(...await bare.evaluate((frames) => window.measure(frames), frames));
+  }
+  const draws = await page.evaluate(() => window.__conceptevo.panels()[0].draws);
+  await bare.close();
+  await page.close();
+  const mp = median(pluginIntervals), mb = median(bareIntervals);
+  console.log(`pan/zoom with 100,000 points (${size[0]}x${size[1]} px, ${draws} redraws): median frame interval plugin ${fmt(mp)} ms, ` +
+    `bare WebGL page ${fmt(mb)} ms, ratio ${(mp / mb).toFixed(2)}x`);
+  results.push(["pan/zoom frame interval <= 1.25x bare WebGL", mp <= 1.25 * mb]);
+
+  // ---------------------------------------------------------------- 3. slider on 10k points
+  const sp = await pluginPage(["slider10k"], 0);
+  await sp.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
+  await sp.waitForFunction(() => document.body?.dataset.conceptevoReady === "true", null, { timeout: 60000 });
+  const moves = await sp.evaluate(async () => {
+    const slider = document.querySelector('input[aria-label="training step"]');
+    const steps = window.__conceptevo.steps();
+    const fetchTimes = [];
+    const move = (index) => new Promise((done) => {
+      const t0 = performance.now();
+      const onDrawn = (e) => {
+        if (e.detail.step !== steps[index]) return;
+        document.removeEventListener("conceptevo:drawn", onDrawn);
+        const maps = performance.getEntriesByType("resource").filter((r) => r.name.includes("/map?") && r.startTime >= t0 &&
+          new URL(r.name).searchParams.get("step") === String(steps[index]));
+        fetchTimes.push(maps.length ? Math.max(...maps.map((r) => r.responseEnd)) - t0 : 0);
+        done(performance.now() - t0);
+      };
+      document.addEventListener("conceptevo:drawn", onDrawn);
+      slider.value = String(index);
+      slider.dispatchEvent(new Event("input", { bubbles: true }));
+    });
+    const out = { fetched: [], prefetched: [], fetchTimes, points: window.__conceptevo.panels()[0].points };
+    await new Promise((r) => setTimeout(r, 300));
+    // jumps to steps never loaded or prefetched: the fetch from TensorBoard is included
+    for (const i of [8, 4, 12, 15, 2, 10, 6]) { out.fetched.push(await move(i)); await new Promise((r) => setTimeout(r, 150)); }
+    out.fetchOnly = fetchTimes.slice();
+    // then the user's usual drag to the next step (prefetched)
+    for (const i of [1, 2, 3, 4, 5]) { out.prefetched.push(await move(i)); await new Promise((r) => setTimeout(r, 150)); }
+    return out;
+  });
+  await sp.close();
+  const mf = median(moves.fetched), mpf = median(moves.prefetched);
+  console.log(`slider on a ${moves.points.toLocaleString()}-point map: fetch+draw median ${fmt(mf)} ms (max ${fmt(Math.max(...moves.fetched))}; ` +
+    `${moves.fetched.map(fmt).join(", ")}), of which waiting for TensorBoard's /map answers median ${fmt(median(moves.fetchOnly))} ms; ` +
+    `next step (prefetched) median ${fmt(mpf)} ms`);
+  results.push(["slider move on 10k map incl. fetch <= 100 ms (median)", mf <= 100]);
+} finally {
+  await close();
+  tb.stop();
+  rmSync(logdir, { recursive: true, force: true });
+}
+console.log("");
+for (const [name, ok] of results) console.log(`${verdict(ok)}  ${name}`);
+process.exit(results.every(([, ok]) => ok) ? 0 : 1);

@@ -1,0 +1,235 @@
+"""NetDissect, vocabularies and Concept-Monitor metrics (CLIP-Dissect: test_detectors_clip.py)."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tb_conceptevo.detectors import NetDissect
+from tb_conceptevo.detectors.base import Detection
+from tb_conceptevo.detectors.vocabulary import english_vocabulary, load_words, make_vocabulary
+from tb_conceptevo.metrics.anchors import d_anchor, interpretable_counts, interpretable_fraction
+from tb_conceptevo.probes import ConceptShapes
+from tb_conceptevo.probes.base import ProbeSet
+from tb_conceptevo.recording import record
+
+from tests.conftest import random_probe
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ConceptShapes(n=240, size=32, seed=0)
+
+
+class MaskInputProbe(ProbeSet):
+    """ConceptShapes whose model input also carries the concept masks as channels, so a
+    hand-built 1x1 conv can be a perfect detector of any concept."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def load_batch(self, indices):
+        rgb = self.base.images(indices)
+        return torch.cat([rgb, self.base.masks(indices).float()], dim=1)
+
+    def __getitem__(self, i):
+        return self.load_batch([i])[0], -1
+
+    @property
+    def hash(self):
+        return "maskinput-" + self.base.hash
+
+    @property
+    def vocabulary(self):
+        return self.base.vocabulary
+
+    @property
+    def has_masks(self):
+        return True
+
+    def masks(self, indices):
+        return self.base.masks(indices)
+
+
+PALETTE = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 80, 235), "yellow": (240, 220, 30)}
+MASK_CONCEPTS = ["circle", "star", "square", "striped", "dotted", "checkered", "left", "bottom", "large"]
+
+
+class HandBuiltDetectors(nn.Module):
+    """Channels 0-3: colour detectors on RGB (Gaussian of the distance to a palette
+    colour); channels 4+: 1x1 conv picking one concept-mask input channel each; then a
+    2x2 average pool so the maps must be upsampled to the mask size."""
+
+    def __init__(self, vocabulary):
+        super().__init__()
+        self.register_buffer("palette", torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 255)
+        self.pick = nn.Conv2d(3 + len(vocabulary), len(MASK_CONCEPTS), 1, bias=False)
+        weight = torch.zeros_like(self.pick.weight)
+        for out, concept in enumerate(MASK_CONCEPTS):
+            weight[out, 3 + vocabulary.index(concept)] = 1.0
+        self.pick.weight.data.copy_(weight)
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x):
+        rgb = x[:, :3]
+        distance = ((rgb[:, None] - self.palette[None, :, :, None, None]) ** 2).sum(dim=2)
+        colour = torch.exp(-distance / 0.05)
+        return self.pool(torch.cat([colour, self.pick(x)], dim=1))
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0], ids=["one-pass-cached", "two-pass-streaming"])
+def test_hand_built_channels_get_their_concepts(shapes, cache_bytes):
+    probe = MaskInputProbe(shapes)
+    model = HandBuiltDetectors(shapes.vocabulary)
+    detector = NetDissect(vocabulary=shapes, cache_bytes=cache_bytes, progress=False)
+    consumer = detector.consumer(probe, ["pool"])
+    record(model, probe, ["pool"], k=5, consumers=[consumer], progress=False)
+    assert consumer.passes == (1 if cache_bytes else 2)
+    detection = consumer.result()["pool"]
+    index, best = detection.top()
+    labels = [detection.concepts[i] for i in index]
+    assert labels == list(PALETTE) + MASK_CONCEPTS
+    assert (best > detection.threshold).all()
+    counts = interpretable_counts(detection)
+    assert counts["colour"] == 4 and counts["shape"] == 3 and counts["texture"] == 3
+    assert counts["position"] == 2 and counts["size"] == 1
+    assert interpretable_fraction(detection) == 1.0
+
+
+def test_cached_and_streaming_modes_agree(shapes):
+    probe = MaskInputProbe(shapes)
+    model = HandBuiltDetectors(shapes.vocabulary)
+    results = []
+    for cache_bytes in (1 << 30, 0):
+        consumer = NetDissect(vocabulary=shapes, cache_bytes=cache_bytes, progress=False).consumer(probe, ["pool"])
+        record(model, probe, ["pool"], k=5, consumers=[consumer], progress=False, batch_size=50)
+        results.append(consumer.result()["pool"].similarity)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def brute_force_iou(fmaps, masks, quantile):
+    """Reference: per-channel top-m threshold, bilinear upsampling, dataset-wide IoU, loops."""
+    n, channels, h, w = fmaps.shape
+    m = math.ceil((1 - quantile) * n * h * w)
+    upsampled = F.interpolate(torch.from_numpy(fmaps), size=masks.shape[-2:], mode="bilinear",
+                              align_corners=False).numpy()
+    iou = np.zeros((channels, masks.shape[1]))
+    for c in range(channels):
+        values = np.sort(fmaps[:, c].ravel())[::-1]
+        threshold = values[m - 1]
+        if threshold <= values[-1]:
+            active = upsampled[:, c] > threshold
+        else:
+            active = upsampled[:, c] >= threshold * (1 - 1e-6 * np.sign(threshold))
+        for k in range(masks.shape[1]):
+            inter = np.logical_and(active, masks[:, k]).sum()
+            union = np.logical_or(active, masks[:, k]).sum()
+            iou[c, k] = inter / union if union else 0.0
+    return iou
+
+
+def test_iou_matches_brute_force():
+    probe = ConceptShapes(n=24, size=16, seed=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 5, 3, padding=1))
+    consumer = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, ["0", "2"])
+    record(model, probe, ["0", "2"], k=3, consumers=[consumer], progress=False, batch_size=10)
+    with torch.no_grad():
+        fmaps = model[0](probe.images(list(range(len(probe))))).numpy()
+    masks = probe.masks(list(range(len(probe)))).numpy()
+    expected = brute_force_iou(fmaps, masks, 0.9)
+    np.testing.assert_allclose(consumer.result()["0"].similarity, expected, atol=1e-6)
+
+
+def test_netdissect_nan_neurons_get_nan_rows(shapes):
+    class Broken(nn.Module):
+        def forward(self, x):
+            out = F.avg_pool2d(x, 2)
+            out[:, 1] = float("nan")
+            return out
+
+    model = nn.Sequential(Broken())
+    consumer = NetDissect(vocabulary=shapes, progress=False).consumer(shapes, ["0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record(model, shapes, ["0"], k=3, consumers=[consumer], progress=False)
+    detection = consumer.result()["0"]
+    assert np.isnan(detection.similarity[1]).all()
+    assert np.isfinite(detection.similarity[[0, 2]]).all()
+    assert detection.top()[0][1] == -1
+
+
+def test_netdissect_bad_inputs(shapes):
+    with pytest.raises(ValueError, match="has none"):
+        NetDissect().consumer(random_probe(), ["x"])
+    with pytest.raises(ValueError, match="no masks"):
+        NetDissect(vocabulary=["red", "zebra"]).consumer(shapes, ["x"])
+    with pytest.raises(ValueError, match="quantile"):
+        NetDissect(quantile=1.5)
+    with pytest.raises(ValueError, match="vocabulary=probe"):
+        NetDissect().concepts
+    subset = NetDissect(vocabulary=["striped", "red"])
+    assert subset.consumer(shapes, ["x"]).mask_channels.tolist() == [
+        shapes.vocabulary.index("striped"), shapes.vocabulary.index("red")]
+
+
+# --------------------------------------------------------------- vocabularies
+def test_vocabulary_dedup_and_errors(tmp_path):
+    with pytest.warns(UserWarning, match="1 duplicate"):
+        vocab = make_vocabulary(["red", "circle", " red"], ["colour", "shape", "colour"])
+    assert vocab.names == ("red", "circle")
+    with pytest.raises(ValueError, match="empty"):
+        make_vocabulary([])
+    with pytest.raises(ValueError, match="empty string"):
+        make_vocabulary(["red", "  "])
+    with pytest.raises(TypeError):
+        make_vocabulary("red")
+    path = tmp_path / "words.txt"
+    path.write_text("# my concepts\nzebra\tobject\n\nstripes\nzebra\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="duplicate"):
+        words = load_words(path)
+    assert words.names == ("zebra", "stripes") and words.categories == ("object", "other")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no words"):
+        load_words(empty)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_words(tmp_path / "missing.txt")
+
+
+def test_english_vocabulary():
+    vocab = english_vocabulary()
+    assert 900 <= len(vocab) <= 3000
+    assert len(set(vocab.names)) == len(vocab)
+    assert {"colour", "texture", "material", "part", "object", "scene"} <= set(vocab.categories)
+    assert vocab.categories[vocab.index("red")] == "colour"
+    colours = english_vocabulary(categories=["colour"], limit=5)
+    assert len(colours) == 5 and set(colours.categories) == {"colour"}
+
+
+# --------------------------------------------------------------- metrics
+def test_d_anchor_matches_brute_force():
+    rng = np.random.default_rng(0)
+    neurons = rng.normal(size=(37, 8)).astype(np.float32)
+    anchors = rng.normal(size=(11, 8)).astype(np.float32)
+    neurons[[3, 9]] = np.nan
+    valid = neurons[np.isfinite(neurons).all(axis=1)]
+    expected = np.mean([min(np.linalg.norm(a - u) for u in valid) for a in anchors])
+    assert d_anchor(neurons, anchors) == pytest.approx(expected, rel=1e-6)
+    assert math.isnan(d_anchor(np.full((2, 8), np.nan), anchors))
+    with pytest.raises(ValueError, match="dimensions"):
+        d_anchor(neurons, anchors[:, :4])
+
+
+def test_interpretable_counts_by_category():
+    sim = np.array([[0.5, 0.1, 0.0], [0.01, 0.02, 0.03], [0.0, 0.3, 0.9], [np.nan] * 3], np.float32)
+    detection = Detection("l", sim, ["red", "circle", "striped"], ["colour", "shape", "texture"], 0.04)
+    assert interpretable_counts(detection) == {"colour": 1, "shape": 0, "texture": 1}
+    assert interpretable_fraction(detection) == 0.5

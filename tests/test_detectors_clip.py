@@ -1,0 +1,159 @@
+"""CLIP-Dissect: similarity functions against hand computation, and end to end with a
+randomly initialised small open_clip model (no download) and a local checkpoint file."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from tb_conceptevo.detectors import CLIPDissect, cos_cubed, soft_wpmi
+from tb_conceptevo.detectors import clip_dissect as cd
+from tb_conceptevo.probes import ConceptShapes
+from tb_conceptevo.recording import record
+
+ARCH = "ViT-S-32-alt"  # smallest open_clip config (no pretrained tags: never downloads)
+CONCEPTS = ["red", "green", "circle", "square", "striped", "dotted"]
+
+
+def test_soft_wpmi_matches_hand_computation():
+    clip_sim = torch.tensor([[0.3, 0.1], [0.2, 0.25], [0.05, 0.3], [0.1, 0.1], [0.28, 0.02]])
+    responses = torch.tensor([[5.0, 0.0, 1.0], [4.0, 1.0, 2.0], [0.0, 3.0, 3.0], [1.0, 2.0, 0.5], [2.0, 5.0, 0.0]])
+    a, top_k, p_start, p_end, lam = 10.0, 2, 0.998, 0.97, 1.0
+    got = soft_wpmi(clip_sim, responses, top_k=top_k, a=a, lam=lam, p_start=p_start, p_end=p_end)
+    probs = np.exp(a * clip_sim.numpy())
+    probs /= probs.sum(axis=1, keepdims=True)
+    log_given = np.zeros((3, 2))
+    for n in range(3):
+        order = np.argsort(-responses[:, n].numpy())[:top_k]
+        for j, image in enumerate(order):
+            p = p_start - j / top_k * (p_start - p_end)
+            for d in range(2):
+                log_given[n, d] += math.log(1 + p * (probs[image, d] - 1) + 1e-7)
+    log_prior = np.log(np.exp(log_given).sum(axis=0)) - math.log(3)
+    np.testing.assert_allclose(got.numpy(), log_given - lam * log_prior, rtol=1e-5, atol=1e-5)
+
+
+def test_cos_cubed_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    clip_sim = rng.normal(size=(7, 3))
+    responses = rng.normal(size=(7, 4))
+    got = cos_cubed(torch.tensor(clip_sim), torch.tensor(responses)).numpy()
+    expected = np.zeros((4, 3))
+    for n in range(4):
+        x = (responses[:, n] - responses[:, n].mean()) ** 3
+        for k in range(3):
+            y = (clip_sim[:, k] - clip_sim[:, k].mean()) ** 3
+            expected[n, k] = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(got).max() <= 1 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cd.load_open_clip(ARCH, None)
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return ConceptShapes(n=24, size=32, seed=5)
+
+
+def small_cnn():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1))
+
+
+@pytest.mark.parametrize("similarity", ["soft_wpmi", "cos3"])
+def test_clip_dissect_end_to_end_random_model(clip_model, probe, similarity, monkeypatch):
+    detector = CLIPDissect(ARCH, clip_model=clip_model, similarity=similarity, concepts=CONCEPTS,
+                           top_k=5, progress=False)
+    calls = []
+    original = CLIPDissect._compute_image_features
+    monkeypatch.setattr(CLIPDissect, "_compute_image_features",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    cd._FEATURE_CACHE.clear()
+    results = []
+    for _ in range(2):
+        consumer = detector.consumer(probe, ["0", "2"])
+        record(small_cnn(), probe, ["0", "2"], k=3, consumers=[consumer], progress=False)
+        results.append(consumer.result())
+    assert len(calls) == 1  # image features computed once per probe set and weights
+    detection = results[0]["2"]
+    assert detection.similarity.shape == (6, len(CONCEPTS)) and np.isfinite(detection.similarity).all()
+    assert detection.concepts == CONCEPTS
+    np.testing.assert_array_equal(detection.similarity, results[1]["2"].similarity)
+    # the similarity is a function of the recorded responses: check against a direct call
+    with torch.no_grad():
+        responses = small_cnn()[:1](probe.images(list(range(len(probe))))).mean(dim=(2, 3))
+    direct = detector.similarity_from_responses(detector.clip_similarity(probe), responses)
+    np.testing.assert_allclose(results[0]["0"].similarity, direct.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_clip_dissect_local_checkpoint_and_disk_cache(clip_model, probe, tmp_path):
+    checkpoint = tmp_path / "tiny_clip.pt"
+    torch.save(clip_model.state_dict(), checkpoint)
+    cd._FEATURE_CACHE.clear()
+    from_file = CLIPDissect(ARCH, pretrained=str(checkpoint), concepts=CONCEPTS, cache_dir=tmp_path / "cache",
+                            top_k=5, progress=False)
+    assert from_file.weights_hash == cd.weights_hash(clip_model)
+    in_memory = CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS, top_k=5, progress=False)
+    a = from_file.clip_similarity(probe)
+    assert len(list((tmp_path / "cache").glob("clip_features_*.npy"))) == 2  # image + text features
+    cd._FEATURE_CACHE.clear()
+    b = in_memory.clip_similarity(probe)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    cd._FEATURE_CACHE.clear()
+    again = CLIPDissect(ARCH, pretrained=str(checkpoint), concepts=CONCEPTS, cache_dir=tmp_path / "cache",
+                        progress=False)
+    again._compute_image_features = None  # must come from the disk cache
+    torch.testing.assert_close(again.clip_similarity(probe), a)
+    assert again.config()["pretrained"] == str(checkpoint.resolve())
+
+
+def test_clip_dissect_bad_inputs(clip_model, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="neither an existing file nor an open_clip tag"):
+        CLIPDissect(ARCH, pretrained="no-such-weights")
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        CLIPDissect("ViT-Nope", pretrained=None)
+    with pytest.raises(ValueError, match="empty"):
+        CLIPDissect(ARCH, clip_model=clip_model, concepts=[])
+    with pytest.raises(ValueError, match="similarity"):
+        CLIPDissect(ARCH, clip_model=clip_model, similarity="cosine")
+    with pytest.warns(UserWarning, match="duplicate"):
+        detector = CLIPDissect(ARCH, clip_model=clip_model, concepts=["red", "red", "blue"])
+    assert detector.concepts == ["red", "blue"]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="could not load"):
+        CLIPDissect(ARCH, pretrained=str(broken))
+
+    import open_clip
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(RuntimeError, match="pretrained='/path/to/that/file'"):
+        CLIPDissect("ViT-B-32", pretrained="openai")
+
+
+def test_regularizer_with_clip_concepts(clip_model, probe):
+    from tb_conceptevo.regularizer import CLIPConcepts, ConceptDiversityLoss
+
+    detector = CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS, progress=False)
+    source = CLIPConcepts(detector)
+    images = probe.images(list(range(6)))
+    concept_activations = source(images=images)
+    assert concept_activations.shape == (6, len(CONCEPTS))
+    text = detector.text_features().numpy()
+    loss_fn = ConceptDiversityLoss(text, text, source=source)
+    model = small_cnn()
+    loss = loss_fn(model(images), images=images)
+    loss.backward()
+    assert torch.isfinite(loss) and model[0].weight.grad.abs().sum() > 0

@@ -1,0 +1,356 @@
+"""ConceptEvoSpace, StableLayout and the space file, checked against ground truth.
+
+Ground truth: "models" whose channels are known detectors of concepts.  The space is
+fitted on model A and a permuted, rescaled (and slightly noisy) copy B is embedded:
+each B channel must land next to its A counterpart and among detectors of its own
+concept.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tb_conceptevo.observation import LayerObservation, Observation
+from tb_conceptevo.spaces import io as space_io
+from tb_conceptevo.spaces.conceptevo import ConceptEvoSpace, cooccurrence_pairs, train_skipgram
+from tb_conceptevo.spaces.layout import StableLayout
+
+PROBE_HASH = "f" * 64
+N_IMAGES = 1500
+PER_CONCEPT = 8
+N_NOISE = 20
+
+
+# ----------------------------------------------------------------- synthetic world
+def concept_intensity(n_images=N_IMAGES, categories=(6, 5, 4), seed=0):
+    """[images, concepts]: every image has one concept per category (e.g. one colour,
+    one shape, one texture) with an intensity in [0.3, 1], the others 0."""
+    rng = np.random.default_rng(seed)
+    intensity = np.zeros((n_images, sum(categories)))
+    start = 0
+    for size in categories:
+        pick = rng.integers(0, size, n_images)
+        intensity[np.arange(n_images), start + pick] = rng.uniform(0.3, 1.0, n_images)
+        start += size
+    return intensity
+
+
+def detector_model(intensity, seed=1):
+    """Responses [images, channels] of PER_CONCEPT detectors per concept (each with its
+    own fixed preference among the images of its concept) plus N_NOISE noise channels;
+    and the concept of every channel (-1 = noise)."""
+    rng = np.random.default_rng(seed)
+    concept = np.repeat(np.arange(intensity.shape[1]), PER_CONCEPT)
+    preference = rng.uniform(0, 1, (intensity.shape[0], concept.size))
+    present = intensity[:, concept] > 0
+    responses = intensity[:, concept] + 0.3 * preference * present
+    noise = rng.normal(size=(intensity.shape[0], N_NOISE))
+    return np.concatenate([responses, noise], 1), np.concatenate([concept, -np.ones(N_NOISE, int)])
+
+
+def observe(responses, layer="conv", k=10, probe_hash=PROBE_HASH, step=None):
+    """Top-k observation of [images, channels] responses."""
+    order = np.argsort(-responses, axis=0, kind="stable")[:k].T
+    n = responses.shape[1]
+    return LayerObservation(
+        layer=layer, image_ids=order.astype(np.int32),
+        activations=np.take_along_axis(responses.T, order, 1).astype(np.float32),
+        positions=np.zeros(order.shape, np.int32), invalid=np.zeros(n, bool), map_size=(1, 1),
+        input_size=(32, 32), probe_hash=probe_hash, step=step,
+    )
+
+
+@pytest.fixture(scope="module")
+def world():
+    intensity = concept_intensity()
+    responses_a, concept_a = detector_model(intensity)
+    rng = np.random.default_rng(5)
+    permutation = rng.permutation(responses_a.shape[1])
+    gain = rng.uniform(0.5, 2.0, responses_a.shape[1])
+    responses_b = (responses_a + rng.normal(scale=0.02, size=responses_a.shape))[:, permutation] * gain[permutation]
+    # split model A over two layers: all layers together form one neuron set
+    half = responses_a.shape[1] // 2
+    base = Observation(
+        layers={"a1": observe(responses_a[:, :half], "a1"), "a2": observe(responses_a[:, half:], "a2")},
+        probe_hash=PROBE_HASH,
+    )
+    return {
+        "intensity": intensity, "responses_a": responses_a, "concept_a": concept_a,
+        "base": base, "obs_a": observe(responses_a), "obs_b": observe(responses_b, "b"),
+        "permutation": permutation, "concept_b": concept_a[permutation],
+    }
+
+
+@pytest.fixture(scope="module")
+def space(world):
+    return ConceptEvoSpace(n_groups=15, random_state=0, progress=False).fit(world["base"])
+
+
+def knn_purity(points, labels, n=5):
+    d = ((points[:, None] - points[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    neighbours = np.argsort(d, axis=1)[:, :n]
+    return float(np.mean(labels[neighbours] == labels[:, None]))
+
+
+# ------------------------------------------------------------------ ground truth
+def test_fitted_state(space, world):
+    n = world["responses_a"].shape[1]
+    assert space.neuron_ids_[0] == "a1:0" and space.neuron_ids_[-1] == f"a2:{n - n // 2 - 1}"
+    assert space.neuron_embeddings_.shape == (n, 30)
+    assert space.probe_hash == PROBE_HASH
+    assert space.n_pairs_ > n and space.n_covered_images_ > 100
+    assert space.reconstruction_error_ < 0.05  # Eq. 4 reproduces the base embeddings
+
+
+def test_counterparts_across_models(space, world):
+    emb_a, emb_b = space.embed(world["obs_a"]), space.embed(world["obs_b"])
+    assert emb_a.n_unplaced == 0 and emb_b.n_unplaced == 0
+    concept_a, concept_b = world["concept_a"], world["concept_b"]
+    rows_b = np.flatnonzero(concept_b >= 0)
+    rows_a = np.flatnonzero(concept_a >= 0)
+    d = ((emb_b.vectors[rows_b, None] - emb_a.vectors[None, rows_a]) ** 2).sum(-1)
+    nearest = rows_a[d.argmin(axis=1)]
+    assert np.mean(nearest == world["permutation"][rows_b]) >= 0.9
+    # 5-NN concept purity among B's concept channels, in the space and on the map
+    assert knn_purity(emb_b.vectors[rows_b], concept_b[rows_b]) >= 0.8
+    assert knn_purity(emb_b.layout[rows_b], concept_b[rows_b]) >= 0.8
+
+
+def test_embedding_is_deterministic(space, world):
+    first, second = space.embed(world["obs_b"]), space.embed(world["obs_b"])
+    np.testing.assert_array_equal(first.vectors, second.vectors)
+    np.testing.assert_array_equal(first.layout, second.layout)
+    # a neuron's place does not depend on the other neurons of the call
+    subset = space.embed(_rows(world["obs_b"], np.arange(10)))
+    np.testing.assert_array_equal(subset.layout, first.layout[:10])
+
+
+def test_fit_is_reproducible(world, space):
+    again = ConceptEvoSpace(n_groups=15, random_state=0, progress=False).fit(world["base"])
+    np.testing.assert_array_equal(again.neuron_embeddings_, space.neuron_embeddings_)
+    np.testing.assert_array_equal(again.embed(world["obs_b"]).layout, space.embed(world["obs_b"]).layout)
+
+
+def test_concept_groups(space, world):
+    emb = space.embed(world["obs_b"])
+    rows = np.flatnonzero(world["concept_b"] >= 0)
+    groups, concepts = emb.groups[rows], world["concept_b"][rows]
+    assert emb.groups.dtype == np.int32 and groups.min() >= 0 and groups.max() < 15
+    # most concepts map onto one dominant group
+    dominant = [np.bincount(groups[concepts == c]).max() / np.sum(concepts == c) for c in np.unique(concepts)]
+    assert np.mean(dominant) >= 0.8
+
+
+# ----------------------------------------------------------------- unplaced neurons
+def test_unplaced_neurons_are_flagged_never_at_origin(space, world):
+    obs = _rows(world["obs_b"], np.arange(6))
+    obs.image_ids[0] = N_IMAGES + 100          # images the space has never seen
+    obs.image_ids[1] = -1                      # no stimuli at all
+    obs.invalid[2] = True                      # NaN activations during recording
+    emb = space.embed(obs)
+    assert emb.placed.tolist() == [False, False, False, True, True, True]
+    assert emb.n_unplaced == 3
+    assert np.isnan(emb.vectors[:3]).all() and np.isnan(emb.layout[:3]).all()
+    assert (emb.groups[:3] == -1).all()
+    assert np.isfinite(emb.layout[3:]).all()
+
+
+def test_indirect_image_embeddings(world):
+    """Record the base with 20 images per neuron: the first 10 are stimuli, the rest
+    links uncovered images to covered ones (indirect embeddings)."""
+    responses = world["responses_a"]
+    base = observe(responses, "a", k=20)
+    space = ConceptEvoSpace(random_state=0, progress=False, epochs=10).fit(base)
+    assert space.n_indirect_images_ > 50
+    # neurons whose stimuli are only the *uncovered* images among A's ranks 11-20
+    tail = observe(responses, "tail", k=20)
+    ids = tail.image_ids[:, 10:].copy()
+    ids[space.image_status_[ids] == 1] = -1
+    tail.image_ids = ids
+    assert np.isin(space.image_status_[ids[ids >= 0]], [0, 2]).all()
+    emb_tail, emb_head = space.embed(tail), space.embed(observe(responses, "a"))
+    concept = world["concept_a"]
+    rows = np.flatnonzero(concept >= 0)
+    assert emb_tail.placed[rows].mean() > 0.8
+    placed = rows[emb_tail.placed[rows]]
+    d = ((emb_tail.vectors[placed, None] - emb_head.vectors[None, rows]) ** 2).sum(-1)
+    assert np.mean(concept[rows[d.argmin(1)]] == concept[placed]) >= 0.7
+
+
+# --------------------------------------------------------------- real forward pass
+class ColourDetectors(nn.Module):
+    """Hand-built detectors of ConceptShapes colours: channel (c, j) responds to pixels
+    of colour c, weighted by a fixed spatial preference j; plus random-filter noise
+    channels.  ``detect`` (a 1x1 conv) permutes and rescales them."""
+
+    def __init__(self, palette, per_colour=6, n_noise=6, permutation=None, gains=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("palette", palette)
+        self.per_colour = per_colour
+        self.register_buffer("preference", 0.5 + torch.rand(palette.shape[0] * per_colour, 1, 4, 4, generator=g))
+        self.noise = nn.Conv2d(3, n_noise, 3, padding=1)
+        with torch.no_grad():
+            self.noise.weight.copy_(torch.randn(self.noise.weight.shape, generator=g))
+            self.noise.bias.zero_()
+        n = palette.shape[0] * per_colour + n_noise
+        self.detect = nn.Conv2d(n, n, 1, bias=False)
+        permutation = torch.arange(n) if permutation is None else permutation
+        gains = torch.ones(n) if gains is None else gains
+        with torch.no_grad():
+            self.detect.weight.zero_()
+            self.detect.weight[torch.arange(n), permutation, 0, 0] = gains
+
+    def forward(self, x):
+        distance = ((x[:, None] - self.palette[None, :, :, None, None]) ** 2).sum(2)
+        colour = torch.exp(-distance / 0.1).repeat_interleave(self.per_colour, 1)
+        preference = nn.functional.interpolate(self.preference.transpose(0, 1), size=x.shape[-2:], mode="bilinear")
+        return self.detect(torch.cat([colour * preference, 0.1 * self.noise(x)], 1))
+
+
+def test_real_forward_pass_on_concept_shapes():
+    from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.recording import record
+    from tb_conceptevo.probes.concept_shapes import _PALETTE
+
+    probe = ConceptShapes(n=700, size=32, seed=0)
+    palette = torch.tensor(list(_PALETTE.values()), dtype=torch.float32) / 255.0
+    per_colour, n_noise = 6, 6
+    n = palette.shape[0] * per_colour + n_noise
+    colour_of = np.concatenate([np.repeat(np.arange(palette.shape[0]), per_colour), -np.ones(n_noise, int)])
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    gains = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(4))
+    model_a = ColourDetectors(palette, per_colour, n_noise)
+    model_b = ColourDetectors(palette, per_colour, n_noise, permutation, gains)
+    obs_a = record(model_a, probe, layers=["detect"], k=10, progress=False)
+    obs_b = record(model_b, probe, layers=["detect"], k=10, progress=False)
+    space = ConceptEvoSpace(random_state=0, progress=False).fit(obs_a)
+    emb_a, emb_b = space.embed(obs_a["detect"]), space.embed(obs_b["detect"])
+    colour_b = colour_of[permutation.numpy()]
+    rows_b, rows_a = np.flatnonzero(colour_b >= 0), np.flatnonzero(colour_of >= 0)
+    d = ((emb_b.vectors[rows_b, None] - emb_a.vectors[None, rows_a]) ** 2).sum(-1)
+    assert np.mean(rows_a[d.argmin(1)] == permutation.numpy()[rows_b]) >= 0.9
+    assert knn_purity(emb_b.vectors[rows_b], colour_b[rows_b]) >= 0.8
+
+
+# ----------------------------------------------------------------------- save/load
+def test_save_load_roundtrip(space, world, tmp_path):
+    path = tmp_path / "space.cevo"
+    space.save(path)
+    loaded = ConceptEvoSpace.load(path)
+    assert loaded.probe_hash == PROBE_HASH and loaded.neuron_ids_ == space.neuron_ids_
+    before, after = space.embed(world["obs_b"]), loaded.embed(world["obs_b"])
+    np.testing.assert_array_equal(before.vectors, after.vectors)
+    np.testing.assert_array_equal(before.layout, after.layout)
+    np.testing.assert_array_equal(before.groups, after.groups)
+    assert space_io.read_header(path)["kind"] == "conceptevo"
+
+
+def test_bad_space_files(space, tmp_path):
+    path = tmp_path / "space.npz"
+    space.save(path)
+    with pytest.raises(FileNotFoundError):
+        ConceptEvoSpace.load(tmp_path / "missing.npz")
+    data = path.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted|not a readable"):
+        ConceptEvoSpace.load(tmp_path / "truncated.npz")
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError):
+        ConceptEvoSpace.load(tmp_path / "flipped.npz")
+    space_io.save_space_file(tmp_path / "other.npz", "text", 1, {}, {"x": np.zeros(2)})
+    with pytest.raises(ValueError, match="'text' space"):
+        ConceptEvoSpace.load(tmp_path / "other.npz")
+    space_io.save_space_file(tmp_path / "newer.npz", "conceptevo", 99, {}, {"x": np.zeros(2)})
+    with pytest.raises(ValueError, match="version 99.*upgrade"):
+        ConceptEvoSpace.load(tmp_path / "newer.npz")
+    np.savez(tmp_path / "plain.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a tb_conceptevo space file"):
+        ConceptEvoSpace.load(tmp_path / "plain.npz")
+
+
+# ------------------------------------------------------------------------ bad input
+def test_bad_input(space, world):
+    other = observe(world["responses_a"], "x", probe_hash="0" * 64)
+    with pytest.raises(ValueError, match="probe set"):
+        space.embed(other)
+    with pytest.raises(TypeError, match="per layer"):
+        space.embed(world["base"])
+    with pytest.raises(ValueError, match="different probe sets"):
+        ConceptEvoSpace(progress=False).fit([world["obs_a"], other])
+    with pytest.raises(ValueError, match="at least 3"):
+        ConceptEvoSpace(progress=False).fit(_rows(world["obs_a"], np.arange(2)))
+    disjoint = _rows(world["obs_a"], np.arange(5))
+    disjoint.image_ids = np.arange(50, dtype=np.int32).reshape(5, 10)
+    with pytest.raises(ValueError, match="no two base neurons share"):
+        ConceptEvoSpace(progress=False).fit(disjoint)
+    with pytest.raises(ValueError, match="dim"):
+        ConceptEvoSpace(dim=0, progress=False).fit(world["obs_a"])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ConceptEvoSpace().embed(world["obs_a"])
+    with pytest.raises(TypeError):
+        ConceptEvoSpace(progress=False).fit("not observations")
+
+
+# ------------------------------------------------------------------- building blocks
+def test_cooccurrence_pairs_are_within_groups():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(50), rng.integers(1, 8, 50))
+    members = np.arange(groups.size) + 1000
+    pairs = cooccurrence_pairs(groups, members, 4, rng)
+    sizes = np.bincount(groups)
+    assert pairs.shape[0] == 4 * np.sum(sizes - 1)
+    group_of = dict(zip(members, groups))
+    assert all(group_of[a] == group_of[b] and a != b for a, b in pairs)
+    # shuffled: different repetitions give different windows
+    assert len({tuple(p) for p in pairs}) > pairs.shape[0] / 4
+
+
+def test_skipgram_separates_two_cliques():
+    clique = [(a, b) for a in range(5) for b in range(5) if a != b]
+    pairs = torch.tensor(clique + [(a + 5, b + 5) for a, b in clique] * 1)
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(10, 8, generator=g) - 0.5
+    train_skipgram(table, pairs.repeat(20, 1), torch.arange(10), negatives=3, lr=0.05, epochs=20,
+                   batch_size=16, generator=g, progress=False)
+    sim = table @ table.T
+    within = (sim[:5, :5].sum() - sim[:5, :5].diag().sum()) / 20
+    across = sim[:5, 5:].mean()
+    assert within > 0.2 and across < -0.2
+
+
+def test_stable_layout_small_reference_and_state():
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.normal(size=(15, 8)), rng.normal(size=(15, 8)) + 6]).astype(np.float32)
+    layout = StableLayout(random_state=0).fit(reference)
+    assert layout.n_neighbors_ <= 29
+    query = np.concatenate([reference[:3] + 0.01, np.full((1, 8), np.nan)])
+    xy = layout.transform(query)
+    assert np.isnan(xy[3]).all() and np.isfinite(xy[:3]).all()
+    np.testing.assert_array_equal(xy, layout.transform(query))
+    np.testing.assert_array_equal(xy[:1], layout.transform(query[:1]))   # row-independent
+    # points of the first cluster stay with the first cluster on the map
+    ref_xy = layout.reference_layout_
+    nearest = ((xy[:3, None] - ref_xy[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest < 15).all()
+    header, arrays = layout.state()
+    restored = StableLayout.from_state(header, arrays)
+    np.testing.assert_array_equal(restored.transform(query), xy)
+    with pytest.raises(ValueError, match="at least 4"):
+        StableLayout().fit(reference[:3])
+    with pytest.raises(ValueError, match="dimensions"):
+        layout.transform(np.zeros((2, 5)))
+
+
+def _rows(obs, rows):
+    return LayerObservation(
+        layer=obs.layer, image_ids=obs.image_ids[rows].copy(), activations=obs.activations[rows].copy(),
+        positions=obs.positions[rows].copy(), invalid=obs.invalid[rows].copy(), map_size=obs.map_size,
+        input_size=obs.input_size, probe_hash=obs.probe_hash, step=obs.step,
+    )

@@ -1,0 +1,121 @@
+"""ConceptWriter writes TF-free events that both TensorBoard loaders read back."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as stub_crc
+
+from tb_conceptevo import metadata
+from tb_conceptevo.observation import LayerObservation
+from tb_conceptevo.payloads import stimuli_payload
+from tb_conceptevo.reading import LogReader
+from tb_conceptevo.summary import PayloadError, pack, payload_summary, unpack
+from tb_conceptevo.writer import ConceptWriter
+from tests.conftest import random_probe
+from tests.test_recording import Branchy
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logs")
+    torch.manual_seed(0)
+    model = Branchy()
+    probe = random_probe(n=30, size=12)
+    writer = ConceptWriter(str(root / "run_a"), probe=probe, k=4, batch_size=8, progress=False)
+    observations = []
+    for step in range(3):
+        writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+        observations.append(writer.add_concepts(model, step=step))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    writer.close()
+    return root, observations, probe
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["python-loader", "rustboard"])
+def test_reader_returns_what_was_written(logdir, fast):
+    root, observations, probe = logdir
+    with LogReader(str(root), fast=fast) as logs:
+        assert logs.runs() == ["run_a"]
+        assert logs.layers("run_a") == ["left", "right", "stem"]
+        assert logs.steps("run_a") == [0, 1, 2]
+        for step, expected in enumerate(observations):
+            got = logs.observation("run_a", step)
+            assert got.probe_hash == probe.hash
+            for name, layer in expected.items():
+                np.testing.assert_array_equal(got[name].image_ids, layer.image_ids)
+                np.testing.assert_array_equal(got[name].activations, layer.activations)
+                np.testing.assert_array_equal(got[name].positions, layer.positions)
+                assert got[name].map_size == layer.map_size and got[name].input_size == (12, 12)
+        header, arrays = logs.probe("run_a")
+        assert header["n_images"] == 30 and header["probe_hash"] == probe.hash
+        assert arrays["atlas_0"][:8].tobytes() == b"\x89PNG\r\n\x1a\n"
+
+
+def test_native_crc_matches_tensorboard():
+    from tensorboard.summary.writer import record_writer
+
+    for data in (b"", b"abc", os.urandom(10_000)):
+        assert record_writer.masked_crc32c(data) == stub_crc(data)
+
+
+def test_payload_roundtrip_and_errors():
+    arrays = {"a": np.arange(6, dtype=np.int32).reshape(2, 3), "b": np.array([1.5], np.float16)}
+    header, back = unpack(pack({"x": 1}, arrays))
+    assert header["x"] == 1 and header["version"] == metadata.FORMAT_VERSION
+    np.testing.assert_array_equal(back["a"], arrays["a"])
+    blobs = pack({}, arrays)
+    with pytest.raises(PayloadError, match="bytes, expected"):
+        unpack(blobs[:1] + [blobs[1][:-2], blobs[2]])
+    with pytest.raises(PayloadError, match="newer"):
+        unpack([b'{"version": 99, "arrays": []}'])
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        unpack([b"\xff"])
+
+
+def test_payload_for_4096_neurons_under_1mb():
+    rng = np.random.default_rng(0)
+    n, k = 4096, 10
+    obs = LayerObservation("layer", rng.integers(0, 2048, (n, k)).astype(np.int32),
+                           rng.random((n, k), dtype=np.float32), rng.integers(0, 64, (n, k)).astype(np.int32),
+                           np.zeros(n, bool), (8, 8), (64, 64), "h" * 64)
+    size = payload_summary("conceptevo/stimuli/layer", *stimuli_payload(obs)).ByteSize()
+    assert size <= 1_000_000, size
+
+
+def test_truncated_event_file_keeps_earlier_steps(logdir, tmp_path):
+    root, observations, _ = logdir
+    run = tmp_path / "run_a"
+    run.mkdir()
+    (src,) = [f for f in os.listdir(root / "run_a") if f.startswith("events")]
+    data = (root / "run_a" / src).read_bytes()
+    (run / src).write_bytes(data[: len(data) - 300])  # killed mid-record
+    with LogReader(str(tmp_path)) as logs:
+        steps = logs.steps("run_a")
+        assert steps[:2] == [0, 1]
+        got = logs.observation("run_a", 1)
+        np.testing.assert_array_equal(got["stem"].image_ids, observations[1]["stem"].image_ids)
+
+
+def test_writer_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs a probe set"):
+        ConceptWriter(str(tmp_path / "a")).add_concepts(Branchy(), 0)
+
+    class Bad:
+        name = "a/b"
+
+    with pytest.raises(ValueError, match="invalid space name"):
+        ConceptWriter(str(tmp_path / "b"), probe=random_probe(), spaces=[Bad()])
+    assert not (tmp_path / "b").exists()  # refused before creating anything
+
+
+def test_reader_unknown_run_and_step(logdir):
+    root, _, _ = logdir
+    with LogReader(str(root)) as logs:
+        with pytest.raises(KeyError, match="no tb_conceptevo data"):
+            logs.observation("nope")
+        with pytest.raises(KeyError, match="no data at step 7"):
+            logs.observation("run_a", 7)
