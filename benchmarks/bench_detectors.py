@@ -11,7 +11,7 @@
    recording pass of a VGG16 whose conv layers 3-13 have exactly 4,096 channels.
    Target: ratio <= 1.
 
-Run: python benchmarks/bench_detectors.py [--quick]
+Run: python benchmarks/bench_detectors.py [--quick] [--only netdissect|clip]
 """
 
 from __future__ import annotations
@@ -160,7 +160,10 @@ def bench_clip_dissect(quick: bool):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller probe sets (smoke run)")
+    parser.add_argument("--only", choices=["netdissect", "clip"], help="run one of the two benchmarks")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_netdissect(args.quick)
-    bench_clip_dissect(args.quick)
+    if args.only in (None, "netdissect"):
+        bench_netdissect(args.quick)
+    if args.only in (None, "clip"):
+        bench_clip_dissect(args.quick)

@@ -7,16 +7,17 @@ from torch import nn
 class DemoCNN(nn.Module):
     """Four 3x3 conv layers (16-32-64-64 channels), global average pooling, a linear head.
 
-    Layer names users see in TensorBoard: ``features.0``, ``features.3``, ``features.6``,
-    ``features.9`` (the convs; ConceptEvo records conv outputs before the ReLU).
+    Layer names users see in TensorBoard: ``features.0``, ``features.4``, ``features.8``,
+    ``features.12`` (the convs; ConceptEvo records conv outputs before the ReLU).
     """
 
-    def __init__(self, n_classes: int = 6, widths=(16, 32, 64, 64), dropout: float = 0.3):
+    def __init__(self, n_classes: int = 6, widths=(16, 32, 64, 64), dropout: float = 0.3, batch_norm: bool = True):
         super().__init__()
         layers = []
         channels = 3
         for i, width in enumerate(widths):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(channels, width, 3, padding=1),
+                       nn.BatchNorm2d(width) if batch_norm else nn.Identity(), nn.ReLU(inplace=True)]
             layers.append(nn.MaxPool2d(2) if i < len(widths) - 1 else nn.Identity())
             channels = width
         self.features = nn.Sequential(*layers)

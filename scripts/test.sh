@@ -19,7 +19,11 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 # Frontend: dependencies from the lock file, unit tests, committed bundle up to date.
-(cd frontend && npm ci --no-audit --no-fund --loglevel=error && npm test && npm run check-bundle)
+(cd frontend && npm ci --no-audit --no-fund --loglevel=error && npm run check-bundle && npm test)
 
-# Python tests (they include the browser tests, driven from pytest).
+# Python tests: unit, plugin through TensorBoard's WSGI app (both loaders), a real
+# tensorboard process, distributed recording.
 python -m pytest -q tests "$@"
+
+# Browser tests: a real tensorboard process serving writer-made logs, headless chromium.
+(cd frontend && PYTHON="$(command -v python)" npm run test:browser)

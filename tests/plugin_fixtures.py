@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch

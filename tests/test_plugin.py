@@ -3,7 +3,6 @@ rustboard (``--load_fast=true``), with the same assertions (``plugin_checks``)."
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

@@ -14,7 +14,6 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
 from tb_conceptevo import metadata
-from tb_conceptevo.plugin import store as store_module
 from tb_conceptevo.plugin import views, web
 from tb_conceptevo.plugin.store import LRUCache, Store
 from tb_conceptevo.reading import DataNotFound
@@ -117,10 +116,10 @@ def test_index_is_cached_refreshed_in_background_and_on_unknown_steps(fake):
         with pytest.raises(DataNotFound):
             store.datum_at(None, "", "run", tag, 99)
     assert provider.read_calls <= 3
-    # Stale index: served at once, refreshed in the background.
+    # Stale index: served at once, the run's part refreshed in the background.
     time.sleep(0.25)
     calls = provider.read_calls
-    store.index(None, "")
+    assert store.datum_at(None, "", "run", tag, 1).step == 1  # answered from the stale copy
     deadline = time.time() + 2
     while provider.read_calls == calls and time.time() < deadline:
         time.sleep(0.01)
@@ -128,9 +127,14 @@ def test_index_is_cached_refreshed_in_background_and_on_unknown_steps(fake):
 
 
 def test_unknown_run_and_tag_messages(fake):
-    _, store, tag = fake
+    provider, store, tag = fake
     with pytest.raises(DataNotFound, match="unknown run 'nope'; runs with concept data: 'run'"):
         store.series(None, "", "nope", tag)
+    provider.read_calls = 0
+    for name in ["a", "b", "c", "d"]:  # a flood of unknown names: rate-limited full re-reads
+        with pytest.raises(DataNotFound):
+            store.series(None, "", name, tag)
+    assert provider.read_calls <= 1
     with pytest.raises(DataNotFound, match="has no space data"):
         store.series(None, "", "run", metadata.space_tag("other", "conv1"))
 

@@ -354,3 +354,80 @@ def _rows(obs, rows):
         positions=obs.positions[rows].copy(), invalid=obs.invalid[rows].copy(), map_size=obs.map_size,
         input_size=obs.input_size, probe_hash=obs.probe_hash, step=obs.step,
     )
+
+
+# ------------------------------------------------------------------ command line
+def _log_run(logdir, run, steps, responses, seed):
+    from tb_conceptevo.writer import ConceptWriter
+
+    rng = np.random.default_rng(seed)
+    writer = ConceptWriter(os.path.join(logdir, run), probe=None, progress=False)
+    for step in steps:
+        noisy = responses + rng.normal(scale=0.05, size=responses.shape)
+        half = noisy.shape[1] // 2
+        obs = Observation(layers={"a1": observe(noisy[:, :half], "a1", step=step),
+                                  "a2": observe(noisy[:, half:], "a2", step=step)},
+                          step=step, probe_hash=PROBE_HASH)
+        writer.add_observation(obs, step)
+    writer.close()
+
+
+def _event_files(logdir):
+    return sorted((root, name, os.path.getsize(os.path.join(root, name)))
+                  for root, _, names in os.walk(logdir) for name in names if "tfevents" in name)
+
+
+def test_cli_fit_space_and_project(world, tmp_path, capsys):
+    from tb_conceptevo.cli import main
+    from tb_conceptevo.reading import LogReader
+
+    logdir, space_file = str(tmp_path / "logs"), str(tmp_path / "space.npz")
+    assert main(["project", "--logdir", logdir, "--space", space_file]) == 2   # no space file yet
+    os.makedirs(logdir)
+    space = ConceptEvoSpace(progress=False).fit(world["base"])
+    space.save(space_file)
+    assert main(["project", "--logdir", logdir, "--space", space_file, "--no-progress"]) == 2
+    assert "no tb_conceptevo observations" in capsys.readouterr().err
+
+    _log_run(logdir, "base", [0, 10, 20], world["responses_a"], 0)
+    _log_run(logdir, "other", [5, 15], world["responses_a"], 1)
+    assert main(["fit-space", "--logdir", logdir, "--out", space_file, "--no-progress"]) == 2
+    assert "several runs" in capsys.readouterr().err
+    assert main(["fit-space", "--logdir", logdir, "--run", "base", "--out", space_file,
+                 "--epochs", "5", "--groups", "4", "--no-progress"]) == 0
+    fitted = ConceptEvoSpace.load(space_file)
+    assert fitted.neuron_ids_[0] == "a1:0" and fitted.group_centers_.shape == (4, 30)
+
+    # back-fill one run first, then everything: only the missing steps are written
+    assert main(["project", "--logdir", logdir, "--space", space_file, "--runs", "other", "--no-progress"]) == 0
+    assert main(["project", "--logdir", logdir, "--space", space_file, "--no-progress"]) == 0
+    with LogReader(logdir) as logs:
+        for run, steps in (("base", [0, 10, 20]), ("other", [5, 15])):
+            for layer in ("a1", "a2"):
+                assert logs.space_steps(run, "conceptevo", layer) == steps
+        embedding = logs.embedding("base", "conceptevo", "a1", 20)
+        expected = fitted.embed(logs.observation("base", 20)["a1"])
+        np.testing.assert_allclose(embedding.layout, expected.layout, rtol=1e-3, atol=1e-3)
+        scalars = logs.scalars("base")
+        assert [s for s, _ in scalars["concepts/entropy/conceptevo/all"]] == [0, 10, 20]
+        assert [s for s, _ in scalars["concepts/speed/conceptevo/a1"]] == [10, 20]
+    # running it again changes nothing
+    before = _event_files(logdir)
+    capsys.readouterr()
+    assert main(["project", "--logdir", logdir, "--space", space_file, "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _event_files(logdir) == before
+    # a new step logged later: only that one is filled, and its speed uses step 20
+    _log_run(logdir, "base", [30], world["responses_a"], 2)
+    assert main(["project", "--logdir", logdir, "--space", space_file, "--no-progress"]) == 0
+    with LogReader(logdir) as logs:
+        assert logs.space_steps("base", "conceptevo", "a2") == [0, 10, 20, 30]
+        assert [s for s, _ in logs.scalars("base")["concepts/speed/conceptevo/a2"]] == [10, 20, 30]
+    # another probe set: clear error
+    other_space = tmp_path / "other.npz"
+    fitted.probe_hash = "1" * 64
+    fitted.save(other_space)
+    capsys.readouterr()
+    _log_run(logdir, "base", [40], world["responses_a"], 3)
+    assert main(["project", "--logdir", logdir, "--space", str(other_space), "--no-progress"]) == 2
+    assert "probe set" in capsys.readouterr().err

@@ -358,28 +358,27 @@ class NetDissectConsumer(RecordingConsumer):
         if image.numel() == 0:
             return
         ys, xs = _bilinear_table(height, out_h, device), _bilinear_table(width, out_w, device)
-        rows = ys.pixels[cell_y][:, :, None]                                          # [n, Ly, 1]
-        cols = xs.pixels[cell_x][:, None, :]                                          # [n, 1, Lx]
-        valid = (rows >= 0) & (cols >= 0)
-        which, row, col = (t[valid] for t in torch.broadcast_tensors(
-            torch.arange(image.numel(), device=device)[:, None, None], rows, cols))
-        b, n = image[which], neuron[which]
-        # flat indices: one gather per interpolation corner
+        # the 4 cells of each anchor, gathered once; every output pixel of the anchor's
+        # block is then a dense [anchors, Ly, Lx] broadcast (no per-pixel gathers)
         flat = fmap.reshape(-1)
-        base = (b * channels + n) * (height * width)
-        y0, y1, wy = ys.low[row] * width, ys.high[row] * width, ys.weight[row]
-        x0, x1, wx = xs.low[col], xs.high[col], xs.weight[col]
-        value = ((1 - wy) * ((1 - wx) * flat[base + y0 + x0] + wx * flat[base + y0 + x1])
-                 + wy * ((1 - wx) * flat[base + y1 + x0] + wx * flat[base + y1 + x1]))
-        active = value >= passing[n]
-        b, n, row, col = b[active], n[active], row[active], col[active]
+        base = (image * channels + neuron) * (height * width)
+        top, bottom = cell_y * width, ys.next_cell[cell_y] * width
+        right = xs.next_cell[cell_x]
+        corners = [flat[base + r + c][:, None, None] for r in (top, bottom) for c in (cell_x, right)]
+        wy = ys.block_weight[cell_y][:, :, None]                                      # [n, Ly, 1]
+        wx = xs.block_weight[cell_x][:, None, :]                                      # [n, 1, Lx]
+        value = (1 - wy) * ((1 - wx) * corners[0] + wx * corners[1]) + wy * ((1 - wx) * corners[2] + wx * corners[3])
+        # padding entries have weight NaN, so they never pass
+        anchor, block_row, block_col = (value >= passing[neuron][:, None, None]).nonzero(as_tuple=True)
+        b, n = image[anchor], neuron[anchor]
+        row = ys.pixels[cell_y[anchor], block_row]
+        col = xs.pixels[cell_x[anchor], block_col]
         state.active_count += torch.bincount(n, minlength=channels).double()
         pixel_concepts = self._pixel_major(masks)                                      # [B*H*W, C]
         concept_at_pixel = pixel_concepts[(b * out_h + row) * out_w + col].float()     # [nnz, C]
         hits = torch.zeros((channels, self.n_concepts), dtype=torch.float32, device=device)
         hits.index_add_(0, n, concept_at_pixel)
         state.intersection += hits.double()
-
 
     def _pixel_major(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks as ``[B*H*W, C]`` rows (one per pixel), computed once per batch."""
@@ -391,24 +390,24 @@ class NetDissectConsumer(RecordingConsumer):
 
 class _BilinearTable:
     """1-D bilinear interpolation (PyTorch, ``align_corners=False``) from ``src`` to ``dst``
-    cells: per output index its low/high source cell and weight, and per source cell
-    the output indices anchored at it (``pixels``, -1 padded)."""
+    cells, per source cell ("anchor"): the output indices interpolated between it and
+    the next cell (``pixels``, -1 padded), their weights of the next cell
+    (``block_weight``, NaN padded) and the next cell's index (clamped at the border)."""
 
     def __init__(self, src: int, dst: int, device):
         scale = np.float32(src / dst)
         position = np.maximum((np.arange(dst, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
                               np.float32(0.0))
         low = np.minimum(np.floor(position).astype(np.int64), src - 1)
-        high = low + (low < src - 1)
         weight = (position - low).astype(np.float32)
         counts = np.bincount(low, minlength=src)
         pixels = np.full((src, max(1, counts.max())), -1, dtype=np.int64)
         for cell in range(src):  # at most a few hundred cells, once per (src, dst)
             members = np.nonzero(low == cell)[0]
             pixels[cell, :len(members)] = members
-        self.low = torch.from_numpy(low).to(device)
-        self.high = torch.from_numpy(high).to(device)
-        self.weight = torch.from_numpy(weight).to(device)
+        block_weight = np.where(pixels >= 0, weight[np.maximum(pixels, 0)], np.nan).astype(np.float32)
+        self.next_cell = torch.from_numpy(np.minimum(np.arange(src) + 1, src - 1)).to(device)
+        self.block_weight = torch.from_numpy(block_weight).to(device)
         self.pixels = torch.from_numpy(pixels).to(device)
 
 

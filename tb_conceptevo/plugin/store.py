@@ -128,10 +128,11 @@ class Store:
     ~40 ms on loopback, whatever its size):
 
     * the *index* (every run/tag's datums: steps, wall times, blob keys, never blob
-      contents), read in one call for the whole experiment.  It is refreshed in the
-      background once older than ``index_ttl`` seconds (the stale copy is served
-      meanwhile), and synchronously -- at most every ``min_refresh`` seconds -- when a
-      request names a run, tag or step it does not know yet;
+      contents), read in one call for the whole experiment (``/runs`` re-reads it each
+      time).  A run's part is refreshed in the background once older than ``index_ttl``
+      seconds (the stale copy is served meanwhile), and synchronously -- at most every
+      ``min_refresh`` seconds -- when a request names a tag or step it does not know yet
+      (an unknown run re-reads the whole index, rate-limited the same way);
     * the LRU of decoded headers / arrays / encoded answers (immutable data).
 
     Blobs missing from the LRU are fetched concurrently; the array layout of the
@@ -140,12 +141,14 @@ class Store:
     """
 
     def __init__(self, data_provider, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 index_ttl: float = 2.0, min_refresh: float = 0.5, fetch_threads: int = 16):
+                 index_ttl: float = 5.0, min_refresh: float = 0.5, fetch_threads: int = 16):
         self.provider = data_provider
         self.cache = LRUCache(cache_bytes)
         self.index_ttl = index_ttl
         self.min_refresh = min_refresh
-        self._indexes: Dict[str, Tuple[float, Dict[str, Dict[str, List[object]]]]] = {}
+        # eid -> run -> (monotonic time read, {tag: [datum]})
+        self._indexes: Dict[str, Dict[str, Tuple[float, Dict[str, List[object]]]]] = {}
+        self._full_refresh: Dict[str, float] = {}
         self._refreshing: set = set()
         self._index_lock = threading.Lock()
         self._templates: Dict[Hashable, List[str]] = {}
@@ -180,68 +183,100 @@ class Store:
         }
 
     def index(self, ctx, eid: str) -> Dict[str, Dict[str, List[object]]]:
-        """The cached experiment index (see the class docstring)."""
+        """``{run: {tag: [datum]}}`` as cached (read once if nothing is cached yet)."""
         with self._index_lock:
-            entry = self._indexes.get(eid)
-            stale = entry is not None and time.monotonic() - entry[0] > self.index_ttl
-            start_background = stale and eid not in self._refreshing
-            if start_background:
-                self._refreshing.add(eid)
-        if entry is None:
+            runs = self._indexes.get(eid)
+        if runs is None:
             return self.refresh(ctx, eid, force=True)
-        if start_background:
-            threading.Thread(target=self._background_refresh, args=(ctx, eid), daemon=True,
-                             name="conceptevo-index").start()
-        return entry[1]
+        return {run: entry[1] for run, entry in list(runs.items())}
 
     def refresh(self, ctx, eid: str, force: bool = False) -> Dict[str, Dict[str, List[object]]]:
-        """Re-read the index now (unless refreshed less than ``min_refresh`` s ago)."""
+        """Re-read every run's index now (unless done less than ``min_refresh`` s ago)."""
         with self._index_lock:
-            entry = self._indexes.get(eid)
-        if not force and entry is not None and time.monotonic() - entry[0] < self.min_refresh:
-            return entry[1]
+            last = self._full_refresh.get(eid)
+        if not force and last is not None and time.monotonic() - last < self.min_refresh:
+            return self.index(ctx, eid)
         started = time.monotonic()
         data = self.read_all(ctx, eid)
         with self._index_lock:
-            current = self._indexes.get(eid)
-            if current is None or current[0] <= started:
-                self._indexes[eid] = (started, data)
+            runs = self._indexes.setdefault(eid, {})
+            for run in list(runs):
+                if run not in data and runs[run][0] <= started:
+                    del runs[run]
+            for run, tags in data.items():
+                if run not in runs or runs[run][0] <= started:
+                    runs[run] = (started, tags)
+            self._full_refresh[eid] = started
         return data
 
-    def _background_refresh(self, ctx, eid: str) -> None:
+    def refresh_run(self, ctx, eid: str, run: str, force: bool = False) -> Dict[str, List[object]]:
+        """Re-read one run's index (unless done less than ``min_refresh`` s ago)."""
+        with self._index_lock:
+            entry = self._indexes.get(eid, {}).get(run)
+        if not force and entry is not None and time.monotonic() - entry[0] < self.min_refresh:
+            return entry[1]
+        started = time.monotonic()
+        tags = self.read_all(ctx, eid, run).get(run, {})
+        with self._index_lock:
+            runs = self._indexes.setdefault(eid, {})
+            current = runs.get(run)
+            if current is None or current[0] <= started:
+                if tags:
+                    runs[run] = (started, tags)
+                else:
+                    runs.pop(run, None)
+        return tags
+
+    def _background_refresh_run(self, ctx, eid: str, run: str) -> None:
         try:
-            self.refresh(ctx, eid, force=True)
+            self.refresh_run(ctx, eid, run, force=True)
         except Exception:  # the next request retries; never kill the server over it
             logger.warning("conceptevo: background index refresh failed", exc_info=True)
         finally:
             with self._index_lock:
-                self._refreshing.discard(eid)
+                self._refreshing.discard((eid, run))
 
     def run_tags(self, ctx, eid: str, run: str) -> Dict[str, List[object]]:
-        """``{tag: [datum]}`` of one run; :class:`DataNotFound` for an unknown run."""
-        tags = self.index(ctx, eid).get(run)
-        if not tags:
+        """``{tag: [datum]}`` of one run, refreshed in the background once older than
+        ``index_ttl``; :class:`DataNotFound` for an unknown run."""
+        with self._index_lock:
+            runs = self._indexes.get(eid)
+            entry = None if runs is None else runs.get(run)
+        if runs is None:
+            self.refresh(ctx, eid, force=True)
+        if entry is None:
+            # Unknown run: one full re-read (rate-limited), not one read per name asked for.
             tags = self.refresh(ctx, eid).get(run)
-        if not tags:
-            raise DataNotFound(self.unknown_run_message(run, self.index(ctx, eid)))
-        return tags
+            if not tags:
+                raise DataNotFound(self.unknown_run_message(run, self.index(ctx, eid)))
+            return tags
+        if time.monotonic() - entry[0] > self.index_ttl:
+            with self._index_lock:
+                start = (eid, run) not in self._refreshing
+                self._refreshing.add((eid, run))
+            if start:
+                threading.Thread(target=self._background_refresh_run, args=(ctx, eid, run), daemon=True,
+                                 name="conceptevo-index").start()
+        return entry[1]
 
     def series(self, ctx, eid: str, run: str, tag: str, what: str = "") -> List[object]:
         """Data of one run/tag sorted by step; :class:`DataNotFound` says what is missing."""
-        data = self.index(ctx, eid).get(run, {}).get(tag)
+        tags = self.run_tags(ctx, eid, run)
+        data = tags.get(tag)
         if not data:
-            data = self.refresh(ctx, eid).get(run, {}).get(tag)
+            tags = self.refresh_run(ctx, eid, run)
+            data = tags.get(tag)
         if not data:
-            raise DataNotFound(self._missing_message(self.index(ctx, eid), run, tag, what))
+            raise DataNotFound(self._missing_message(tags, run, tag, what))
         return data
 
     def datum_at(self, ctx, eid: str, run: str, tag: str, step: Optional[int], what: str = ""):
-        """The datum of ``run``/``tag`` at ``step`` (None = last), re-reading the index once
-        when the step is not known yet."""
+        """The datum of ``run``/``tag`` at ``step`` (None = last), re-reading the run's
+        index once when the step is not known yet."""
         try:
             return self.datum(self.series(ctx, eid, run, tag, what), step)
         except DataNotFound:
-            self.refresh(ctx, eid)
+            self.refresh_run(ctx, eid, run)
             return self.datum(self.series(ctx, eid, run, tag, what), step)
 
     @staticmethod
@@ -250,11 +285,10 @@ class Store:
         shown = ", ".join(repr(r) for r in names[:20]) + (", ..." if len(names) > 20 else "")
         return f"unknown run {run!r}; runs with concept data: {shown or 'none'}"
 
-    def _missing_message(self, index, run: str, tag: str, what: str) -> str:
-        if not index.get(run):
-            return self.unknown_run_message(run, index)
+    @staticmethod
+    def _missing_message(tags, run: str, tag: str, what: str) -> str:
         kind, _quals, _layer = metadata.parse_tag(tag)
-        similar = sorted(t for t in index[run] if (metadata.parse_tag(t) or ("",))[0] == kind)
+        similar = sorted(t for t in tags if (metadata.parse_tag(t) or ("",))[0] == kind)
         shown = ", ".join(similar[:20]) + (", ..." if len(similar) > 20 else "")
         return f"run {run!r} has no {what or kind} data ({tag}); its {kind} tags: {shown or 'none'}"
 

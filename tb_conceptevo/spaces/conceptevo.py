@@ -72,9 +72,10 @@ class ConceptEvoSpace(Space):
             neuron is placed from its own embedding only (see ``layout.py``).
         ridge: relative ridge of the Step 2.1 least-squares solve (see
             :meth:`_solve_image_embeddings`).
-        batch_size: skip-gram mini-batch size; None = a quarter of the table size
-            (clipped to [32, 4096]) so that each row is touched about twice per batch
-            and the summed mini-batch gradient stays close to per-pair SGD.
+        batch_size: skip-gram mini-batch size; None = half the number of rows
+            (clipped to [32, 8192]): each row is then touched about 4 times per batch
+            (2 + 2R rows per pair), so the summed mini-batch gradient stays close to
+            per-pair SGD while the batches are large enough to be efficient.
         random_state: seed of every random choice (pairs, init, negatives, UMAP).
         device: torch device of the skip-gram training (default CPU).
         progress: tqdm progress bars.
@@ -290,10 +291,10 @@ class ConceptEvoSpace(Space):
         lam = self.ridge * float(np.mean(1.0 / stimuli_count))
         if covered.size <= rows_used.size:
             gram = (A.T @ A + lam * sp.identity(covered.size)).tocsc()
-            V = splu(gram).solve(np.asarray(A.T @ U))
+            V = splu(gram, permc_spec="MMD_AT_PLUS_A").solve(np.asarray(A.T @ U))
         else:
             gram = (A @ A.T + lam * sp.identity(rows_used.size)).tocsc()
-            V = np.asarray(A.T @ splu(gram).solve(U))
+            V = np.asarray(A.T @ splu(gram, permc_spec="MMD_AT_PLUS_A").solve(U))
         residual = A @ V - U
         error = math.sqrt(float((residual ** 2).sum()) / max(float((U ** 2).sum()), 1e-30))
         return covered, V, error
@@ -491,7 +492,7 @@ class ConceptEvoSpace(Space):
     def _batch_size(self, n_rows: int) -> int:
         if self.batch_size is not None:
             return int(self.batch_size)
-        return int(min(4096, max(32, n_rows // 4)))
+        return int(min(8192, max(32, n_rows // 2)))
 
     def _check_params(self) -> None:
         positive_ints = {"dim": self.dim, "negatives": self.negatives, "epochs": self.epochs,
@@ -566,9 +567,9 @@ def train_skipgram(
     ``negative_pool`` separately for n and for m.  The gradients are Eq. 2-3 for
     v_n, v_m plus the (equally part of J1) gradients of the negative rows.
     Mini-batched SGD: the gradients of a batch are computed from the same table and
-    summed into it with ``index_add_`` (a row occurring several times in a batch
+    summed into it with ``index_put_(accumulate=True)`` (a row occurring several times in a batch
     receives the sum, as with sequential per-pair updates); the learning rate decays
-    linearly to 1e-4 * lr as in word2vec.  ``trainable`` (bool per row) freezes the
+    linearly to 1e-4 * lr as in word2vec.  Runs single-threaded on CPU (tiny tensors).  ``trainable`` (bool per row) freezes the
     other rows (used for the indirect image embeddings).
     """
     n_pairs = int(pairs.shape[0])
@@ -584,6 +585,7 @@ def _skipgram_epochs(table, pairs, negative_pool, negatives, lr, epochs, batch_s
                      trainable, progress, desc):
     n_pairs = int(pairs.shape[0])
     pool_size = int(negative_pool.numel())
+    dim = table.shape[1]
     device = table.device
     mask = trainable.to(table.dtype).unsqueeze(1) if trainable is not None else None
     batches_per_epoch = math.ceil(n_pairs / batch_size)
@@ -596,25 +598,25 @@ def _skipgram_epochs(table, pairs, negative_pool, negatives, lr, epochs, batch_s
         negative_index = torch.randint(pool_size, (n_pairs, 2 * negatives), generator=generator).to(device)
         for start in range(0, n_pairs, batch_size):
             batch = order[start:start + batch_size]
+            size = batch.numel()
             a, b = pairs[batch, 0], pairs[batch, 1]
-            neg = negative_pool[negative_index[start:start + batch.numel()]]
-            neg_a, neg_b = neg[:, :negatives], neg[:, negatives:]
-            va, vb = table[a], table[b]
-            vna, vnb = table[neg_a], table[neg_b]
+            neg = negative_pool[negative_index[start:start + size]]                    # [B, 2R]
+            va, vb = table.index_select(0, a), table.index_select(0, b)
+            vneg = table.index_select(0, neg.reshape(-1)).view(size, 2 * negatives, dim)
+            vna, vnb = vneg[:, :negatives], vneg[:, negatives:]
             positive = 1.0 - torch.sigmoid((va * vb).sum(-1, keepdim=True))          # [B, 1]
-            sa = torch.sigmoid(torch.einsum("bd,brd->br", va, vna)).unsqueeze(-1)     # [B, R, 1]
-            sb = torch.sigmoid(torch.einsum("bd,brd->br", vb, vnb)).unsqueeze(-1)
+            sa = torch.sigmoid(torch.bmm(vna, va.unsqueeze(2)))                        # [B, R, 1]
+            sb = torch.sigmoid(torch.bmm(vnb, vb.unsqueeze(2)))
             rate = lr * max(1e-4, 1.0 - step / total)
             grad_a = positive * vb - (sa * vna).sum(1)                                 # Eq. 2
             grad_b = positive * va - (sb * vnb).sum(1)                                 # Eq. 3
-            grad_na = -(sa * va.unsqueeze(1))                                          # d/dv_r
-            grad_nb = -(sb * vb.unsqueeze(1))
-            rows = torch.cat([a, b, neg_a.reshape(-1), neg_b.reshape(-1)])
-            updates = torch.cat([grad_a, grad_b, grad_na.reshape(-1, table.shape[1]),
-                                 grad_nb.reshape(-1, table.shape[1])])
-            if mask is not None:
-                updates = updates * mask[rows]
-            table.index_add_(0, rows, updates, alpha=rate)
+            grad_neg = -torch.cat([sa * va.unsqueeze(1), sb * vb.unsqueeze(1)], 1)     # d/dv_r
+            # all gradients come from the table before this batch's update
+            for rows, grad in ((a, grad_a), (b, grad_b), (neg.reshape(-1), grad_neg.reshape(-1, dim))):
+                grad = grad * rate
+                if mask is not None:
+                    grad = grad * mask[rows]
+                table.index_put_((rows,), grad, accumulate=True)
             step += 1
         bar.update(batches_per_epoch)
     bar.close()

@@ -162,8 +162,9 @@ class StableLayout:
         from sklearn.neighbors import NearestNeighbors
 
         if getattr(self, "_neighbors_index", None) is None:
+            # brute force: one BLAS distance matrix, faster than trees in 30-D
             self._neighbors_index = NearestNeighbors(
-                n_neighbors=self.n_neighbors_, metric=self.metric
+                n_neighbors=self.n_neighbors_, metric=self.metric, algorithm="brute"
             ).fit(self.reference_vectors_)
         dists, indices = self._neighbors_index.kneighbors(rows)
         weights = membership_weights(dists, float(np.log2(self.n_neighbors_)))

@@ -1,0 +1,199 @@
+"""``tb-conceptevo fit-space`` and ``tb-conceptevo project``: ConceptEvo after training.
+
+Fit the unified space from observations already logged (e.g. the last step of the
+best run), then back-fill embeddings and layouts into every run and step::
+
+    tb-conceptevo fit-space --logdir runs --run baseline --out space.npz
+    tb-conceptevo project --logdir runs --space space.npz
+
+``project`` writes under ``conceptevo/space/<space>/<layer>`` (new tags), in ascending
+step order, only for the steps and layers not back-filled yet: running it twice
+changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+
+def register(subparsers) -> None:
+    fit = subparsers.add_parser(
+        "fit-space", help="fit a ConceptEvo space from logged observations",
+        description="Fit a ConceptEvo space (Steps 1 and 2.1) on the observations of one logged run and step.",
+    )
+    fit.add_argument("--logdir", required=True, help="TensorBoard logdir")
+    fit.add_argument("--run", default=None, help="base run (default: the only run with observations)")
+    fit.add_argument("--step", type=int, default=None, help="base step (default: the last logged step)")
+    fit.add_argument("--layers", default=None, help="comma-separated layers (default: all logged layers)")
+    fit.add_argument("--out", required=True, help="space file to write (e.g. space.npz)")
+    fit.add_argument("--dim", type=int, default=30)
+    fit.add_argument("--epochs", type=int, default=20)
+    fit.add_argument("--repetitions", type=int, default=10)
+    fit.add_argument("--k", type=int, default=10, help="stimuli per neuron")
+    fit.add_argument("--sample-fraction", type=float, default=None)
+    fit.add_argument("--groups", type=int, default=None, help="number of k-means concept groups")
+    fit.add_argument("--indirect-from-other-steps", action="store_true",
+                     help="use the run's other logged steps as evidence for indirect image embeddings")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--fast", action="store_true", help="read the logdir with rustboard")
+    fit.add_argument("--no-progress", action="store_true")
+    fit.set_defaults(func=run_fit_space)
+
+    project = subparsers.add_parser(
+        "project", help="back-fill embeddings and layouts of a saved space into every logged run and step",
+        description="Place every logged observation in a saved space and write the embeddings, layouts "
+                    "and metrics as new tags (only steps and layers not written yet).",
+    )
+    project.add_argument("--logdir", required=True, help="TensorBoard logdir")
+    project.add_argument("--space", required=True, help="space file written by fit-space")
+    project.add_argument("--runs", default=None, help="comma-separated runs (default: every run with observations)")
+    project.add_argument("--layers", default=None, help="comma-separated layers (default: all logged layers)")
+    project.add_argument("--fast", action="store_true", help="read the logdir with rustboard")
+    project.add_argument("--no-progress", action="store_true")
+    project.set_defaults(func=run_project)
+
+
+# ------------------------------------------------------------------------ fit-space
+def run_fit_space(args) -> int:
+    from ..reading import LogReader
+    from ..spaces.conceptevo import ConceptEvoSpace
+
+    progress = not args.no_progress
+    with LogReader(args.logdir, fast=args.fast) as logs:
+        run = _base_run(logs, args.run, args.logdir)
+        layers = _layer_list(args.layers) or logs.layers(run)
+        steps = logs.steps(run, layers[0])
+        step = steps[-1] if args.step is None else args.step
+        if step not in steps:
+            raise ValueError(f"run {run!r} has no observations at step {step}; logged steps: {_short(steps)}")
+        base = logs.observation(run, step, layers)
+        extra = []
+        if args.indirect_from_other_steps:
+            extra = [logs.observation(run, s, layers) for s in steps if s != step]
+    space = ConceptEvoSpace(
+        dim=args.dim, epochs=args.epochs, repetitions=args.repetitions, k=args.k,
+        sample_fraction=args.sample_fraction, n_groups=args.groups, random_state=args.seed,
+        progress=progress,
+    )
+    print(f"fitting on run {run!r}, step {step}: {len(base)} layers, {base.n_neurons} neurons")
+    space.fit(base, indirect_observations=extra)
+    space.save(args.out)
+    print(
+        f"wrote {args.out}: {space.n_pairs_:,} co-activated pairs, {space.n_covered_images_:,} covered and "
+        f"{space.n_indirect_images_:,} indirect images, reconstruction error {space.reconstruction_error_:.3f}"
+    )
+    return 0
+
+
+# -------------------------------------------------------------------------- project
+def run_project(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..reading import LogReader
+    from ..spaces.conceptevo import ConceptEvoSpace
+
+    progress = not args.no_progress
+    space = ConceptEvoSpace.load(args.space)
+    written = 0
+    with LogReader(args.logdir, fast=args.fast) as logs:
+        runs = _runs(logs, args.runs, args.logdir)
+        plans = {run: _missing(logs, run, space.name, _layer_list(args.layers)) for run in runs}
+        total = sum(len(plan) for plan in plans.values())
+        bar = tqdm(total=total, desc="projecting", unit="step", disable=not progress)
+        for run, plan in plans.items():
+            if not plan:
+                continue
+            written += _project_run(logs, args.logdir, run, space, plan, bar)
+        bar.close()
+    if written:
+        print(f"back-filled {written} step(s) of {sum(bool(p) for p in plans.values())} run(s) into space {space.name!r}")
+    else:
+        print(f"nothing to do: every logged step is already placed in space {space.name!r}")
+    return 0
+
+
+def _missing(logs, run: str, space_name: str, layers: Optional[List[str]]) -> Dict[int, List[str]]:
+    """``{step: [layers without an embedding at that step]}``, ascending steps."""
+    layers = layers or logs.layers(run)
+    plan: Dict[int, List[str]] = {}
+    for layer in layers:
+        done = set(logs.space_steps(run, space_name, layer))
+        for step in logs.steps(run, layer):
+            if step not in done:
+                plan.setdefault(step, []).append(layer)
+    return dict(sorted(plan.items()))
+
+
+def _project_run(logs, logdir: str, run: str, space, plan: Dict[int, List[str]], bar) -> int:
+    import os
+
+    from ..writer import ConceptWriter
+
+    writer = ConceptWriter(os.path.join(logdir, run), probe=None, progress=False)
+    try:
+        _seed_previous(logs, run, space, writer, min(plan))
+        for step, layers in plan.items():
+            observation = logs.observation(run, step, layers)
+            embeddings = {layer: space.embed(observation[layer]) for layer in layers}
+            if len(layers) == len(logs.layers(run)):
+                writer.add_space_embeddings(space, embeddings, step, observation.probe_hash)
+            else:  # some layers were already there: per-layer metrics only
+                for layer, embedding in embeddings.items():
+                    writer.add_space_embedding(space, layer, embedding, step, observation.probe_hash)
+            writer.flush()
+            bar.update(1)
+    finally:
+        writer.close()
+    return len(plan)
+
+
+def _seed_previous(logs, run: str, space, writer, first_step: int) -> None:
+    """Give the writer the embeddings logged just before ``first_step`` so the
+    evolution speed of the first back-filled step is measured against them."""
+    previous = getattr(writer, "_previous_vectors", None)
+    if previous is None:
+        return
+    for layer in logs.layers(run):
+        earlier = [s for s in logs.space_steps(run, space.name, layer) if s < first_step]
+        if earlier:
+            embedding = logs.embedding(run, space.name, layer, earlier[-1])
+            previous[(space.name, layer)] = (embedding.vectors, embedding.placed)
+
+
+# -------------------------------------------------------------------------- helpers
+def _runs(logs, requested: Optional[str], logdir: str) -> List[str]:
+    available = [run for run in logs.runs() if logs.layers(run)]
+    if not available:
+        raise ValueError(
+            f"no tb_conceptevo observations in {logdir!r}; record some first "
+            "(ConceptWriter.add_concepts or 'tb-conceptevo record')"
+        )
+    if requested is None:
+        return available
+    runs = _layer_list(requested)
+    unknown = [run for run in runs if run not in available]
+    if unknown:
+        raise ValueError(f"runs {unknown} have no observations in {logdir!r}; available: {available}")
+    return runs
+
+
+def _base_run(logs, requested: Optional[str], logdir: str) -> str:
+    available = _runs(logs, None, logdir)
+    if requested is not None:
+        if requested not in available:
+            raise ValueError(f"run {requested!r} has no observations in {logdir!r}; available: {available}")
+        return requested
+    if len(available) > 1:
+        raise ValueError(f"{logdir!r} has several runs ({available}); choose the base with --run")
+    return available[0]
+
+
+def _layer_list(text: Optional[str]) -> Optional[List[str]]:
+    if not text:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _short(steps) -> str:
+    steps = list(steps)
+    return str(steps) if len(steps) <= 8 else f"[{steps[0]}, {steps[1]}, ..., {steps[-1]}] ({len(steps)} steps)"
