@@ -7,7 +7,7 @@
 Runs (same small CNN, same seeds, only the training setup differs):
 
 * ``baseline``     SGD lr 0.05, dropout 0.3, weight decay 5e-4, 2,000 training images
-* ``lr_too_high``  the same with lr 0.5 (the papers' failure case)
+* ``lr_too_high``  the same with lr 2.0 (the papers' failure case)
 * ``overfit``      no dropout, no weight decay, 250 training images
 
 Every epoch ``writer.add_concepts`` places all 176 neurons in a text-anchored space
@@ -32,10 +32,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 IMAGE_SIZE = 32
 PROBE_IMAGES = 512
-TEST_IMAGES = 600
+TEST_IMAGES = 1200
 SEED = 0
 IMPORTANCE_CLASS = 0          # "circle"
-IMPORTANCE_FROM_EPOCH = 2
+IMPORTANCE_FROM_EPOCH = 1
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Setup:
 
 RUNS = {
     "baseline": Setup(lr=0.05, dropout=0.3, weight_decay=5e-4, n_train=2000),
-    "lr_too_high": Setup(lr=0.5, dropout=0.3, weight_decay=5e-4, n_train=2000),
+    "lr_too_high": Setup(lr=2.0, dropout=0.3, weight_decay=5e-4, n_train=2000),
     "overfit": Setup(lr=0.05, dropout=0.0, weight_decay=0.0, n_train=250),
 }
 
@@ -176,7 +176,7 @@ def serve(logdir, port):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logdir", default=os.path.join("runs", "demo"))
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--no-serve", action="store_true", help="train and log, then exit")
     parser.add_argument("--check", action="store_true", help="check the logged discoveries and exit")
     parser.add_argument("--port", type=int, default=0, help="TensorBoard port (default: a free one)")

@@ -345,14 +345,19 @@ def record(
     rank, world = _distributed()
     shapes = layer_shapes(model, probe, [m for _, m in chosen], device)
     shard = torch.arange(rank, n, world, device=device)
-    n_passes = max([1] + [int(getattr(c, "passes", 1)) for c in consumers])
     tops = {name: _TopK(shapes[name][0], k, device) for name, _ in chosen}
     input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
 
     from tqdm.auto import tqdm
 
-    for pass_index in range(n_passes):
+    pass_index = 0
+    # ``passes`` is re-read after every pass: a consumer may find during pass 0 that it
+    # needs no second one (e.g. NetDissect when the maps fit in its cache).
+    while True:
         active = [c for c in consumers if pass_index < int(getattr(c, "passes", 1))]
+        if pass_index > 0 and not active:
+            break
+        n_passes = max([pass_index + 1] + [int(getattr(c, "passes", 1)) for c in consumers])
         for consumer in active:
             consumer.begin_pass(pass_index, dict(shapes), probe)
         batch_indices = [None]
@@ -382,6 +387,7 @@ def record(
                 model(_load(probe, indices, device))
         for consumer in active:
             consumer.end_pass(pass_index)
+        pass_index += 1
 
     if world > 1:
         for top in tops.values():

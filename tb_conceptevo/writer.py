@@ -16,8 +16,7 @@ payloads are documented in ``docs/FORMAT.md``.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -293,6 +292,11 @@ class ConceptWriter(SummaryWriter):
         for metric, value in metrics.items():
             self._scalar(metadata.scalar_tag(metric, space.name, layer), value, step)
         return metrics
+
+    def set_previous_embedding(self, space_name: str, layer: str, embedding) -> None:
+        """The embedding evolution speed of the next ``add_space_embedding`` of ``layer``
+        is measured against (used when back-filling after already placed steps)."""
+        self._previous_vectors[(space_name, layer)] = (embedding.vectors, embedding.placed)
 
     def add_detection(self, detector_name: str, detection, step: int) -> None:
         header, arrays = detection_payload(detector_name, detection)

@@ -15,16 +15,12 @@ writes, into the run's event files at step ``--to-step``, one
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
-import sys
-from typing import Callable, Dict, Mapping
+from typing import Dict
 
 import torch
 
-#: probe-set names accepted by ``--images NAME[:key=value,...]``
-PROBE_NAMES = ("concept_shapes",)
+from .common import build_model, load_checkpoint, load_factory, load_probe  # noqa: F401 (re-exported)
 
 
 def register(subparsers) -> None:
@@ -69,138 +65,6 @@ def register(subparsers) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
-    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
-    if not isinstance(spec, str) or spec.count(":") < 1 or spec.endswith(":") or spec.startswith(":"):
-        raise ValueError(
-            f"--factory {spec!r} must look like 'module:function' (e.g. 'mymodels:make_cnn' or "
-            f"'path/to/models.py:make_cnn')"
-        )
-    module_name, _, function_name = spec.rpartition(":")
-    if module_name.endswith(".py"):
-        if not os.path.isfile(module_name):
-            raise FileNotFoundError(f"--factory: file {module_name!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(
-            os.path.splitext(os.path.basename(module_name))[0], module_name)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as error:
-            raise ValueError(f"--factory: importing {module_name!r} failed: {error!r}") from error
-    else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # like `python -m`: local modules are importable
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ValueError(
-                f"--factory: cannot import module {module_name!r} ({error}); run from the folder "
-                f"that contains it or give a path to the .py file"
-            ) from error
-    function = getattr(module, function_name, None)
-    if function is None:
-        public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-        raise ValueError(
-            f"--factory: module {module_name!r} has no attribute {function_name!r}; callables in it: "
-            f"{public[:20]}"
-        )
-    if not callable(function):
-        raise ValueError(f"--factory: {spec!r} is not callable")
-    return function
-
-
-def build_model(factory: Callable[[], torch.nn.Module], spec: str) -> torch.nn.Module:
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"--factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def load_state_dict(path: str) -> Mapping[str, torch.Tensor]:
-    """A state_dict from ``path`` (plain, or under ``'model'``/``'state_dict'``), on the CPU.
-
-    Loaded with ``weights_only=True``: checkpoints cannot run code.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"cannot load checkpoint {path!r} with torch.load(weights_only=True): {error}. Save "
-            f"model.state_dict() (optionally inside a dict under 'model' or 'state_dict')"
-        ) from error
-    if isinstance(state, Mapping):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if isinstance(state.get(key), Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"checkpoint {path!r} holds no state_dict: expected {{name: tensor}} or a dict with a "
-            f"'model' or 'state_dict' entry"
-        )
-    return state
-
-
-def load_checkpoint(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    state = dict(load_state_dict(path))
-    expected = model.state_dict()
-    # DataParallel / DistributedDataParallel checkpoints prefix every key with "module."
-    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
-        for k in expected if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong_shape:
-            parts.append(f"wrong shape {wrong_shape[:3]}")
-        raise ValueError(f"checkpoint {path!r} does not fit the factory's model: {'; '.join(parts)}")
-    model.load_state_dict(state)
-    return model
-
-
-def _parse_value(text: str):
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def load_probe(spec: str, image_size: int = 64):
-    """``'concept_shapes:n=1024,seed=0'`` or an image folder -> a ProbeSet."""
-    from tb_conceptevo import probes
-
-    if os.path.isdir(spec):
-        return probes.ImageFolderProbe(spec, size=image_size)
-    name, _, options = spec.partition(":")
-    if name not in PROBE_NAMES:
-        raise ValueError(
-            f"--images {spec!r} is neither a folder nor a probe set; use one of {list(PROBE_NAMES)} "
-            f"(e.g. 'concept_shapes:n=1024,seed=0') or an existing folder"
-        )
-    kwargs = {}
-    for item in filter(None, (part.strip() for part in options.split(","))):
-        key, equals, value = item.partition("=")
-        if not equals or not key.strip():
-            raise ValueError(f"--images: option {item!r} must be key=value (e.g. n=1024)")
-        kwargs[key.strip()] = _parse_value(value.strip())
-    try:
-        return probes.ConceptShapes(**kwargs)
-    except TypeError as error:
-        raise ValueError(f"--images {spec!r}: {error}") from error
 
 
 def resolve_class(text: str, probe) -> int:

@@ -61,7 +61,7 @@ def run(args) -> int:
 
     from ..spaces import load_space
     from ..writer import ConceptWriter
-    from .importance import build_model, load_checkpoint, load_factory, load_probe
+    from .common import build_model, load_checkpoint, load_factory, load_probe
 
     checkpoints = checkpoint_steps(args.checkpoints)
     factory = load_factory(args.factory)

@@ -87,29 +87,41 @@ def run_fit_space(args) -> int:
 
 # -------------------------------------------------------------------------- project
 def run_project(args) -> int:
-    from tqdm.auto import tqdm
+    from ..spaces import load_space
 
-    from ..reading import LogReader
-    from ..spaces.conceptevo import ConceptEvoSpace
-
-    progress = not args.no_progress
-    space = ConceptEvoSpace.load(args.space)
-    written = 0
-    with LogReader(args.logdir, fast=args.fast) as logs:
-        runs = _runs(logs, args.runs, args.logdir)
-        plans = {run: _missing(logs, run, space.name, _layer_list(args.layers)) for run in runs}
-        total = sum(len(plan) for plan in plans.values())
-        bar = tqdm(total=total, desc="projecting", unit="step", disable=not progress)
-        for run, plan in plans.items():
-            if not plan:
-                continue
-            written += _project_run(logs, args.logdir, run, space, plan, bar)
-        bar.close()
+    space = load_space(args.space)
+    written, n_runs = project_logdir(args.logdir, space, runs=_layer_list(args.runs),
+                                     layers=_layer_list(args.layers), fast=args.fast,
+                                     progress=not args.no_progress)
     if written:
-        print(f"back-filled {written} step(s) of {sum(bool(p) for p in plans.values())} run(s) into space {space.name!r}")
+        print(f"back-filled {written} step(s) of {n_runs} run(s) into space {space.name!r}")
     else:
         print(f"nothing to do: every logged step is already placed in space {space.name!r}")
     return 0
+
+
+def project_logdir(logdir: str, space, runs: Optional[List[str]] = None, layers: Optional[List[str]] = None,
+                   fast: bool = False, progress: bool = True):
+    """Back-fill ``space``'s embeddings, layouts and metrics into every run and step of
+    ``logdir`` that lacks them (new tags, ascending steps; a second call writes nothing).
+
+    Returns ``(steps written, runs touched)``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..reading import LogReader
+
+    written = 0
+    with LogReader(logdir, fast=fast) as logs:
+        chosen = _runs(logs, ",".join(runs) if runs else None, logdir)
+        plans = {run: _missing(logs, run, space.name, layers) for run in chosen}
+        total = sum(len(plan) for plan in plans.values())
+        bar = tqdm(total=total, desc="projecting", unit="step", disable=not progress)
+        for run, plan in plans.items():
+            if plan:
+                written += _project_run(logs, logdir, run, space, plan, bar)
+        bar.close()
+    return written, sum(bool(p) for p in plans.values())
 
 
 def _missing(logs, run: str, space_name: str, layers: Optional[List[str]]) -> Dict[int, List[str]]:
@@ -150,14 +162,10 @@ def _project_run(logs, logdir: str, run: str, space, plan: Dict[int, List[str]],
 def _seed_previous(logs, run: str, space, writer, first_step: int) -> None:
     """Give the writer the embeddings logged just before ``first_step`` so the
     evolution speed of the first back-filled step is measured against them."""
-    previous = getattr(writer, "_previous_vectors", None)
-    if previous is None:
-        return
     for layer in logs.layers(run):
         earlier = [s for s in logs.space_steps(run, space.name, layer) if s < first_step]
         if earlier:
-            embedding = logs.embedding(run, space.name, layer, earlier[-1])
-            previous[(space.name, layer)] = (embedding.vectors, embedding.placed)
+            writer.set_previous_embedding(space.name, layer, logs.embedding(run, space.name, layer, earlier[-1]))
 
 
 # -------------------------------------------------------------------------- helpers

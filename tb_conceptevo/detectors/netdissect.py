@@ -49,7 +49,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..probes.base import ConceptVocabulary, ProbeSet
 from .base import Detection, Detector
@@ -173,6 +172,7 @@ class _LayerState:
         self.intersection: Optional[torch.Tensor] = None  # [N, C] float64
         self.active_count: Optional[torch.Tensor] = None  # [N] float64
         self.top_m = 0
+        self.any_bad = False
 
 
 class NetDissectConsumer(RecordingConsumer):
@@ -231,7 +231,8 @@ class NetDissectConsumer(RecordingConsumer):
                     candidates = torch.topk(candidates, state.top_m, dim=1, sorted=False).values
                 state.top = candidates.contiguous()
         elif pass_index == 1 and not self.cached:
-            fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
+            if state.any_bad:  # their rows become NaN; keep the other neurons' arithmetic finite
+                fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
             self._accumulate(state, fmap, self._concept_masks(indices, fmap.device))
 
     def end_pass(self, pass_index: int) -> None:
@@ -245,6 +246,7 @@ class NetDissectConsumer(RecordingConsumer):
                 state.thresholds = state.top.min(dim=1).values
                 state.top = None
             state.strict = state.thresholds <= state.minimum
+            state.any_bad = bool(state.bad.any())
             # one comparison for both rules: '>' T is '>=' the next float above T; '>=' T
             # tolerates one-ulp rounding of the bilinear interpolation
             above = torch.nextafter(state.thresholds, torch.full_like(state.thresholds, math.inf))

@@ -159,17 +159,45 @@ class StableLayout:
         Weights follow UMAP's transform: ``exp(-d_j / sigma)`` over the
         ``n_neighbors`` nearest reference vectors, ``sigma`` found by bisection so
         that the weights sum to ``log2(n_neighbors)``."""
-        from sklearn.neighbors import NearestNeighbors
-
-        if getattr(self, "_neighbors_index", None) is None:
-            # brute force: one BLAS distance matrix, faster than trees in 30-D
-            self._neighbors_index = NearestNeighbors(
-                n_neighbors=self.n_neighbors_, metric=self.metric, algorithm="brute"
-            ).fit(self.reference_vectors_)
-        dists, indices = self._neighbors_index.kneighbors(rows)
+        dists, indices = self._neighbors(rows)
         weights = membership_weights(dists, float(np.log2(self.n_neighbors_)))
         positions = np.einsum("nk,nkc->nc", weights, self.reference_layout_[indices].astype(np.float64))
         return positions.astype(np.float32)
+
+    def _neighbors(self, rows: np.ndarray):
+        """``(distances, indices)`` ``[n, n_neighbors]`` of the nearest reference vectors.
+
+        Euclidean and cosine: exact brute force with one BLAS product per chunk of
+        rows (no per-call thread-pool start-up, which dominated for small layers);
+        other metrics: scikit-learn."""
+        reference = self.reference_vectors_.astype(np.float64)
+        queries = rows.astype(np.float64)
+        if self.metric not in ("euclidean", "cosine"):
+            from sklearn.neighbors import NearestNeighbors
+
+            if getattr(self, "_neighbors_index", None) is None:
+                self._neighbors_index = NearestNeighbors(
+                    n_neighbors=self.n_neighbors_, metric=self.metric, algorithm="brute"
+                ).fit(reference)
+            return self._neighbors_index.kneighbors(queries)
+        if self.metric == "cosine":
+            reference = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        k = self.n_neighbors_
+        reference_sq = (reference ** 2).sum(axis=1)
+        dists = np.empty((queries.shape[0], k))
+        indices = np.empty((queries.shape[0], k), dtype=np.int64)
+        for start in range(0, queries.shape[0], 2048):  # bounds memory to 2048 x R
+            chunk = queries[start:start + 2048]
+            squared = (chunk ** 2).sum(axis=1)[:, None] + reference_sq[None] - 2.0 * chunk @ reference.T
+            nearest = np.argpartition(squared, k - 1, axis=1)[:, :k]
+            part = np.take_along_axis(squared, nearest, axis=1)
+            order = np.lexsort((nearest, part), axis=1)  # by distance, ties by index: deterministic
+            indices[start:start + chunk.shape[0]] = np.take_along_axis(nearest, order, axis=1)
+            dists[start:start + chunk.shape[0]] = np.sqrt(np.maximum(np.take_along_axis(part, order, axis=1), 0.0))
+        if self.metric == "cosine":
+            dists = dists ** 2 / 2.0  # 1 - cos for unit vectors
+        return dists, indices
 
     # ---------------------------------------------------------- serialisation
     def state(self) -> Tuple[Dict, Dict[str, np.ndarray]]:
