@@ -27,3 +27,10 @@ python -m pytest -q tests "$@"
 
 # Browser tests: a real tensorboard process serving writer-made logs, headless chromium.
 (cd frontend && PYTHON="$(command -v python)" npm run test:browser)
+
+# The demo end to end (trains three small runs, ~3 minutes on 2 cores) and its check of
+# the papers' discoveries from the logged events.
+demo_logs="$(mktemp -d)"
+python demo/run.py --no-serve --logdir "$demo_logs/runs"
+python demo/run.py --check --logdir "$demo_logs/runs"
+rm -rf "$demo_logs"

@@ -60,6 +60,8 @@ class Detector(abc.ABC):
     concepts: List[str]
     categories: List[str]
     threshold: float = 0.0
+    #: softmax temperature a TextSpace uses with this detector's similarities by default
+    default_temperature: float = 0.1
 
     @abc.abstractmethod
     def consumer(self, probe, layers: Sequence[str]):

@@ -366,6 +366,11 @@ class CLIPDissect(Detector):
     def consumer(self, probe, layers: Sequence[str]) -> "CLIPDissectConsumer":
         return CLIPDissectConsumer(self, probe, list(layers))
 
+    @property
+    def default_temperature(self) -> float:
+        """The paper's T: 0.1 for soft-WPMI scores, 0.01 for cos^3."""
+        return 0.1 if self.similarity == "soft_wpmi" else 0.01
+
     def __repr__(self) -> str:
         return (f"CLIPDissect({self.model_name!r}, pretrained={self.pretrained!r}, similarity={self.similarity!r}, "
                 f"concepts={len(self.concepts)})")

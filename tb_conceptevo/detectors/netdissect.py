@@ -61,6 +61,10 @@ except ImportError:  # pragma: no cover
 
 #: elements of one chunk of maps or masks (bounds temporary memory)
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
+#: activations per neuron in the subsample that bounds the thresholds from below
+_SAMPLE_PER_NEURON = 1 << 16
+#: largest neurons x mask-patterns table counted with one bincount
+_MAX_PATTERN_TABLE = 1 << 24
 #: relative tolerance of the ``>= T`` comparison (bilinear upsampling of equal values
 #: may be one float32 ulp below them)
 _TIE_TOLERANCE = 1e-6
@@ -83,6 +87,10 @@ class NetDissect(Detector):
         name: detector name used in tags.
         progress: tqdm bar for the IoU stage of the cached mode.
     """
+
+    #: IoU scores span ~0-0.3, so the text space needs a sharper softmax than the
+    #: paper's 0.1 (which was set for soft-WPMI scores) to tell concepts apart.
+    default_temperature = 0.02
 
     def __init__(self, vocabulary=None, quantile: float = 0.995, threshold: float = 0.04,
                  cache_bytes: int = 1 << 30, name: str = "netdissect", progress: bool = True):
@@ -164,15 +172,44 @@ class _LayerState:
         self.channels, self.height, self.width = shape
         self.cache: Optional[torch.Tensor] = None       # [n, N, h, w] in cached mode
         self.top: Optional[torch.Tensor] = None         # [N, <=m] in streaming mode
-        self.minimum: Optional[torch.Tensor] = None     # [N] running minimum
+        self.minimum: Optional[torch.Tensor] = None     # [N] running minimum (streaming mode)
         self.bad: Optional[torch.Tensor] = None         # [N] saw NaN/Inf
         self.thresholds: Optional[torch.Tensor] = None  # [N]
         self.strict: Optional[torch.Tensor] = None      # [N] use '>' instead of '>='
         self.passing: Optional[torch.Tensor] = None     # [N] value an upsampled pixel must reach
-        self.intersection: Optional[torch.Tensor] = None  # [N, C] float64
+        self.pattern_hits: Optional[torch.Tensor] = None  # [N, P] int64 active pixels per mask pattern
+        self.intersection: Optional[torch.Tensor] = None  # [N, C] float64 (many patterns only)
         self.active_count: Optional[torch.Tensor] = None  # [N] float64
         self.top_m = 0
         self.any_bad = False
+
+
+class _MaskPatterns:
+    """The probe set's masks as one pattern id per pixel.
+
+    A pattern is a distinct set of concepts covering a pixel; masks have few of them
+    (ConceptShapes at 64 px: a few hundred over millions of pixels), so the
+    intersections of all neurons with all concepts are ``hits[N, P] @ bits[P, C]``,
+    where ``hits`` counts each neuron's active pixels per pattern with one bincount.
+    """
+
+    def __init__(self, pixel_pattern: torch.Tensor, bits: torch.Tensor, pixel_count: torch.Tensor,
+                 size: Tuple[int, int]):
+        self.pixel_pattern = pixel_pattern      # int64 [n * H * W], image-major
+        self.bits = bits                        # float64 [P, C]
+        self.concept_count = pixel_count.double() @ bits   # [C] pixels covered per concept
+        self.height, self.width = size
+
+    @property
+    def n_patterns(self) -> int:
+        return int(self.bits.shape[0])
+
+
+#: one entry: the pattern table of the last probe set (re-dissecting the same probe set
+#: at every logged step must not re-read its masks)
+_PATTERN_CACHE: Dict[tuple, _MaskPatterns] = {}
+#: concepts per int64 code word (bit 63 stays free so codes are non-negative)
+_BITS_PER_WORD = 62
 
 
 class NetDissectConsumer(RecordingConsumer):
@@ -188,12 +225,7 @@ class NetDissectConsumer(RecordingConsumer):
         self.passes = 2
         self.cached = False
         self.states: Dict[str, _LayerState] = {}
-        self.concept_count: Optional[torch.Tensor] = None  # [C] float64 pixels per concept
-        self._masks_key = None
-        self._masks = None
-        self._pixel_major_of = None
-        self._pixel_major_masks = None
-        self._done = False
+        self._patterns: Optional[_MaskPatterns] = None
 
     # ------------------------------------------------------------ protocol
     def begin_pass(self, pass_index: int, shapes: Dict[str, Tuple[int, int, int]], probe) -> None:
@@ -217,13 +249,18 @@ class NetDissectConsumer(RecordingConsumer):
         if state is None:
             return
         if pass_index == 0:
-            fmap = self._track_validity(state, fmap, response)
+            fmap = self._track_validity(state, fmap, response, track_minimum=not self.cached)
             if self.cached:
                 if state.cache is None:
                     state.cache = torch.empty((self.n_images, state.channels, state.height, state.width),
                                               dtype=torch.float32, device=fmap.device)
-                # copy: a following in-place op (ReLU(inplace=True)) may overwrite fmap
-                state.cache[indices] = fmap
+                # copy: a following in-place op (ReLU(inplace=True)) may overwrite fmap;
+                # batches come in ascending order, usually consecutive -> a slice copy
+                first, count = int(indices[0]), int(indices.shape[0])
+                if count and int(indices[-1]) - first + 1 == count:
+                    state.cache[first:first + count].copy_(fmap)
+                else:
+                    state.cache[indices] = fmap
             else:
                 values = fmap.transpose(0, 1).reshape(state.channels, -1)
                 candidates = values if state.top is None else torch.cat([state.top, values], dim=1)
@@ -233,35 +270,42 @@ class NetDissectConsumer(RecordingConsumer):
         elif pass_index == 1 and not self.cached:
             if state.any_bad:  # their rows become NaN; keep the other neurons' arithmetic finite
                 fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
-            self._accumulate(state, fmap, self._concept_masks(indices, fmap.device))
+            fmap = fmap.contiguous()
+            hot = (fmap >= state.passing[None, :, None, None]).view(-1).nonzero().squeeze(1)
+            self._accumulate(state, fmap, hot, image_ids=indices)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index != 0:
             return
-        for state in self.states.values():
-            if self.cached:
-                state.thresholds = self._thresholds_from_cache(state)
-            else:
-                # the m-th largest activation = the exact top-(1 - quantile) threshold
-                state.thresholds = state.top.min(dim=1).values
-                state.top = None
-            state.strict = state.thresholds <= state.minimum
-            state.any_bad = bool(state.bad.any())
-            # one comparison for both rules: '>' T is '>=' the next float above T; '>=' T
-            # tolerates one-ulp rounding of the bilinear interpolation
-            above = torch.nextafter(state.thresholds, torch.full_like(state.thresholds, math.inf))
-            loose = state.thresholds - _TIE_TOLERANCE * state.thresholds.abs()
-            state.passing = torch.where(state.strict, above, loose)
         if self.cached:
-            self._iou_from_cache()
+            from tqdm.auto import tqdm
+
+            for state in tqdm(list(self.states.values()), desc="NetDissect IoU", leave=False,
+                              disable=not self.detector.progress):
+                hot = self._thresholds_and_hot_cells(state)
+                self._accumulate(state, state.cache, hot, image_ids=None)
+                state.cache = None  # free the copy
+            return
+        for state in self.states.values():
+            # the m-th largest activation = the exact top-(1 - quantile) threshold
+            state.thresholds = state.top.min(dim=1).values
+            state.top = None
+            state.strict = state.thresholds <= state.minimum
+            state.passing = _passing_values(state.thresholds, state.strict)
+            state.any_bad = bool(state.bad.any())
 
     def result(self) -> Dict[str, Detection]:
         detections = {}
         for layer, state in self.states.items():
-            if state.intersection is None:
+            if state.active_count is None:
                 raise RuntimeError("NetDissect: result() called before the recording passes ran")
-            intersection = state.intersection
-            union = state.active_count[:, None] + self.concept_count[None, :] - intersection
+            patterns = self._patterns
+            if state.pattern_hits is not None:
+                intersection = state.pattern_hits.double() @ patterns.bits.to(state.pattern_hits.device)
+            else:
+                intersection = state.intersection
+            concept_count = patterns.concept_count.to(intersection.device)
+            union = state.active_count[:, None] + concept_count[None, :] - intersection
             iou = torch.where(union > 0, intersection / union.clamp(min=1.0), torch.zeros_like(union))
             iou = iou.float()
             iou[state.bad] = float("nan")
@@ -272,122 +316,275 @@ class NetDissectConsumer(RecordingConsumer):
             )
         return detections
 
-    # ------------------------------------------------------------ internals
+    # ------------------------------------------------------------ thresholds
     @staticmethod
-    def _track_validity(state: _LayerState, fmap: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    def _track_validity(state: _LayerState, fmap: torch.Tensor, response: torch.Tensor,
+                        track_minimum: bool) -> torch.Tensor:
         bad_now = torch.isnan(response).any(dim=0)
         state.bad = bad_now if state.bad is None else state.bad | bad_now
         # NaN responses mark every non-finite map (checked on [B, N], not [B, N, H, W])
         if bool(bad_now.any()):
             fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
-        batch_min = fmap.amin(dim=(0, 2, 3))
-        state.minimum = batch_min if state.minimum is None else torch.minimum(state.minimum, batch_min)
+        if track_minimum:  # the cached mode finds the few minima it needs in its copy
+            batch_min = fmap.amin(dim=(0, 2, 3))
+            state.minimum = batch_min if state.minimum is None else torch.minimum(state.minimum, batch_min)
         return fmap
 
-    def _thresholds_from_cache(self, state: _LayerState) -> torch.Tensor:
-        """Exact per-neuron top-m threshold from the cached maps, a few channels at a time."""
-        thresholds = torch.empty(state.channels, device=state.cache.device)
-        per_channel = self.n_images * state.height * state.width
-        step = max(1, _CHUNK_ELEMENTS // max(1, per_channel))
-        for start in range(0, state.channels, step):
-            block = state.cache[:, start:start + step].transpose(0, 1).reshape(-1, per_channel)
-            thresholds[start:start + step] = torch.topk(block, state.top_m, dim=1, sorted=False).values.min(dim=1).values
-        return thresholds
+    def _thresholds_and_hot_cells(self, state: _LayerState) -> torch.Tensor:
+        """Exact thresholds of the cached layer; returns its hot cells (flat cache indices).
 
-    def _iou_from_cache(self) -> None:
-        from tqdm.auto import tqdm
+        Selection without sorting all ``n * H * W`` activations of each neuron:
 
-        device = next(iter(self.states.values())).cache.device
-        height, width = self._mask_size()
-        largest = max(max(s.channels * s.height * s.width for s in self.states.values()),
-                      self.n_concepts * height * width)
-        batch = max(1, min(256, _CHUNK_ELEMENTS // max(1, largest)))
-        starts = range(0, self.n_images, batch)
-        for start in tqdm(starts, desc="NetDissect IoU", leave=False, disable=not self.detector.progress):
-            indices = torch.arange(start, min(self.n_images, start + batch), device=device)
-            masks = self._concept_masks(indices, device)
-            for state in self.states.values():
-                self._accumulate(state, state.cache[indices], masks)
-        for state in self.states.values():
-            state.cache = None  # free the copy
+        1. a lower bound ``L_k`` below ``T_k``: the value exceeded by about twice the
+           expected top share in a strided subsample of the images;
+        2. one pass over the copy collects every cell ``> L_k`` (about ``2 m`` per neuron);
+        3. if a neuron has at least ``m`` of them, ``T_k`` is the ``m``-th largest among
+           them (exact, one sort of all candidates) and its hot cells are among them;
+           if it has fewer and ``L_k`` is its minimum, ``T_k`` is that minimum (a mostly
+           silent unit, strict rule) and the candidates are its hot cells.
+        4. any other neuron (unrepresentative subsample) gets an exact top-``m`` of its
+           own maps -- slower, same result.
+        """
+        cache = state.cache
+        n_images, channels, height, width = cache.shape
+        cells_per_map = height * width
+        m = state.top_m
+        lower = self._sample_lower_bounds(state)
 
-    def _mask_size(self) -> Tuple[int, int]:
-        masks = self._concept_masks(torch.arange(1), torch.device("cpu"))
-        return int(masks.shape[-2]), int(masks.shape[-1])
+        per_image = channels * cells_per_map
+        step = max(1, _CHUNK_ELEMENTS // per_image)
+        flat_values = cache.view(-1)
+        candidates = torch.cat([
+            (cache[start:start + step] > lower[None, :, None, None]).view(-1).nonzero().squeeze(1)
+            + start * per_image
+            for start in range(0, n_images, step)
+        ])
+        values = flat_values[candidates]
+        neuron = torch.div(candidates, cells_per_map, rounding_mode="floor") % channels
+        count = torch.bincount(neuron, minlength=channels)
+
+        # the m-th largest candidate of each neuron: sort by (neuron, value) once
+        key = neuron * (1 << 32) + _order_preserving_int(values)
+        sorted_values = values[torch.argsort(key)]
+        end = torch.cumsum(count, 0)
+        position = (end - m).clamp(min=0, max=max(0, values.numel() - 1))
+        enough = count >= m
+        thresholds = lower.clone()
+        if values.numel():
+            thresholds = torch.where(enough, sorted_values[position], lower)
+        strict = ~enough
+        passing = _passing_values(thresholds, strict)
+        # candidates (> L_k) contain the hot cells (>= passing) only if passing > L_k
+        resolved = enough & (passing > lower)
+        unresolved = (~resolved).nonzero().squeeze(1)
+        if unresolved.numel():
+            minimum = cache.index_select(1, unresolved).amin(dim=(0, 2, 3))
+            silent = ~enough[unresolved] & (minimum == lower[unresolved])
+            resolved[unresolved[silent]] = True
+            fallback = unresolved[~silent]
+        else:
+            fallback = unresolved
+        keep = resolved[neuron] & (values >= passing[neuron])
+        hot = [candidates[keep]]
+        if fallback.numel():
+            exact, exact_hot = self._exact_thresholds(state, fallback)
+            thresholds[fallback] = exact
+            strict[fallback] = exact <= minimum[~silent]
+            passing[fallback] = _passing_values(thresholds[fallback], strict[fallback])
+            hot.append(exact_hot(passing[fallback]))
+        state.thresholds, state.strict, state.passing = thresholds, strict, passing
+        state.any_bad = bool(state.bad.any())
+        return torch.cat(hot)
+
+    def _sample_lower_bounds(self, state: _LayerState) -> torch.Tensor:
+        """Per neuron, the activation exceeded by ~2x the top share of a strided image subsample."""
+        cache = state.cache
+        n_images, channels, height, width = cache.shape
+        stride = max(1, n_images // max(1, _SAMPLE_PER_NEURON // (height * width)))
+        sample = cache[::stride].transpose(0, 1).reshape(channels, -1)
+        expected_top = (1.0 - self.detector.quantile) * sample.shape[1]
+        rank = min(sample.shape[1], math.ceil(2.0 * expected_top) + 16)
+        return torch.topk(sample, rank, dim=1, sorted=False).values.amin(dim=1)
+
+    def _exact_thresholds(self, state: _LayerState, neurons: torch.Tensor):
+        """Exact top-m thresholds of a few neurons, and a function giving their hot cells."""
+        maps = state.cache.index_select(1, neurons)                       # [n, F, h, w]
+        flat = maps.transpose(0, 1).reshape(neurons.numel(), -1)
+        thresholds = torch.topk(flat, state.top_m, dim=1, sorted=False).values.amin(dim=1)
+
+        def hot_cells(passing: torch.Tensor) -> torch.Tensor:
+            image, which, cell = (maps >= passing[None, :, None, None]).view(
+                maps.shape[0], neurons.numel(), -1).nonzero(as_tuple=True)
+            cells_per_map = state.height * state.width
+            return (image * state.channels + neurons[which]) * cells_per_map + cell
+
+        return thresholds, hot_cells
+
+    # ------------------------------------------------------------ intersections
+    def _accumulate(self, state: _LayerState, maps: torch.Tensor, hot: torch.Tensor,
+                    image_ids: Optional[torch.Tensor]) -> None:
+        """Count the active upsampled pixels of the hot cells ``hot`` (flat indices of ``maps``).
+
+        Only ~0.5 % of the upsampled pixels pass the threshold, and a bilinear pixel
+        can only pass if one of the (at most) 2 x 2 cells it interpolates is hot.  So
+        instead of upsampling every map, the blocks of output pixels interpolated
+        between 2 x 2 cells containing a hot cell are evaluated exactly like
+        ``F.interpolate(mode="bilinear", align_corners=False)``; each passing pixel adds
+        one to ``hits[neuron, pattern of the mask pixel]``.
+        """
+        patterns = self._mask_patterns(maps.device)
+        channels, height, width = state.channels, state.height, state.width
+        out_h, out_w = patterns.height, patterns.width
+        device = maps.device
+        if state.active_count is None:
+            state.active_count = torch.zeros(channels, dtype=torch.float64, device=device)
+            if channels * patterns.n_patterns <= _MAX_PATTERN_TABLE:
+                state.pattern_hits = torch.zeros((channels, patterns.n_patterns), dtype=torch.int64, device=device)
+            else:
+                state.intersection = torch.zeros((channels, self.n_concepts), dtype=torch.float64, device=device)
+        cells_per_map = height * width
+        image = torch.div(hot, channels * cells_per_map, rounding_mode="floor")
+        neuron = torch.div(hot, cells_per_map, rounding_mode="floor") % channels
+        cell = hot % cells_per_map
+        if (height, width) == (out_h, out_w):
+            # bilinear resampling to the same size is the identity: hot cells = active pixels
+            pixel_parts = [(image, neuron, cell)]
+        else:
+            pixel_parts = self._active_pixels(state, maps, image, neuron, cell, (out_h, out_w))
+        for image, neuron, pixel in pixel_parts:
+            global_image = image if image_ids is None else image_ids.to(device)[image]
+            pattern = patterns.pixel_pattern.to(device)[global_image * (out_h * out_w) + pixel]
+            state.active_count += torch.bincount(neuron, minlength=channels).double()
+            if state.pattern_hits is not None:
+                state.pattern_hits += torch.bincount(neuron * patterns.n_patterns + pattern,
+                                                     minlength=channels * patterns.n_patterns
+                                                     ).view(channels, patterns.n_patterns)
+            else:  # too many patterns for a table: add each pixel's concept row
+                bits = patterns.bits.to(device)
+                step = max(1, _CHUNK_ELEMENTS // max(1, self.n_concepts))
+                for start in range(0, neuron.numel(), step):
+                    state.intersection.index_add_(0, neuron[start:start + step],
+                                                  bits[pattern[start:start + step]])
+
+    def _active_pixels(self, state: _LayerState, maps: torch.Tensor, image, neuron, cell,
+                       out_size: Tuple[int, int]):
+        """(image, neuron, pixel) of the upsampled pixels passing the threshold, in chunks."""
+        channels, height, width = state.channels, state.height, state.width
+        out_h, out_w = out_size
+        device = maps.device
+        cell_y, cell_x = torch.div(cell, width, rounding_mode="floor"), cell % width
+        # anchor (y0, x0) of a block: its cells are {y0, y0+1} x {x0, x0+1}; a hot cell
+        # is a corner of the anchors (y, x), (y-1, x), (y, x-1), (y-1, x-1)
+        map_index = image * channels + neuron
+        anchors = torch.cat([
+            (map_index * height + (cell_y - dy).clamp(min=0)) * width + (cell_x - dx).clamp(min=0)
+            for dy in (0, 1) for dx in (0, 1)
+        ])
+        anchors = torch.unique(anchors)
+        ys, xs = _bilinear_table(height, out_h, device), _bilinear_table(width, out_w, device)
+        block = ys.block_weight.shape[1] * xs.block_weight.shape[1]
+        step = max(1, _CHUNK_ELEMENTS // (4 * block))
+        flat = maps.reshape(-1)
+        passing = state.passing.to(device)
+        parts = []
+        for start in range(0, anchors.numel(), step):
+            anchor_cells = anchors[start:start + step]
+            anchor_map = torch.div(anchor_cells, height * width, rounding_mode="floor")
+            within = anchor_cells % (height * width)
+            y0, x0 = torch.div(within, width, rounding_mode="floor"), within % width
+            base = anchor_map * (height * width)
+            top, bottom = y0 * width, ys.next_cell[y0] * width
+            right = xs.next_cell[x0]
+            corners = [flat[base + r + c][:, None, None] for r in (top, bottom) for c in (x0, right)]
+            wy = ys.block_weight[y0][:, :, None]                                      # [a, Ly, 1]
+            wx = xs.block_weight[x0][:, None, :]                                      # [a, 1, Lx]
+            value = ((1 - wy) * ((1 - wx) * corners[0] + wx * corners[1])
+                     + wy * ((1 - wx) * corners[2] + wx * corners[3]))
+            a_neuron = anchor_map % channels
+            # padding entries have weight NaN, so they never pass
+            which, block_row, block_col = (value >= passing[a_neuron][:, None, None]).nonzero(as_tuple=True)
+            row = ys.pixels[y0[which], block_row]
+            col = xs.pixels[x0[which], block_col]
+            parts.append((torch.div(anchor_map[which], channels, rounding_mode="floor"),
+                          a_neuron[which], row * out_w + col))
+        return parts
+
+    # ------------------------------------------------------------ masks
+    def _mask_patterns(self, device) -> _MaskPatterns:
+        """Pattern ids of every mask pixel of the probe set (computed once per probe set)."""
+        if self._patterns is not None:
+            return self._patterns
+        channels = None if self.mask_channels is None else tuple(self.mask_channels.tolist())
+        key = (type(self.probe).__name__, str(getattr(self.probe, "hash", id(self.probe))),
+               self.n_images, channels, str(device))
+        if key not in _PATTERN_CACHE:
+            _PATTERN_CACHE.clear()  # one probe set at a time: bounded memory
+            _PATTERN_CACHE[key] = self._build_patterns(device)
+        self._patterns = _PATTERN_CACHE[key]
+        return self._patterns
+
+    def _build_patterns(self, device) -> _MaskPatterns:
+        first = self._concept_masks(torch.arange(1), device)
+        height, width = int(first.shape[-2]), int(first.shape[-1])
+        n_words = max(1, math.ceil(self.n_concepts / _BITS_PER_WORD))
+        # int64 temporaries of [b, min(C, 62), H, W]: a quarter chunk
+        step = max(1, _CHUNK_ELEMENTS // (4 * min(self.n_concepts, _BITS_PER_WORD) * height * width))
+        words = []
+        for start in range(0, self.n_images, step):
+            masks = self._concept_masks(torch.arange(start, min(self.n_images, start + step)), device)
+            words.append(_pack_bits(masks))                        # [b*H*W, words] int64
+        words = torch.cat(words)
+        # distinct rows of the code words -> dense pattern ids (one unique per word)
+        pattern = torch.zeros(words.shape[0], dtype=torch.int64, device=device)
+        for w in range(n_words):
+            _, word_id = torch.unique(words[:, w], return_inverse=True)
+            combined = pattern * (int(word_id.max()) + 1) + word_id if words.numel() else pattern
+            _, pattern = torch.unique(combined, return_inverse=True)
+        n_patterns = int(pattern.max()) + 1 if pattern.numel() else 0
+        pixel_count = torch.bincount(pattern, minlength=n_patterns)
+        representative = torch.full((n_patterns,), words.shape[0], dtype=torch.int64, device=device)
+        representative.scatter_reduce_(0, pattern, torch.arange(words.shape[0], device=device), "amin")
+        shifts = torch.arange(_BITS_PER_WORD, device=device)
+        bits = ((words[representative][:, :, None] >> shifts) & 1).reshape(n_patterns, -1)[:, :self.n_concepts]
+        return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
 
     def _concept_masks(self, indices: torch.Tensor, device) -> torch.Tensor:
-        """bool ``[B, C, H, W]`` masks of this detector's concepts (fetched once per batch)."""
-        key = (int(indices[0]), int(indices.shape[0]), str(device)) if indices.numel() else None
-        if key is not None and key == self._masks_key:
-            return self._masks
+        """bool ``[B, C, H, W]`` masks of this detector's concepts."""
         masks = torch.as_tensor(self.probe.masks(indices))
         if masks.dim() != 4 or masks.shape[0] != indices.shape[0]:
             raise ValueError(f"probe.masks() must return [B, C, H, W], got shape {tuple(masks.shape)}")
         masks = masks.to(device=device, dtype=torch.bool)
         if self.mask_channels is not None:
             masks = masks[:, self.mask_channels.to(device)]
-        self._masks_key, self._masks = key, masks
         return masks
 
-    def _accumulate(self, state: _LayerState, fmap: torch.Tensor, masks: torch.Tensor) -> None:
-        """Add one batch's intersections and counts for all neurons x concepts.
 
-        Only ~0.5 % of the upsampled pixels pass the threshold, and a bilinear pixel
-        can only pass if one of the (at most) 2 x 2 cells it interpolates does.  So
-        instead of upsampling every map (the cost of the whole recording pass for
-        large masks), the pixels whose interpolation cells contain a cell above the
-        threshold are enumerated and interpolated exactly like
-        ``F.interpolate(mode="bilinear", align_corners=False)``; the intersections
-        with all concepts are then one gather + ``index_add`` over those pixels.
-        """
-        channels, height, width = fmap.shape[1], fmap.shape[2], fmap.shape[3]
-        out_h, out_w = masks.shape[-2:]
-        device = fmap.device
-        if state.intersection is None:
-            state.intersection = torch.zeros((channels, self.n_concepts), dtype=torch.float64, device=device)
-            state.active_count = torch.zeros(channels, dtype=torch.float64, device=device)
-        if self.concept_count is None:
-            self.concept_count = torch.zeros(self.n_concepts, dtype=torch.float64, device=device)
-        if state is self.states[self.layers[0]]:  # every batch reaches every layer once
-            self.concept_count += masks.sum(dim=(0, 2, 3), dtype=torch.float64)
-        passing = state.passing.to(device)
-        hot = fmap >= passing[None, :, None, None]                                     # [B, N, h, w]
-        # anchor cell (y0, x0) of an output pixel: its cells are {y0, y0+1} x {x0, x0+1}
-        anchors = hot.clone()
-        anchors[..., :-1, :] |= hot[..., 1:, :]
-        anchors[..., :, :-1] |= anchors[..., :, 1:].clone()
-        image, neuron, cell_y, cell_x = anchors.nonzero(as_tuple=True)
-        if image.numel() == 0:
-            return
-        ys, xs = _bilinear_table(height, out_h, device), _bilinear_table(width, out_w, device)
-        # the 4 cells of each anchor, gathered once; every output pixel of the anchor's
-        # block is then a dense [anchors, Ly, Lx] broadcast (no per-pixel gathers)
-        flat = fmap.reshape(-1)
-        base = (image * channels + neuron) * (height * width)
-        top, bottom = cell_y * width, ys.next_cell[cell_y] * width
-        right = xs.next_cell[cell_x]
-        corners = [flat[base + r + c][:, None, None] for r in (top, bottom) for c in (cell_x, right)]
-        wy = ys.block_weight[cell_y][:, :, None]                                      # [n, Ly, 1]
-        wx = xs.block_weight[cell_x][:, None, :]                                      # [n, 1, Lx]
-        value = (1 - wy) * ((1 - wx) * corners[0] + wx * corners[1]) + wy * ((1 - wx) * corners[2] + wx * corners[3])
-        # padding entries have weight NaN, so they never pass
-        anchor, block_row, block_col = (value >= passing[neuron][:, None, None]).nonzero(as_tuple=True)
-        b, n = image[anchor], neuron[anchor]
-        row = ys.pixels[cell_y[anchor], block_row]
-        col = xs.pixels[cell_x[anchor], block_col]
-        state.active_count += torch.bincount(n, minlength=channels).double()
-        pixel_concepts = self._pixel_major(masks)                                      # [B*H*W, C]
-        concept_at_pixel = pixel_concepts[(b * out_h + row) * out_w + col].float()     # [nnz, C]
-        hits = torch.zeros((channels, self.n_concepts), dtype=torch.float32, device=device)
-        hits.index_add_(0, n, concept_at_pixel)
-        state.intersection += hits.double()
+def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, C, H, W]`` -> int64 ``[B*H*W, ceil(C / 62)]`` (bit j of word w = concept 62 w + j)."""
+    concepts = masks.shape[1]
+    words = []
+    for start in range(0, concepts, _BITS_PER_WORD):  # one word per 62 concepts
+        group = masks[:, start:start + _BITS_PER_WORD]
+        weights = 1 << torch.arange(group.shape[1], device=masks.device, dtype=torch.int64)
+        words.append((group.long() * weights[None, :, None, None]).sum(dim=1))   # [B, H, W]
+    return torch.stack(words, dim=-1).reshape(-1, len(words))
 
-    def _pixel_major(self, masks: torch.Tensor) -> torch.Tensor:
-        """Masks as ``[B*H*W, C]`` rows (one per pixel), computed once per batch."""
-        if self._pixel_major_of is not masks:
-            self._pixel_major_of = masks
-            self._pixel_major_masks = masks.permute(0, 2, 3, 1).reshape(-1, masks.shape[1])
-        return self._pixel_major_masks
+
+def _order_preserving_int(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 in ``[0, 2**32)`` with the same order (no NaN)."""
+    bits = values.contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+
+
+def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
+    """The value an upsampled pixel must reach: one comparison for both rules.
+
+    ``> T`` is ``>=`` the next float above T; ``>= T`` tolerates one-ulp rounding of
+    the bilinear interpolation.
+    """
+    above = torch.nextafter(thresholds, torch.full_like(thresholds, math.inf))
+    loose = thresholds - _TIE_TOLERANCE * thresholds.abs()
+    return torch.where(strict, above, loose)
 
 
 class _BilinearTable:

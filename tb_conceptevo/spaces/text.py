@@ -49,19 +49,23 @@ class TextSpace(Space):
             each must be one of the detector's concepts.
         text_encoder: a :class:`~tb_conceptevo.detectors.text_encoders.TextEncoder`
             (default: the offline MiniLM encoder).
-        temperature: softmax temperature T (0.1 suits soft-WPMI and IoU scores; the paper
-            uses 0.01 with cos^3).
+        temperature: softmax temperature T; default: the detector's ``default_temperature``
+            (the paper's 0.1 for soft-WPMI and 0.01 for cos^3; 0.02 for NetDissect's IoU,
+            whose scores span only ~0-0.3, so that T = 0.1 would weight all concepts
+            almost equally and pull every neuron to the centre), else 0.1.
         anchors: anchor words (default: the concepts themselves, as in the paper's A = S).
         name: space name used in tags.
         layout: a :class:`StableLayout` to fit (default ``StableLayout(random_state=0)``).
     """
 
     def __init__(self, detector, concepts: Optional[Sequence[str]] = None, text_encoder=None,
-                 temperature: float = 0.1, anchors: Optional[Sequence[str]] = None, name: str = "text",
+                 temperature: Optional[float] = None, anchors: Optional[Sequence[str]] = None, name: str = "text",
                  layout=None):
         from ..detectors.vocabulary import make_vocabulary
         from ..metadata import check_name
 
+        if temperature is None:
+            temperature = getattr(detector, "default_temperature", 0.1)
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.name = check_name(name, "space name")
