@@ -343,6 +343,14 @@ def record(
     chosen = resolve_layers(model, layers)
     device = model_device(model)
     rank, world = _distributed()
+    unmergeable = [type(c).__name__ for c in consumers if world > 1 and not hasattr(c, "all_reduce")]
+    if unmergeable:
+        # Each rank would see only its shard: a silently partial result is worse than none.
+        raise ValueError(
+            f"{', '.join(unmergeable)} cannot merge results across torch.distributed ranks yet; "
+            "record detectors/text spaces in a single process (e.g. only on rank 0 without "
+            "distributed initialised), or leave them out under distributed training"
+        )
     shapes = layer_shapes(model, probe, [m for _, m in chosen], device)
     shard = torch.arange(rank, n, world, device=device)
     tops = {name: _TopK(shapes[name][0], k, device) for name, _ in chosen}

@@ -185,3 +185,11 @@ def test_bad_inputs_have_clear_errors():
 def test_list_layers():
     names = list_layers(torchvision.models.resnet18(), conv_only=True)
     assert names[:2] == ["conv1", "layer1.0.conv1"] and "layer4.1.conv2" in names
+
+
+def test_distributed_refuses_consumers_that_cannot_merge(monkeypatch):
+    from tb_conceptevo import recording
+
+    monkeypatch.setattr(recording, "_distributed", lambda: (0, 2))
+    with pytest.raises(ValueError, match="cannot merge results across torch.distributed"):
+        record(Branchy(), random_probe(n=8, size=8), k=2, consumers=[recording.RecordingConsumer()], progress=False)

@@ -5,10 +5,10 @@
  * importance, and a detail pane with the hovered / clicked neuron's story.
  */
 import { Api, ApiError, AnchorsResponse, NeuronStory, RunInfo, RunsResponse } from "./api";
-import { groupedBarChart, lineChart, revertChart } from "./charts";
+import { LineSeries, groupedBarChart, lineChart, revertChart } from "./charts";
 import {
   Bounds, ColourBy, Labels, PALETTE, PointSet, ProbeInfo, bounds, colourPoints, combineLayers, formatNumber,
-  groupMetrics, keepStepIndex, labelSpans, naturalCompare, neuronId, parseNeuronId, patchSource, rankImportance,
+  groupMetrics, keepStepIndex, orderTrainingTags, wholeModel, labelSpans, naturalCompare, neuronId, parseNeuronId, patchSource, rankImportance,
   searchPoints, stepAtOrBefore, tableRows, toCsv, toSvg, topLabel, unionBounds, unionSteps,
 } from "./data";
 import { clear, download, h, select, status } from "./dom";
@@ -397,6 +397,8 @@ export class App {
       return b;
     });
     const anchorsBox = h("input", { attrs: { type: "checkbox", "aria-label": "show anchors" } });
+    this.anchorsNote = h("span", { class: "ce-muted ce-note" });
+    this.updateAnchorsNote();
     anchorsBox.checked = !!this.state.anchors;
     anchorsBox.addEventListener("change", () => {
       this.state.anchors = anchorsBox.checked; this.save();
@@ -407,7 +409,7 @@ export class App {
       h("div", { class: "ce-row" }, [h("div", { class: "ce-seg", attrs: { role: "group", "aria-label": "drag tool" } }, toolButtons),
         h("button", { class: "ce-button", text: "Fit", title: "Fit the map to the view", on: { click: () => this.fit() } })]),
       h("div", { class: "ce-muted", text: "Wheel zooms; shift-drag selects a box, alt-drag a lasso; click a neuron for its story." }),
-      h("label", { class: "ce-run" }, [anchorsBox, h("span", { text: "Show anchors" })]),
+      h("label", { class: "ce-run" }, [anchorsBox, h("span", { text: "Show anchors" }), this.anchorsNote]),
       h("button", { class: "ce-link", text: "Clear selection", on: { click: () => this.setSelection(null) } }),
     ]);
     const search = h("div", { class: "ce-section" }, [h("h3", { text: "Search" }), this.searchInput, this.hitsBox]);
@@ -422,6 +424,15 @@ export class App {
     const legend = h("div", { class: "ce-section" }, [h("h3", { text: "Legend" }), this.legendBox]);
     this.sidebar.replaceChildren(runsSection, view, tools, search, exporter, legend);
     this.renderBanner();
+  }
+
+  private anchorsNote = h("span");
+
+  /** Say so when the chosen space has no anchors (e.g. a ConceptEvo space), instead of silently drawing none. */
+  private updateAnchorsNote(): void {
+    const space = this.state.space ?? "";
+    const has = this.selectedRuns().some((r) => r.anchors.includes(space));
+    this.anchorsNote.textContent = has ? "" : `(none in "${space}")`;
   }
 
   private renderBanner(): void {
@@ -487,6 +498,7 @@ export class App {
   }
 
   private reloadAll(refit: boolean): void {
+    this.updateAnchorsNote();
     if (refit) { this.camera.fitted = false; this.fullFitPending = true; }
     for (const p of this.panels) { p.points = null; p.anchors = null; p.anchorsLoading = this.loadAnchors(p); }
     void this.loadAllPanels();
@@ -875,12 +887,13 @@ export class App {
     const spans = labelSpans((story.labels ?? []).map((l) => ({ step: l.step, concept: l.concept, similarity: l.similarity })));
     if (spans.length) {
       parts.push(h("h3", { text: "Label timeline" }));
-      const steps = (story.labels ?? []).map((l) => l.step);
-      const lo = Math.min(...steps), hi = Math.max(...steps);
+      // One equal cell per labelled step (a Gantt row per span), so single steps stay visible bars.
+      const steps = [...new Set((story.labels ?? []).map((l) => l.step))].sort((a, b) => a - b);
       parts.push(h("div", { class: "ce-timeline" }, spans.map((s) => {
         const bar = h("div", { class: "ce-span-bar" });
-        bar.style.marginLeft = `${hi > lo ? ((s.from - lo) / (hi - lo)) * 100 : 0}%`;
-        bar.style.width = `${hi > lo ? Math.max(4, ((s.to - s.from) / (hi - lo)) * 100) : 100}%`;
+        const i0 = Math.max(0, steps.indexOf(s.from)), i1 = Math.max(i0, steps.indexOf(s.to));
+        bar.style.marginLeft = `${(i0 / steps.length) * 100}%`;
+        bar.style.width = `${((i1 - i0 + 1) / steps.length) * 100}%`;
         return h("div", { class: "ce-span" }, [
           h("span", { class: "ce-muted", text: s.from === s.to ? `${s.from}` : `${s.from}–${s.to}` }),
           h("div", {}, [h("div", { text: s.concept ?? "(none)" }), bar]),
@@ -898,7 +911,7 @@ export class App {
       for (const s of story.stimuli_by_step) {
         const row = h("div", { class: "ce-patches ce-patches-small" });
         parts.push(h("div", { class: "ce-story-step" }, [h("span", { class: "ce-muted", text: `step ${s.step}` }), row]));
-        void this.fillPatches(row, run, s.images.map((image, i) => ({ image, box: s.boxes[i] ?? null })), 6);
+        void this.fillPatches(row, run, s.images.map((image, i) => ({ image, box: s.boxes[i] ?? null })), 5);
       }
     }
     body.replaceChildren(...parts);
@@ -939,39 +952,99 @@ export class App {
       }
     }));
     if (seq !== this.tabSeq) return;
-    const width = 250, height = 130;
+    const order = this.runsInfo!.runs.map((r) => r.run);
+    const runColour = (run: string) => PALETTE[Math.max(0, order.indexOf(run)) % PALETTE.length];
+    const compare = rows.length > 1 && this.metricsLines === "runs";
+    // As many charts per row as fit at >= 190 px: the strip reads as one row beside the loss.
+    const available = Math.max(200, this.tabPanel.clientWidth - 24);
+    const perRow = Math.max(1, Math.floor((available + 12) / (190 + 12)));
+    const width = Math.floor((available - (perRow - 1) * 12) / perRow) - 2, height = 128;
+    const step = this.step;
+    const chart = (title: string, series: LineSeries[], label: string) => {
+      const canvas = h("canvas", { attrs: { "aria-label": label, role: "img" } });
+      lineChart(canvas, series, { width, height, title, marker: step });
+      return canvas;
+    };
+    const swatches = (entries: { label: string; colour: string }[]) => h("div", { class: "ce-legend-row" }, entries.map((e) => {
+      const sw = h("span", { class: "ce-swatch" });
+      sw.style.background = e.colour;
+      return h("span", { class: "ce-legend-item" }, [sw, h("span", { text: e.label })]);
+    }));
+    const linesChoice = rows.length > 1 ? h("div", { class: "ce-row" }, [h("span", { class: "ce-muted", text: "Lines" }),
+      select([{ value: "runs", label: "one per run (whole model)" }, { value: "layers", label: "one per layer, a strip per run" }],
+        this.metricsLines, (v) => { this.metricsLines = v as "runs" | "layers"; this.renderTabContent(); }, "metric lines")]) : null;
+    const metricTitle = (metric: string) => metric === "d_anchor" ? "d_anchor" : metric.replace(/_/g, " ");
+    const conceptMetrics = ["entropy", "d_anchor", "speed", "interpretable_fraction"];
+    if (compare) {
+      const grouped = rows.map(({ run, data, error }) => ({ run, error, g: data ? groupMetrics(data.scalars, this.state.space) : null }));
+      const tags = orderTrainingTags(grouped.flatMap((x) => x.g?.training.map((t) => t.tag) ?? [])).slice(0, 3);
+      const strip = h("div", { class: "ce-strip" });
+      for (const tag of tags) {
+        strip.append(chart(tag, grouped.map(({ run, g }) => ({ name: run.run, colour: runColour(run.run),
+          points: g?.training.find((t) => t.tag === tag)?.points ?? [] })), `${tag} of the selected runs`));
+      }
+      for (const metric of conceptMetrics) {
+        const per = grouped.map(({ run, g }) => ({ run, whole: wholeModel(g?.concept[metric] ?? []) }));
+        if (!per.some((p) => p.whole.points.length)) continue;
+        const mean = per.some((p) => p.whole.mean);
+        strip.append(chart(`${metricTitle(metric)}${mean ? " (layer mean)" : ""}`, per.map(({ run, whole }) => ({
+          name: run.run, colour: runColour(run.run), points: whole.points })), `${metricTitle(metric)} of the selected runs`));
+      }
+      const errors = grouped.filter((x) => x.error).map((x) => status("error", `metrics of ${x.run.run}: ${x.error}`));
+      // The category counts of every run in one row under the curves: what the runs' neurons detect now.
+      const detector = this.state.detector;
+      const barWidth = Math.min(420, Math.floor((available - (rows.length - 1) * 16) / rows.length) - 2);
+      const bars = detector && barWidth >= 220 ? await this.categoryBoxes(detector, barWidth) : [];
+      if (seq !== this.tabSeq) return;
+      this.tabPanel.replaceChildren(h("div", { class: "ce-row ce-spread" }, [swatches(rows.map(({ run }) => ({ label: run.run, colour: runColour(run.run) }))),
+        linesChoice ?? ""]), ...errors, strip, bars.length ? h("div", { class: "ce-bars" }, bars) : "",
+        h("div", { class: "ce-muted", text: `Concept metrics of the whole model in space "${this.state.space}" beside the runs' own scalars; orange rule = current step.` }));
+      return;
+    }
     const out = rows.map(({ run, data, error }) => {
       const strip = h("div", { class: "ce-strip" });
       if (error || !data) {
         strip.append(status("error", `metrics of ${run.run}: ${error}`));
       } else {
         const { concept, training } = groupMetrics(data.scalars, this.state.space);
-        const step = this.step;
-        const charts: { title: string; series: { name: string; points: [number, number][]; colour?: string }[] }[] = [];
-        for (const s of training.slice(0, 3)) charts.push({ title: s.tag, series: [{ name: s.tag, points: s.points, colour: "#455a64" }] });
-        for (const metric of ["entropy", "d_anchor", "speed", "interpretable_fraction"]) {
+        const tags = orderTrainingTags(training.map((t) => t.tag)).slice(0, 3);
+        let drawn = 0;
+        for (const tag of tags) {
+          strip.append(chart(tag, [{ name: tag, points: training.find((t) => t.tag === tag)!.points, colour: "#455a64" }], `${tag} of run ${run.run}`));
+          drawn++;
+        }
+        for (const metric of conceptMetrics) {
           const list = concept[metric];
           if (!list?.length) continue;
-          charts.push({ title: metric === "d_anchor" ? "d_anchor" : metric.replace("_", " "),
-            series: list.map((x) => ({ name: x.layer, points: x.points })) });
+          strip.append(chart(metricTitle(metric), list.map((x) => ({ name: x.layer, points: x.points,
+            colour: x.layer === "all" ? "#424242" : PALETTE[Math.max(0, run.layers.indexOf(x.layer)) % PALETTE.length] })),
+          `${metricTitle(metric)} of run ${run.run}`));
+          drawn++;
         }
-        if (!charts.length) strip.append(status("empty", "No scalars logged for this run yet."));
-        for (const c of charts) {
-          const canvas = h("canvas", { attrs: { "aria-label": `${c.title} of run ${run.run}`, role: "img" } });
-          const layerOrder = run.layers;
-          lineChart(canvas, c.series.map((s) => ({ ...s, colour: (s as { colour?: string }).colour ?? (s.name === "all" ? "#424242"
-            : PALETTE[Math.max(0, layerOrder.indexOf(s.name)) % PALETTE.length]) })), { width, height, title: c.title, marker: step });
-          strip.append(canvas);
-        }
+        if (!drawn) strip.append(status("empty", "No scalars logged for this run yet."));
       }
       return h("div", { class: "ce-strip-run" }, [h("h4", { text: run.run }), strip]);
     });
-    this.tabPanel.replaceChildren(...out, h("div", { class: "ce-muted", text: "Concept metrics: one line per layer (dark = whole model), coloured as the layers on the map; orange rule = current step." }));
+    const layers = [...new Set(rows.flatMap(({ run }) => run.layers))];
+    const layerColour = (l: string) => PALETTE[Math.max(0, (rows.find(({ run }) => run.layers.includes(l))?.run.layers ?? []).indexOf(l)) % PALETTE.length];
+    this.tabPanel.replaceChildren(
+      h("div", { class: "ce-row ce-spread" }, [swatches([...layers.map((l) => ({ label: l, colour: layerColour(l) })),
+        { label: "whole model", colour: "#424242" }]), linesChoice ?? ""]),
+      ...out, h("div", { class: "ce-muted", text: "Concept metrics: one line per layer, coloured as the layers on the map (dark = whole model); orange rule = current step." }));
   }
+
+  private metricsLines: "runs" | "layers" = "runs";
 
   private async renderCategories(seq: number): Promise<void> {
     const detector = this.state.detector;
     if (!detector) { this.tabPanel.replaceChildren(status("empty", "Choose a detector in the sidebar to count interpretable neurons per category.")); return; }
+    const boxes = await this.categoryBoxes(detector, null);
+    if (seq !== this.tabSeq) return;
+    this.tabPanel.replaceChildren(...boxes);
+  }
+
+  /** Per selected run: a bar chart of interpretable neurons per category and layer at the current step. */
+  private async categoryBoxes(detector: string, width: number | null): Promise<HTMLElement[]> {
     const step = this.step;
     const runs = this.selectedRuns();
     const rows = await Promise.all(runs.map(async (run) => {
@@ -984,17 +1057,16 @@ export class App {
         return { run, s, data: null, error: (e as Error).message };
       }
     }));
-    if (seq !== this.tabSeq) return;
-    this.tabPanel.replaceChildren(...rows.map(({ run, s, data, error }) => {
+    return rows.map(({ run, s, data, error }) => {
       const box = h("div", { class: "ce-strip-run" }, [h("h4", { text: `${run.run} · step ${s ?? "–"}` })]);
       if (!data) { box.append(status("empty", error ?? "no data")); return box; }
       const canvas = h("canvas", { attrs: { role: "img", "aria-label": `interpretable neurons per category and layer, run ${run.run}` } });
       groupedBarChart(canvas, data.layers, data.categories, (layer, cat) => data.counts[layer]?.[cat] ?? 0,
-        { width: Math.min(900, 120 + data.layers.length * Math.max(60, data.categories.length * 16)), height: 190,
-          title: "Interpretable neurons per category" });
+        { width: width ?? Math.min(900, 120 + data.layers.length * Math.max(60, data.categories.length * 16)), height: width ? 170 : 190,
+          title: `Interpretable neurons per category (${detector})` });
       box.append(canvas);
       return box;
-    }));
+    });
   }
 
   private importanceChoice: { run?: string; cls?: number; layer?: string; step?: number } = {};
@@ -1048,7 +1120,7 @@ export class App {
       ])])]);
       const tbody = h("tbody");
       table.append(tbody);
-      for (const [rank, r] of ranked.slice(0, 20).entries()) {
+      for (const [rank, r] of ranked.slice(0, 16).entries()) {
         const id = neuronId(imp.layer, r.channel);
         const before = h("div", { class: "ce-patches ce-patches-small" });
         const after = h("div", { class: "ce-patches ce-patches-small" });
@@ -1067,10 +1139,10 @@ export class App {
         }
       }
       const flagged = imp.flagged?.length ? h("div", { class: "ce-muted", text: `${imp.flagged.length} neurons flagged (non-finite gradients) and left out.` }) : null;
-      const revertBox = h("div");
+      const revertBox = h("div", { class: "ce-revert" });
       body.replaceChildren(
         h("div", { class: "ce-row" }, [h("div", { class: "ce-muted", text: `Class ${imp.class_name ?? imp.class}: importance of each neuron's concept evolution from step ${fromStep ?? "?"} to ${toStep} (fraction of class images whose score rises with it).` }), highlight]),
-        flagged ?? "", table, revertBox);
+        flagged ?? "", revertBox, table);
       const hasRevert = run.revert.some((x) => x.class === c.cls && x.steps.includes(c.step!));
       if (hasRevert) {
         try {
@@ -1078,7 +1150,8 @@ export class App {
           const canvas = h("canvas", { attrs: { role: "img", "aria-label": "revert evaluation" } });
           revertChart(canvas, rv.bins, rv.accuracy_change, rv.accuracy_change_std, rv.random_change, rv.random_change_std,
             { width: 460, height: 190, title: `Revert evaluation (accuracy change; base ${(rv.base_accuracy * 100).toFixed(1)}%)` });
-          revertBox.replaceChildren(h("h4", { text: "Reverting evolutions by importance bin" }), canvas);
+          revertBox.replaceChildren(h("h4", { text: "Reverting evolutions by importance bin" }), canvas,
+            h("div", { class: "ce-muted", text: "Each bar: the neurons of one importance quartile set back to their weights at the \"from\" step; grey band = as many random neurons." }));
         } catch (e) {
           revertBox.replaceChildren(status("error", (e as Error).message));
         }

@@ -3,7 +3,7 @@
  * evaluation.  Text goes through `fillText` (never HTML), so series names coming from
  * logs are safe.
  */
-import { PALETTE, formatNumber, niceTicks } from "./data";
+import { PALETTE, categoryColours, formatNumber, niceTicks } from "./data";
 
 const FONT = "11px Roboto, 'Helvetica Neue', Arial, sans-serif";
 const AXIS = "#9e9e9e";
@@ -22,6 +22,11 @@ function setup(canvas: HTMLCanvasElement, width: number, height: number): Canvas
   return ctx;
 }
 
+/** Axis numbers without trailing zeros ("0.5", not "0.500"). */
+function tickLabel(v: number): string {
+  return formatNumber(v).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
+}
+
 export interface LineSeries {
   name: string;
   points: [number, number][];
@@ -37,7 +42,7 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
   const m = { l: 44, r: 10, t: 22, b: 20 };
   ctx.fillStyle = "#212121";
   ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
-  ctx.fillText(opts.title, m.l - 36, 14);
+  ctx.fillText(ellipsis(ctx, opts.title, width - 12), m.l - 36, 14);
   ctx.font = FONT;
   const all = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
   if (!all.length) {
@@ -57,15 +62,15 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
   ctx.fillStyle = TEXT;
   ctx.lineWidth = 1;
   ctx.textAlign = "right";
-  for (const t of niceTicks(y0, y1, 3)) {
+  for (const t of niceTicks(y0, y1, 4)) {
     ctx.beginPath();
     ctx.moveTo(m.l, sy(t) + 0.5);
     ctx.lineTo(width - m.r, sy(t) + 0.5);
     ctx.stroke();
-    ctx.fillText(formatNumber(t), m.l - 4, sy(t) + 4);
+    ctx.fillText(tickLabel(t), m.l - 4, sy(t) + 4);
   }
   ctx.textAlign = "center";
-  for (const t of niceTicks(x0, x1, 4)) ctx.fillText(formatNumber(t), sx(t), height - 5);
+  for (const t of niceTicks(x0, x1, 4)) ctx.fillText(tickLabel(t), sx(t), height - 5);
   ctx.textAlign = "left";
   ctx.strokeStyle = AXIS;
   ctx.beginPath();
@@ -108,6 +113,8 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
     ctx.fillText("no labels at this step", m.l, height / 2);
     return;
   }
+  const colours = categoryColours(keys);
+  const colour = (k: string) => colours.get(k) ?? PALETTE[0];
   const max = Math.max(1, ...groups.flatMap((g) => keys.map((k) => value(g, k))));
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
   const gw = pw / groups.length;
@@ -125,7 +132,7 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
     keys.forEach((k, ki) => {
       const v = value(g, k);
       const h = (v / max) * ph;
-      ctx.fillStyle = PALETTE[ki % PALETTE.length];
+      ctx.fillStyle = colour(k);
       ctx.fillRect(m.l + gi * gw + gw * 0.1 + ki * bw, m.t + ph - h, bw - 1, h);
     });
     ctx.fillStyle = TEXT;
@@ -135,7 +142,7 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
   ctx.textAlign = "left";
   let x = m.l;
   keys.forEach((k, ki) => {
-    ctx.fillStyle = PALETTE[ki % PALETTE.length];
+    ctx.fillStyle = colour(k);
     ctx.fillRect(x, height - 11, 9, 9);
     ctx.fillStyle = TEXT;
     ctx.fillText(k, x + 12, height - 3);

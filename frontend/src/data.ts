@@ -241,20 +241,30 @@ export function colourPoints(points: PointSet, by: ColourBy, labelsByLayer: Reco
     return { rgba, legend: { entries: points.layers.map((l, i) => ({ label: l, colour: PALETTE[i % PALETTE.length] })) } };
   }
   const keys: (string | null)[] = new Array(n);
+  let colourOf: Map<string, string>;
+  let below = false;
   if (by === "group") {
     for (let i = 0; i < n; i++) keys[i] = points.group[i] >= 0 ? `group ${points.group[i]}` : null;
+    // Sorted so colours do not jump between steps.
+    const distinct = [...new Set(keys.filter((k): k is string => k !== null))].sort(naturalCompare);
+    colourOf = new Map(distinct.map((k, i) => [k, PALETTE[i % PALETTE.length]]));
   } else {
+    // A neuron counts for its category only when its best match passes the detector's
+    // threshold (as in the category bar chart); weaker ones are drawn pale.
     for (let i = 0; i < n; i++) {
-      const top = topLabel(labelsByLayer[points.layers[points.layerIndex[i]]], points.channel[i]);
-      keys[i] = top ? top.category || "uncategorised" : null;
+      const labels = labelsByLayer[points.layers[points.layerIndex[i]]];
+      const top = topLabel(labels, points.channel[i]);
+      if (!top) { keys[i] = null; continue; }
+      const weak = labels!.threshold > 0 && (top.similarity === null || top.similarity < labels!.threshold);
+      below ||= weak;
+      keys[i] = weak ? BELOW : top.category || "uncategorised";
     }
+    const vocabulary = Object.values(labelsByLayer).flatMap((l) => l?.categories ?? []);
+    colourOf = categoryColours([...vocabulary, ...keys.filter((k): k is string => k !== null && k !== BELOW)]);
   }
-  // Layers keep their order; other keys are sorted so colours do not jump between steps.
-  const distinct = [...new Set(keys.filter((k): k is string => k !== null))].sort(naturalCompare);
-  const colourOf = new Map<string, string>();
-  distinct.forEach((k, i) => colourOf.set(k, PALETTE[i % PALETTE.length]));
   const rgbOf = new Map<string, [number, number, number]>();
   for (const [k, c] of colourOf) rgbOf.set(k, hexToRgb(c));
+  rgbOf.set(BELOW, hexToRgb(BELOW_COLOUR));
   const none = hexToRgb(NONE_COLOUR);
   const rgba = new Uint8Array(n * 4);
   for (let i = 0; i < n; i++) {
@@ -265,9 +275,31 @@ export function colourPoints(points: PointSet, by: ColourBy, labelsByLayer: Reco
     rgba[4 * i + 2] = rgb[2];
     rgba[4 * i + 3] = 255;
   }
-  const entries = distinct.map((k) => ({ label: k, colour: colourOf.get(k)! }));
+  const present = new Set(keys);
+  const entries = [...colourOf].filter(([k]) => present.has(k)).map(([label, colour]) => ({ label, colour }));
+  if (below) {
+    const t = Object.values(labelsByLayer).find((l) => l)?.threshold;
+    entries.push({ label: `below threshold${t ? ` (${Number(t.toPrecision(3))})` : ""}`, colour: BELOW_COLOUR });
+  }
   if (keys.some((k) => k === null)) entries.push({ label: by === "group" ? "no group" : "no label", colour: NONE_COLOUR });
   return { rgba, legend: { entries } };
+}
+
+const BELOW = "\u0000below";
+/** Neurons whose best concept is under the detector's threshold: present, but quiet. */
+export const BELOW_COLOUR = "#d5d5d5";
+
+/**
+ * Colours of concept categories in the order they first appear in `categories` (the
+ * vocabulary's order), so the map, its legend and the category bar chart agree and do
+ * not change between steps.
+ *
+ * @example categoryColours(["shape", "shape", "colour"]).get("colour") // PALETTE[1]
+ */
+export function categoryColours(categories: string[]): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const c of categories) if (!out.has(c)) out.set(c, PALETTE[out.size % PALETTE.length]);
+  return out;
 }
 
 export function naturalCompare(a: string, b: string): number {
@@ -493,6 +525,37 @@ export function groupMetrics(scalars: Record<string, [number, number][]>, source
     }
   }
   return { concept, training };
+}
+
+/**
+ * The run's own scalars in reading order: losses first, then accuracies, then the rest.
+ *
+ * @example orderTrainingTags(["test/accuracy", "train/loss"]) // ["train/loss", "test/accuracy"]
+ */
+export function orderTrainingTags(tags: string[]): string[] {
+  const rank = (t: string) => (/loss/i.test(t) ? 0 : /acc/i.test(t) ? 1 : 2);
+  return [...new Set(tags)].sort((a, b) => rank(a) - rank(b) || naturalCompare(a, b));
+}
+
+/**
+ * One whole-model series out of a metric's per-layer series: the logged "all" series when
+ * there is one, else the mean over layers at each step (`mean: true`).
+ */
+export function wholeModel(list: { layer: string; points: [number, number][] }[]): { points: [number, number][]; mean: boolean } {
+  const all = list.find((x) => x.layer === "all");
+  if (all) return { points: all.points, mean: false };
+  if (!list.length) return { points: [], mean: false };
+  const sums = new Map<number, [number, number]>();
+  for (const x of list) {
+    for (const [step, v] of x.points) {
+      if (!Number.isFinite(v)) continue;
+      const acc = sums.get(step) ?? [0, 0];
+      acc[0] += v; acc[1] += 1;
+      sums.set(step, acc);
+    }
+  }
+  const points = [...sums].sort((a, b) => a[0] - b[0]).map(([step, [sum, n]]) => [step, sum / n] as [number, number]);
+  return { points, mean: list.length > 1 };
 }
 
 /** Nice axis ticks (1, 2, 5 x 10^k) covering [lo, hi]. */

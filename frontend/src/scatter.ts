@@ -427,9 +427,11 @@ export class ScatterView {
     }
     if (o.showAnchors) {
       ctx.font = "500 11px Roboto, 'Helvetica Neue', Arial, sans-serif";
+      const shown: { a: (typeof o.anchors)[number]; sx: number; sy: number }[] = [];
       for (const a of o.anchors) {
         const [sx, sy] = this.toScreen(a.x, a.y);
         if (sx < -40 || sy < -20 || sx > this.width + 40 || sy > this.height + 20) continue;
+        shown.push({ a, sx, sy });
         const v = starVertices(sx, sy, a.kind === "anchor" ? 7 : 5);
         ctx.beginPath();
         for (let i = 0; i < v.length; i += 2) (i ? ctx.lineTo : ctx.moveTo).call(ctx, v[i], v[i + 1]);
@@ -439,7 +441,9 @@ export class ScatterView {
         ctx.lineWidth = 1.2;
         ctx.fill();
         ctx.stroke();
-        label(ctx, a.label, sx + 9, sy + 4, "#5d4037");
+      }
+      for (const l of placeLabels(ctx, shown.map(({ a, sx, sy }) => ({ text: a.label, x: sx, y: sy })), this.width, this.height)) {
+        label(ctx, l.text, l.x, l.y, "#5d4037");
       }
     }
     for (const [at, colour, radius] of [[o.pinnedAt, "#212121", size / 2 + 6], [o.ringAt, "#f57c00", size / 2 + 4]] as const) {
@@ -583,6 +587,32 @@ export class ScatterView {
   get colourBytes(): Uint8Array {
     return this.colours;
   }
+}
+
+/**
+ * Greedy label placement for anchor stars: right of the star, else left, above, below;
+ * a label that would overlap an earlier one or a star, or leave the view, is dropped
+ * (the star stays; the anchor words are also in the search and the SVG export).
+ */
+export function placeLabels(ctx: CanvasRenderingContext2D, items: { text: string; x: number; y: number }[], width: number,
+  height: number): { text: string; x: number; y: number }[] {
+  const boxes: [number, number, number, number][] = items.map(({ x, y }) => [x - 6, y - 6, x + 6, y + 6]);
+  const out: { text: string; x: number; y: number }[] = [];
+  const free = (b: [number, number, number, number], self: number) => b[0] >= 1 && b[1] >= 1 && b[2] <= width - 1 &&
+    b[3] <= height - 1 && boxes.every((o, j) => j === self || b[2] <= o[0] || b[0] >= o[2] || b[3] <= o[1] || b[1] >= o[3]);
+  items.forEach(({ text, x, y }, i) => {
+    const w = ctx.measureText(text).width, hgt = 11;
+    // candidate baselines: right, left, above, below
+    for (const [lx, ly] of [[x + 9, y + 4], [x - 9 - w, y + 4], [x - w / 2, y - 9], [x - w / 2, y + 9 + hgt]]) {
+      const box: [number, number, number, number] = [lx - 1, ly - hgt + 1, lx + w + 1, ly + 3];
+      if (free(box, i)) {
+        boxes.push(box);
+        out.push({ text, x: lx, y: ly });
+        break;
+      }
+    }
+  });
+  return out;
 }
 
 function label(ctx: CanvasRenderingContext2D, text: string, x: number, y: number, colour: string): void {

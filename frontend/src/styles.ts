@@ -53,6 +53,9 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-live[data-live=true]::before { background: #43a047; }
 .ce-banner { margin: 8px 16px 0; padding: 8px 12px; background: #fff8e1; border: 1px solid #ffe082; border-radius: 3px; color: #5d4037; }
 .ce-maps { display: grid; gap: 12px; padding: 12px 16px; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); }
+/* Small multiples stay side by side (the point of comparing runs) down to ~200 px per map. */
+.ce-maps[data-count="2"] { grid-template-columns: repeat(2, minmax(200px, 1fr)); }
+.ce-maps[data-count="3"] { grid-template-columns: repeat(3, minmax(200px, 1fr)); }
 .ce-panel { background: var(--card); border-radius: 4px; box-shadow: 0 1px 2px rgba(0,0,0,.12), 0 1px 3px rgba(0,0,0,.08);
   display: flex; flex-direction: column; min-width: 0; }
 .ce-panel-head { display: flex; align-items: baseline; gap: 8px; padding: 8px 12px 4px; }
@@ -85,6 +88,14 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-tabpanel { padding: 12px; }
 .ce-strip { display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: flex-start; }
 .ce-strip-run { margin-bottom: 10px; }
+.ce-revert { margin: 8px 0 12px; }
+.ce-revert h4 { margin: 0 0 4px; font-size: 12px; font-weight: 500; }
+.ce-note { font-size: 11px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.ce-bars { display: flex; flex-wrap: wrap; gap: 8px 16px; margin-top: 10px; }
+.ce-bars canvas { background: #fff; border: 1px solid #f0f0f0; border-radius: 3px; }
+.ce-spread { justify-content: space-between; margin-bottom: 8px; }
+.ce-legend-row { display: flex; flex-wrap: wrap; gap: 4px 14px; align-items: center; }
+.ce-legend-row .ce-legend-item .ce-swatch { width: 10px; height: 10px; border-radius: 50%; flex: none; }
 .ce-strip-run h4 { margin: 0 0 4px; font-size: 12px; font-weight: 500; }
 .ce-strip canvas { background: #fff; border: 1px solid #f0f0f0; border-radius: 3px; }
 .ce-table { border-collapse: collapse; width: 100%; }
@@ -107,7 +118,7 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-timeline { display: flex; flex-direction: column; gap: 2px; }
 .ce-span { display: grid; grid-template-columns: 64px 1fr auto; gap: 6px; align-items: center; padding: 2px 0; }
 .ce-span-bar { height: 6px; border-radius: 3px; background: var(--accent); opacity: .75; }
-.ce-story-step { display: grid; grid-template-columns: 52px 1fr; gap: 6px; align-items: center; margin: 4px 0; }
+.ce-story-step { display: grid; grid-template-columns: 48px 1fr; gap: 6px; align-items: center; margin: 4px 0; }
 .ce-tooltip { position: fixed; z-index: 10; pointer-events: none; background: rgba(33,33,33,.94); color: #fff; border-radius: 4px;
   padding: 8px 10px; max-width: 290px; box-shadow: 0 2px 8px rgba(0,0,0,.3); }
 .ce-tooltip .ce-tip-id { font-weight: 500; }
@@ -116,6 +127,7 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-hidden { display: none !important; }
 .ce-empty-detail { color: var(--muted); line-height: 1.5; }
 .ce-kbd { font-family: monospace; background: #f5f5f5; border: 1px solid var(--line); border-radius: 3px; padding: 0 4px; }
+@media (max-width: 1440px) { .ce-app { grid-template-columns: 220px minmax(0, 1fr) 280px; } }
 @media (max-width: 1100px) { .ce-app { grid-template-columns: 220px minmax(0, 1fr); } .ce-detail { display: none; } }
 `;
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import {
-  PointGrid, bounds, colourPoints, combineLayers, csvField, escapeXml, groupMetrics, keepStepIndex, labelSpans,
+  PALETTE, PointGrid, bounds, categoryColours, colourPoints, combineLayers, csvField, escapeXml, groupMetrics, keepStepIndex, labelSpans,
   niceTicks, parseMap, parseNeuronId, patchSource, pointInPolygon, rankImportance, searchPoints, selectInPolygon,
   stepAtOrBefore, tableRows, toCsv, toSvg, topLabel, unionSteps, type Labels, type LayerMap, type ProbeInfo,
 } from "../src/data";
@@ -56,6 +56,15 @@ describe("combineLayers", () => {
     expect(byCategory.legend.entries.map((e) => e.label)).toEqual(["colour", "texture", "no label"]);
     // neuron f.3:* have no labels -> grey
     expect(Array.from(byCategory.rgba.slice(8, 11))).toEqual([0xb0, 0xb0, 0xb0]);
+  });
+  it("colours categories in vocabulary order (as the bar chart) and pales neurons below the threshold", () => {
+    expect([...categoryColours(["shape", "shape", "colour", "texture"])]).toEqual(
+      [["shape", PALETTE[0]], ["colour", PALETTE[1]], ["texture", PALETTE[2]]]);
+    const strict = { ...labels, threshold: 0.25 };
+    const byCategory = colourPoints(points, "category", { "f.0": strict });
+    expect(byCategory.legend.entries.map((e) => e.label)).toEqual(["colour", "below threshold (0.25)", "no label"]);
+    expect(byCategory.legend.entries[0].colour).toBe(categoryColours(strict.categories).get("colour"));
+    expect(Array.from(byCategory.rgba.slice(4, 7))).toEqual([0xd5, 0xd5, 0xd5]);
   });
   it("searches by id, bare channel, layer prefix and concept word", () => {
     const by = { "f.0": labels };
