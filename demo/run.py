@@ -7,7 +7,7 @@
 Runs (same small CNN, same seeds, only the training setup differs):
 
 * ``baseline``     SGD lr 0.05, dropout 0.3, weight decay 5e-4, 2,000 training images
-* ``lr_too_high``  the same with lr 1.0 (the papers' failure case)
+* ``lr_too_high``  the same with lr 0.5 (the papers' failure case)
 * ``overfit``      no dropout, no weight decay, 250 training images
 
 Every epoch ``writer.add_concepts`` places all 176 neurons in a text-anchored space
@@ -48,7 +48,7 @@ class Setup:
 
 RUNS = {
     "baseline": Setup(lr=0.05, dropout=0.3, weight_decay=5e-4, n_train=2000),
-    "lr_too_high": Setup(lr=1.0, dropout=0.3, weight_decay=5e-4, n_train=2000),
+    "lr_too_high": Setup(lr=0.5, dropout=0.3, weight_decay=5e-4, n_train=2000),
     "overfit": Setup(lr=0.05, dropout=0.0, weight_decay=0.0, n_train=250),
 }
 

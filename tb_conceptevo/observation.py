@@ -65,9 +65,10 @@ class LayerObservation:
     def patch_boxes(self, fraction: float = 0.3) -> np.ndarray:
         """``[N, k, 4]`` boxes (x0, y0, x1, y1) in input pixels around each argmax.
 
-        A square of side ``fraction * input size`` centred on the argmax cell's centre
-        mapped to input pixels (the ConceptEvo research code uses 0.3), clipped inside
-        the image.
+        A square of side ``fraction * input size`` (the ConceptEvo research code uses
+        0.3), but at least two activation-map cells wide so deep layers, whose cells
+        cover many pixels, show the structure they respond to; centred on the argmax
+        cell's centre mapped to input pixels and clipped inside the image.
         """
         return patch_boxes(self.positions, self.map_size, self.input_size, fraction)
 
@@ -78,8 +79,8 @@ def patch_boxes(positions: np.ndarray, map_size, input_size, fraction: float = 0
     pos = np.asarray(positions)
     cy = (pos // mw + 0.5) * (ih / mh)
     cx = (pos % mw + 0.5) * (iw / mw)
-    side_y = max(1.0, fraction * ih)
-    side_x = max(1.0, fraction * iw)
+    side_y = min(float(ih), max(1.0, fraction * ih, 2.0 * ih / mh))
+    side_x = min(float(iw), max(1.0, fraction * iw, 2.0 * iw / mw))
     y0 = np.clip(np.round(cy - side_y / 2), 0, ih - side_y)
     x0 = np.clip(np.round(cx - side_x / 2), 0, iw - side_x)
     return np.stack([x0, y0, x0 + side_x, y0 + side_y], axis=-1).astype(np.int32)

@@ -180,6 +180,27 @@ def test_netdissect_bad_inputs(shapes):
         shapes.vocabulary.index("striped"), shapes.vocabulary.index("red")]
 
 
+@pytest.mark.parametrize("n_concepts", [5, 31, 40, 70], ids=["int32", "int32-full", "int64", "two-words"])
+def test_mask_pattern_table_reproduces_masks(n_concepts, monkeypatch):
+    """Every pixel's pattern row of concept bits is exactly its masks (all code-word widths)."""
+    from tb_conceptevo.detectors import netdissect
+
+    monkeypatch.setattr(netdissect, "_CHUNK_ELEMENTS", 1024)  # several chunks of images
+    generator = torch.Generator().manual_seed(n_concepts)
+    n_images = 40
+    # few distinct patterns (as in real masks)
+    palette = torch.rand(12, n_concepts, generator=generator) < 0.3
+    masks = palette[torch.randint(0, 12, (n_images, 8, 8), generator=generator)].permute(0, 3, 1, 2)
+    consumer = netdissect.NetDissectConsumer.__new__(netdissect.NetDissectConsumer)
+    consumer.probe = type("Masks", (), {"masks": lambda self, indices: masks[indices]})()
+    consumer.mask_channels, consumer.n_concepts, consumer.n_images = None, n_concepts, n_images
+    table = consumer._build_patterns(torch.device("cpu"))
+    rebuilt = table.bits[table.pixel_pattern].view(n_images, 8, 8, n_concepts).permute(0, 3, 1, 2)
+    assert torch.equal(rebuilt.bool(), masks)
+    assert table.n_patterns == len({tuple(row) for row in masks.permute(0, 2, 3, 1).reshape(-1, n_concepts).tolist()})
+    assert torch.equal(table.concept_count, masks.sum(dim=(0, 2, 3)).double())
+
+
 # --------------------------------------------------------------- vocabularies
 def test_vocabulary_dedup_and_errors(tmp_path):
     with pytest.warns(UserWarning, match="1 duplicate"):

@@ -957,8 +957,9 @@ export class App {
     const compare = rows.length > 1 && this.metricsLines === "runs";
     // As many charts per row as fit at >= 190 px: the strip reads as one row beside the loss.
     const available = Math.max(200, this.tabPanel.clientWidth - 24);
-    const perRow = Math.max(1, Math.floor((available + 12) / (190 + 12)));
-    const width = Math.floor((available - (perRow - 1) * 12) / perRow) - 2, height = 128;
+    const gap = 16; // .ce-strip column gap
+    const perRow = Math.max(1, Math.floor((available + gap) / (190 + gap)));
+    const width = Math.floor((available - (perRow - 1) * gap) / perRow) - 2, height = 120;
     const step = this.step;
     const chart = (title: string, series: LineSeries[], label: string) => {
       const canvas = h("canvas", { attrs: { "aria-label": label, role: "img" } });
@@ -1062,7 +1063,7 @@ export class App {
       if (!data) { box.append(status("empty", error ?? "no data")); return box; }
       const canvas = h("canvas", { attrs: { role: "img", "aria-label": `interpretable neurons per category and layer, run ${run.run}` } });
       groupedBarChart(canvas, data.layers, data.categories, (layer, cat) => data.counts[layer]?.[cat] ?? 0,
-        { width: width ?? Math.min(900, 120 + data.layers.length * Math.max(60, data.categories.length * 16)), height: width ? 170 : 190,
+        { width: width ?? Math.min(900, 120 + data.layers.length * Math.max(60, data.categories.length * 16)), height: width ? 150 : 190,
           title: `Interpretable neurons per category (${detector})` });
       box.append(canvas);
       return box;

@@ -114,7 +114,7 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
     return;
   }
   const colours = categoryColours(keys);
-  const colour = (k: string) => colours.get(k) ?? PALETTE[0];
+  const colour = (k: string) => colours.get(k) ?? "#9e9e9e";
   const max = Math.max(1, ...groups.flatMap((g) => keys.map((k) => value(g, k))));
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
   const gw = pw / groups.length;

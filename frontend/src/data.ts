@@ -203,6 +203,9 @@ export const PALETTE = [
   "#3949ab", "#7cb342", "#546e7a", "#c0ca33", "#5e35b1", "#00897b", "#ffb300", "#039be5",
 ];
 export const NONE_COLOUR = "#b0b0b0";
+/** Concept categories get their own hues, apart from the run and layer colours (PALETTE), so "blue" never means both. */
+export const CATEGORY_PALETTE = ["#00897b", "#d81b60", "#7cb342", "#5e35b1", "#6d4c41", "#00acc1", "#c0ca33", "#3949ab",
+  "#8d6e63", "#f06292"];
 
 export function hexToRgb(hex: string): [number, number, number] {
   const m = /^#?([0-9a-f]{6})$/i.exec(hex);
@@ -294,11 +297,11 @@ export const BELOW_COLOUR = "#d5d5d5";
  * vocabulary's order), so the map, its legend and the category bar chart agree and do
  * not change between steps.
  *
- * @example categoryColours(["shape", "shape", "colour"]).get("colour") // PALETTE[1]
+ * @example categoryColours(["shape", "shape", "colour"]).get("colour") // CATEGORY_PALETTE[1]
  */
 export function categoryColours(categories: string[]): Map<string, string> {
   const out = new Map<string, string>();
-  for (const c of categories) if (!out.has(c)) out.set(c, PALETTE[out.size % PALETTE.length]);
+  for (const c of categories) if (!out.has(c)) out.set(c, CATEGORY_PALETTE[out.size % CATEGORY_PALETTE.length]);
   return out;
 }
 

@@ -63,6 +63,9 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-panel-meta { color: var(--muted); font-size: 11px; margin-left: auto; white-space: nowrap; }
 .ce-panel-body { position: relative; height: 420px; margin: 0 8px; }
 .ce-maps[data-count="1"] .ce-panel-body { height: 520px; }
+/* Side by side, maps are about square (layouts are), so narrow panels do not leave tall empty bands. */
+.ce-maps[data-count="2"] .ce-panel-body, .ce-maps[data-count="3"] .ce-panel-body { height: auto; aspect-ratio: 1 / 1;
+  min-height: 240px; max-height: 460px; }
 .ce-scatter { position: absolute; inset: 0; overflow: hidden; border-radius: 2px;
   background: radial-gradient(circle at 50% 50%, #ffffff 0%, #fbfbfb 100%); }
 .ce-scatter canvas { position: absolute; inset: 0; width: 100%; height: 100%; }

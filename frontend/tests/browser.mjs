@@ -1,6 +1,8 @@
 // Browser tests: a real `tensorboard` serving writer-made logs, Debian's headless
 // chromium driven by playwright-core.  Run with `npm run test:browser` (exit code 1 on
-// any failure).  Screenshots go to frontend/screenshots/ (look at them).
+// any failure).  Screenshots go to frontend/screenshots/ (look at them); the README's
+// screenshots (docs/screenshots) are made by the same code on the demo logs:
+//   node tests/screenshots.mjs --logdir /tmp/demo_logs --out ../docs/screenshots
 //
 //   node tests/browser.mjs            # all checks
 //   KEEP=1 node tests/browser.mjs     # keep the fixture log directory
@@ -10,6 +12,7 @@ import { join } from "node:path";
 import {
   FRONTEND, countBlobs, launchBrowser, makeFixture, openPluginTab, pixelDiff, startTensorBoard, tempDir,
 } from "./harness.mjs";
+import { takeReadmeScreenshots } from "./screenshots.mjs";
 
 const SHOTS = join(FRONTEND, "screenshots");
 mkdirSync(SHOTS, { recursive: true });
@@ -241,6 +244,15 @@ try {
     assert.match(await p3.locator(".ce-status-error").textContent(), /simulated failure/);
     assert.equal(await p3.locator(".ce-spinner").count(), 0);
     await p3.close();
+  });
+
+  await check("README screenshots: the code path of tests/screenshots.mjs runs on the fixture", async () => {
+    // The committed docs/screenshots come from the demo logs (see tests/screenshots.mjs);
+    // here the same steps run on the fixture so a broken screenshot path fails the tests.
+    await page.setViewportSize({ width: 1280, height: 800 });
+    const shots = await takeReadmeScreenshots(page, frame, { out: join(SHOTS, "readme"), runs: fixture.runs.slice(0, 2) });
+    assert.deepEqual(Object.keys(shots).sort(), ["concept_map", "importance", "metrics", "neuron_story"]);
+    for (const path of Object.values(shots)) assert.ok(statSync(path).size > 10000, `${path} is not empty`);
   });
 
   await check("no page errors and no CSP violations", async () => {

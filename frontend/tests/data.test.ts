@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import {
-  PALETTE, PointGrid, bounds, categoryColours, colourPoints, combineLayers, csvField, escapeXml, groupMetrics, keepStepIndex, labelSpans,
+  CATEGORY_PALETTE, PointGrid, bounds, categoryColours, colourPoints, combineLayers, csvField, escapeXml, groupMetrics, keepStepIndex, labelSpans,
   niceTicks, parseMap, parseNeuronId, patchSource, pointInPolygon, rankImportance, searchPoints, selectInPolygon,
   stepAtOrBefore, tableRows, toCsv, toSvg, topLabel, unionSteps, type Labels, type LayerMap, type ProbeInfo,
 } from "../src/data";
@@ -59,7 +59,7 @@ describe("combineLayers", () => {
   });
   it("colours categories in vocabulary order (as the bar chart) and pales neurons below the threshold", () => {
     expect([...categoryColours(["shape", "shape", "colour", "texture"])]).toEqual(
-      [["shape", PALETTE[0]], ["colour", PALETTE[1]], ["texture", PALETTE[2]]]);
+      [["shape", CATEGORY_PALETTE[0]], ["colour", CATEGORY_PALETTE[1]], ["texture", CATEGORY_PALETTE[2]]]);
     const strict = { ...labels, threshold: 0.25 };
     const byCategory = colourPoints(points, "category", { "f.0": strict });
     expect(byCategory.legend.entries.map((e) => e.label)).toEqual(["colour", "below threshold (0.25)", "no label"]);

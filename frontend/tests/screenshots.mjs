@@ -10,7 +10,7 @@
 // the same code path runs in CI; the committed PNGs come from the demo logs.
 //
 // Options: --runs baseline,lr_too_high   --space conceptevo   --class 0   --neuron features.8:5
-//          --width 1200 --height 750   (the text space has the anchors; conceptevo has none)
+//          --width 1280 --height 800   (the text space has the anchors; conceptevo has none)
 import { mkdirSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -76,7 +76,7 @@ async function interestingNeuron(frame, run, detector) {
     const app = window.__conceptevo.app;
     const info = (await app.api.runs()).runs.find((r) => r.run === run);
     const layers = info.layers.filter((l) => l in (info.detectors[detector] ?? {}));
-    let best = null;
+    let best = null, fallback = null;
     for (const layer of layers) {
       const steps = info.detectors[detector][layer];
       const per = await Promise.all(steps.map((s) => app.api.labels(run, detector, layer, s)));
@@ -91,6 +91,7 @@ async function interestingNeuron(frame, run, detector) {
         for (let i = 1; i < seq.length; i++) if (seq[i] !== seq[i - 1]) changes++;
         while (settled < seq.length && seq[seq.length - 1 - settled] === seq[seq.length - 1]) settled++;
         const threshold = per[per.length - 1].threshold || 0;
+        fallback ??= `${layer}:${ch}`;
         if (changes < 1 || changes > 4 || sims[sims.length - 1] < threshold) continue;
         // deeper layers tell the more interesting stories (shapes rather than colours)
         const depth = layers.indexOf(layer) / Math.max(1, layers.length - 1);
@@ -98,7 +99,7 @@ async function interestingNeuron(frame, run, detector) {
         if (!best || score > best.score) best = { id: `${layer}:${ch}`, score };
       }
     }
-    return best?.id ?? null;
+    return best?.id ?? fallback;
   }, { run, detector });
 }
 
@@ -177,7 +178,7 @@ export async function takeReadmeScreenshots(page, frame, { out, runs, space = "t
 
 function parseArgs(argv) {
   const args = { logdir: null, out: "../docs/screenshots", runs: "baseline,lr_too_high", space: "text", class: "0",
-    neuron: null, width: "1200", height: "750" };
+    neuron: null, width: "1280", height: "800" };
   for (let i = 0; i < argv.length; i++) {
     const key = argv[i].replace(/^--/, "");
     if (!(key in args)) throw new Error(`unknown option ${argv[i]}; options: ${Object.keys(args).map((k) => `--${k}`).join(" ")}`);

@@ -527,13 +527,24 @@ class NetDissectConsumer(RecordingConsumer):
         first = self._concept_masks(torch.arange(1), device)
         height, width = int(first.shape[-2]), int(first.shape[-1])
         n_words = max(1, math.ceil(self.n_concepts / _BITS_PER_WORD))
-        # int64 temporaries of [b, min(C, 62), H, W]: a quarter chunk
-        step = max(1, _CHUNK_ELEMENTS // (4 * min(self.n_concepts, _BITS_PER_WORD) * height * width))
-        words = []
+        step = max(1, _CHUNK_ELEMENTS // (min(self.n_concepts, _BITS_PER_WORD) * height * width))
+        words, chunk_codes = [], []
         for start in range(0, self.n_images, step):
             masks = self._concept_masks(torch.arange(start, min(self.n_images, start + step)), device)
-            words.append(_pack_bits(masks))                        # [b*H*W, words] int64
+            words.append(_pack_bits(masks))                        # [b*H*W, words]
+            if n_words == 1:  # distinct codes per chunk: small, cache-friendly sorts
+                chunk_codes.append(torch.unique(words[-1][:, 0]))
         words = torch.cat(words)
+        shifts = torch.arange(_BITS_PER_WORD, device=device)
+        if n_words == 1:
+            # up to 62 concepts: the code word is the pattern; pattern ids = ranks of
+            # the sorted distinct codes (a lookup, not a sort of every pixel)
+            codes = torch.unique(torch.cat(chunk_codes))
+            pattern = torch.searchsorted(codes, words[:, 0]).long()
+            pixel_count = torch.bincount(pattern, minlength=codes.numel())
+            bits = ((codes.long()[:, None] >> shifts) & 1)[:, :self.n_concepts]
+            return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
+        words = words.long()
         # distinct rows of the code words -> dense pattern ids (one unique per word)
         pattern = torch.zeros(words.shape[0], dtype=torch.int64, device=device)
         for w in range(n_words):
@@ -544,7 +555,6 @@ class NetDissectConsumer(RecordingConsumer):
         pixel_count = torch.bincount(pattern, minlength=n_patterns)
         representative = torch.full((n_patterns,), words.shape[0], dtype=torch.int64, device=device)
         representative.scatter_reduce_(0, pattern, torch.arange(words.shape[0], device=device), "amin")
-        shifts = torch.arange(_BITS_PER_WORD, device=device)
         bits = ((words[representative][:, :, None] >> shifts) & 1).reshape(n_patterns, -1)[:, :self.n_concepts]
         return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
 
@@ -560,13 +570,19 @@ class NetDissectConsumer(RecordingConsumer):
 
 
 def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
-    """bool ``[B, C, H, W]`` -> int64 ``[B*H*W, ceil(C / 62)]`` (bit j of word w = concept 62 w + j)."""
+    """bool ``[B, C, H, W]`` -> ``[B*H*W, ceil(C / 62)]`` code words (bit j of word w = concept 62 w + j).
+
+    int32 words when C <= 31 (integer ops on int64 are several times slower on CPU),
+    else int64.  Concepts are added one at a time: temporaries of ``[B, H, W]``.
+    """
     concepts = masks.shape[1]
+    dtype = torch.int32 if concepts <= 31 else torch.int64
     words = []
     for start in range(0, concepts, _BITS_PER_WORD):  # one word per 62 concepts
-        group = masks[:, start:start + _BITS_PER_WORD]
-        weights = 1 << torch.arange(group.shape[1], device=masks.device, dtype=torch.int64)
-        words.append((group.long() * weights[None, :, None, None]).sum(dim=1))   # [B, H, W]
+        word = torch.zeros(masks.shape[0], *masks.shape[2:], dtype=dtype, device=masks.device)
+        for bit in range(min(_BITS_PER_WORD, concepts - start)):
+            word.add_(masks[:, start + bit], alpha=1 << bit)
+        words.append(word)                                                      # [B, H, W]
     return torch.stack(words, dim=-1).reshape(-1, len(words))
 
 
