@@ -16,7 +16,12 @@ from typing import Dict, List, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: relation id -> why it does not reproduce here (shown in the table, does not fail).
-KNOWN_DIFFERENCES: Dict[str, str] = {}
+KNOWN_DIFFERENCES: Dict[str, str] = {
+    "entropy_lr_too_high_falls": (
+        "with lr 0.5 this 176-neuron batch-norm CNN still trains (58-80 % train accuracy) and its "
+        "entropy rises, though it ends below the baseline's (1.45 vs 1.60); at lr 1.0 or 2.0 entropy does fall, but the "
+        "network no longer learns at all (chance accuracy), which is not the papers' failure case"),
+}
 
 RUN_NAMES = ("baseline", "lr_too_high", "overfit")
 
@@ -106,7 +111,7 @@ def check(logdir: str) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print("all relations reproduced" + (" (with known differences)" if KNOWN_DIFFERENCES else ""))
+    print("all relations reproduced" + (", except the known differences above" if KNOWN_DIFFERENCES else ""))
     return 0
 
 

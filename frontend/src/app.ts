@@ -1152,7 +1152,7 @@ export class App {
           revertChart(canvas, rv.bins, rv.accuracy_change, rv.accuracy_change_std, rv.random_change, rv.random_change_std,
             { width: 460, height: 190, title: `Revert evaluation (accuracy change; base ${(rv.base_accuracy * 100).toFixed(1)}%)` });
           revertBox.replaceChildren(h("h4", { text: "Reverting evolutions by importance bin" }), canvas,
-            h("div", { class: "ce-muted", text: "Each bar: the neurons of one importance quartile set back to their weights at the \"from\" step; grey band = as many random neurons." }));
+            h("div", { class: "ce-muted", text: "Each bar: the neurons of one importance quartile have their activations replaced by those at the \"from\" step; grey band = as many random neurons." }));
         } catch (e) {
           revertBox.replaceChildren(status("error", (e as Error).message));
         }
