@@ -171,6 +171,8 @@ class ConceptWriter(SummaryWriter):
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
             raise TypeError(f"step must be an int, got {type(step).__name__}")
         step = int(step)
+        for space in self.spaces:  # before the costly pass: a mismatch is a setup error
+            space.check_probe(self.probe.hash)
         detectors = self.all_detectors()
         layer_spec = layers if layers is not None else self.layers
         from .recording import resolve_layers
@@ -182,7 +184,6 @@ class ConceptWriter(SummaryWriter):
         detections = {d.name: c.result() for d, c in zip(detectors, consumers)}
         embeddings = {}
         for space in self.spaces:
-            space.check_probe(observation.probe_hash)
             detection_of = detections.get(space.detector.name) if space.detector is not None else None
             for name, layer_obs in observation.items():
                 detection = detection_of.get(name) if detection_of is not None else None

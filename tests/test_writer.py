@@ -119,3 +119,27 @@ def test_reader_unknown_run_and_step(logdir):
             logs.observation("nope")
         with pytest.raises(KeyError, match="no data at step 7"):
             logs.observation("run_a", 7)
+
+
+def test_importance_since_last_snapshot(tmp_path):
+    torch.manual_seed(0)
+    model = Branchy()
+    probe = random_probe(n=16, size=8)
+    writer = ConceptWriter(str(tmp_path / "run"), probe=probe, k=2, progress=False, keep_previous_weights=True)
+    with pytest.raises(ValueError, match="no earlier snapshot"):
+        writer.add_concept_importance(model, 1, probe.images, step=0, labels=torch.ones(16, dtype=torch.long))
+    writer.add_concepts(model, step=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    writer.add_concepts(model, step=1)
+    result, reverted = writer.add_concept_importance(model, 1, probe.images, step=1,
+                                                     labels=torch.ones(16, dtype=torch.long), revert=True)
+    writer.close()
+    assert result.from_step == 0 and result.to_step == 1 and reverted is not None
+    with LogReader(str(tmp_path)) as logs:
+        header, arrays = logs.payload("run", metadata.importance_tag(1, "stem"), 1)
+        assert header["from_step"] == 0 and arrays["importance"].shape == (8,)
+        np.testing.assert_allclose(arrays["importance"], result.layers["stem"].importance)
+        revert_header, _ = logs.payload("run", metadata.revert_tag(1), 1)
+        assert revert_header["to_step"] == 1
