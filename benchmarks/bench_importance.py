@@ -70,7 +70,7 @@ def bench_speed(size: int, n_images: int, batch_size: int, repeats: int) -> bool
     ok = ratio <= 3.0
     print(f"VGG-11 ({n_layers} conv layers, {n_neurons} neurons), {n_images} images of {size} px, "
           f"batch {batch_size}, {torch.get_num_threads()} threads, best of {repeats}")
-    print(f"                              wall      cpu")
+    print("                              wall      cpu")
     print(f"  forward+backward pass:     {wall_base:7.2f} s {cpu_base:7.2f} s")
     print(f"  importance (all neurons):  {wall_importance:7.2f} s {cpu_importance:7.2f} s")
     print(f"  ratio {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu (target <= 3x): {'PASS' if ok else 'FAIL'}")

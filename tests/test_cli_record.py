@@ -1,8 +1,6 @@
 """tb-conceptevo record: snapshots for a folder of checkpoints."""
 
-import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """Streaming top-k equals brute force on torchvision models and a custom model."""
 
-import warnings
 
 import numpy as np
 import pytest

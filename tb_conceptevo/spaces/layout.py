@@ -40,7 +40,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
