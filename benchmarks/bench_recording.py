@@ -12,7 +12,6 @@ median of each is compared, since shared machines are noisy.
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -71,13 +70,49 @@ class Wide(torch.nn.Module):
         return self.layers(x)
 
 
+class RSSSampler:
+    """Peak of the *current* resident set size (``/proc/self/statm``) sampled every
+    millisecond in a thread: ``ru_maxrss`` is a lifetime high-water mark, which the set-up
+    before the measured call may already have set."""
+
+    def __init__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self.current()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def current(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def run(self):
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def memory_child(mode: str, images: int):
-    """Run in a fresh process: peak RSS of either the bare pass or add_concepts."""
+    """Run in a fresh process: peak RSS growth during the bare pass or add_concepts."""
     torch.manual_seed(0)
     model = Wide()
     probe = ConceptShapes(n=images, size=16, seed=0)
     probe.load_batch(range(len(probe)))  # build any cache before measuring
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = RSSSampler()
+    with sampler:
+        run_memory_case(mode, model, probe)
+    print((sampler.peak - sampler.base) / 2**20)  # MiB
+
+
+def run_memory_case(mode, model, probe):
     if mode == "bare":
         bare_forward(model, probe, 64)
     else:
@@ -85,8 +120,6 @@ def memory_child(mode: str, images: int):
             writer = ConceptWriter(tmp, probe=probe, k=10, batch_size=64, progress=False, thumbnail_size=16)
             writer.add_concepts(model, step=0)
             writer.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024.0)  # MiB
 
 
 def memory(images: int):
