@@ -142,7 +142,14 @@ def open_provider(logdir: str, fast: bool = False, reload_interval: float = 0):
         provider = ingester.data_provider
         # rustboard loads asynchronously; wait until it has seen the logdir once.
         _wait_for_rustboard(provider)
-        return provider, lambda: None
+
+        def close():
+            # The data server runs with --die-after-stdin: closing its stdin stops it.
+            handle = getattr(ingester, "_stdin_handle", None)
+            if handle is not None and not handle.closed:
+                handle.close()
+
+        return provider, close
     from tensorboard.backend.event_processing import data_ingester, data_provider, plugin_event_multiplexer
 
     guidance = dict(data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE)
