@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..spaces.layout import as_matrix as _matrix
+
 
 def differential_entropy(layout, min_points: int = 4) -> float:
     """Differential entropy of a 2-D map, estimated per dimension and averaged.
@@ -42,7 +44,7 @@ def differential_entropy(layout, min_points: int = 4) -> float:
         The mean over dimensions of the per-dimension entropies (float; NaN when too
         few points).
     """
-    points = _matrix(layout, "layout")
+    points = _matrix(layout, "layout", np.float64)
     points = points[np.isfinite(points).all(axis=1)]
     n = points.shape[0]
     if n < max(2, min_points):
@@ -77,8 +79,8 @@ def evolution_speed(
     Returns:
         The mean distance (float), NaN when no neuron is placed at both steps.
     """
-    before = _matrix(prev_vectors, "prev_vectors")
-    after = _matrix(vectors, "vectors")
+    before = _matrix(prev_vectors, "prev_vectors", np.float64)
+    after = _matrix(vectors, "vectors", np.float64)
     if before.shape != after.shape:
         raise ValueError(
             f"prev_vectors {before.shape} and vectors {after.shape} must have the same shape "
@@ -94,13 +96,3 @@ def evolution_speed(
     if not both.any():
         return float("nan")
     return float(np.linalg.norm(after[both] - before[both], axis=1).mean())
-
-
-def _matrix(values, what: str) -> np.ndarray:
-    try:
-        matrix = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be a numeric [N, D] array ({exc})") from None
-    if matrix.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D [N, D] array, got shape {matrix.shape}")
-    return matrix

@@ -88,7 +88,7 @@ class StableLayout:
     def fit(self, reference_vectors) -> "StableLayout":
         """Fit UMAP on the finite rows of ``reference_vectors`` ``[R, d]`` (NaN rows are
         ignored).  Needs at least 4 finite rows."""
-        reference = _as_matrix(reference_vectors, "reference_vectors")
+        reference = as_matrix(reference_vectors, "reference_vectors")
         finite = np.isfinite(reference).all(axis=1)
         reference = reference[finite]
         n = reference.shape[0]
@@ -130,7 +130,7 @@ class StableLayout:
         Rows containing NaN/Inf come back as NaN rows (never the origin).  Identical
         input gives identical output."""
         self._check_fitted()
-        matrix = _as_matrix(vectors, "vectors")
+        matrix = as_matrix(vectors, "vectors")
         if matrix.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"vectors have {matrix.shape[1]} dimensions but the layout was fitted on "
@@ -304,9 +304,10 @@ def membership_weights(dists: np.ndarray, target: float, iterations: int = 64) -
     return weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
 
 
-def _as_matrix(values, what: str) -> np.ndarray:
+def as_matrix(values, what: str, dtype=np.float32) -> np.ndarray:
+    """``values`` as a 2-D numeric array, or a clear error naming ``what``."""
     try:
-        matrix = np.asarray(values, dtype=np.float32)
+        matrix = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be a numeric [N, d] array ({exc})") from None
     if matrix.ndim != 2:
