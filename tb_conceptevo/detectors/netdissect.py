@@ -7,29 +7,40 @@ For neuron ``k`` and concept ``c`` (Bau et al., 2017)::
     M_k(x)   = bilinear_upsample(A_k(x), mask size) >= T_k          (activation mask)
     IoU_k,c  = sum_x |M_k(x) & L_c(x)| / sum_x |M_k(x) | L_c(x)|     (over the whole probe set)
 
-Why two passes: ``T_k`` is a quantile over *all* images, so the masks ``M_k`` of the
-first images can only be computed once every image has been seen.  Two ways out are
-implemented, chosen per recording from the memory the activation maps need:
+``T_k`` is a quantile over *all* images, so the masks ``M_k`` of the first images can
+only be known once every image has been seen.  This is done in the recording pass
+itself, without keeping the activation maps:
 
-* **cached (one forward pass)** -- when all activation maps of the dissected layers
-  fit in ``cache_bytes`` (e.g. 1,024 ConceptShapes images x 128 channels x 16 x 16 =
-  134 MB), they are copied during the recording pass; thresholds and IoUs are then
-  computed from the copy in ``end_pass(0)``.  ``passes`` becomes 1, so the recorder
-  runs no second forward pass.
-* **streaming (two passes)** -- otherwise pass 0 keeps, per neuron, its exact top-``m``
-  activations, ``m = ceil((1 - quantile) * n_images * H * W)`` (memory
-  ``neurons x m`` floats, e.g. 256 x 32k for 2,048 images at 56 x 56 = 33 MB): the
-  threshold is then the *exact* quantile, not an estimate from histograms or a sample.
-  Pass 1 accumulates intersections and unions.
+* **one pass (default)** -- each neuron keeps its *candidates*: every cell that can
+  still be among its top ``m = ceil((1 - quantile) * n_images * H * W)`` activations,
+  i.e. every cell at or above a running lower bound ``R_k`` (the ``m``-th largest
+  activation seen so far, which can only rise towards ``T_k``).  With each candidate go
+  its 8 neighbours' activations, which is all bilinear upsampling needs around a cell
+  that passes.  After the pass, ``T_k`` is the exact ``m``-th largest candidate and
+  the IoUs follow from the candidates alone.  Memory: about ``3 m`` slots of 44 bytes
+  per neuron (e.g. 1,024 ConceptShapes images at 64 px, 32-64-128-128 channels:
+  170 MB), never the maps themselves.
+* **two passes** -- when those candidates would exceed ``memory_bytes`` (large probe
+  sets, huge maps, or massive ties at the threshold), a layer keeps only candidate
+  *values* (at most ``m + batch`` per neuron) to find ``T_k`` exactly in pass 0, and
+  pass 1 finds the cells that pass in the maps again.  ``passes`` tells the recorder.
 
-In both cases the statistics of a batch are computed for all neurons x concepts at
-once: one batched matmul of the thresholded activation masks ``[B, N, P]`` with the
-concept masks ``[B, P, C]`` over the flattened pixels, on the model's device.
+Why not sort all activations: a full per-neuron top-``m`` over every batch is the
+cost that made the first version of this detector 4x the recording pass; the running
+bound lets each batch be screened with one row-maximum reduction.
+
+The intersections are counted per pixel *pattern* (the set of concepts covering a
+mask pixel; see :class:`_MaskPatterns`), so every neuron x concept count is one
+bincount and one small matmul, on the model's device.
 
 Ties: ``>= T_k`` keeps every position at the threshold (saturating units whose top
 activations are all equal keep their whole active region); when ``T_k`` equals the
 unit's minimum (a mostly silent ReLU unit) ``> T_k`` is used instead, so a unit never
 covers the whole probe set.  Units with NaN/Inf activations get NaN rows.
+
+Under ``torch.distributed`` each rank screens its shard; the thresholds come from
+the union of all ranks' candidates and the counts are summed, so the result equals a
+single process exactly.
 
 Example:
     >>> from tb_conceptevo import probes, record
@@ -59,15 +70,21 @@ try:  # the protocol class lives in recording.py; fall back to a plain base if a
 except ImportError:  # pragma: no cover
     RecordingConsumer = object  # type: ignore
 
-#: elements of one chunk of maps or masks (bounds temporary memory)
+#: elements of one chunk of upsampled blocks or masks (bounds temporary memory)
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
-#: activations per neuron in the subsample that bounds the thresholds from below
-_SAMPLE_PER_NEURON = 1 << 16
 #: largest neurons x mask-patterns table counted with one bincount
 _MAX_PATTERN_TABLE = 1 << 24
 #: relative tolerance of the ``>= T`` comparison (bilinear upsampling of equal values
 #: may be one float32 ulp below them)
 _TIE_TOLERANCE = 1e-6
+#: candidate slots reserved per neuron, in multiples of m (a batch adds ~m / t after t batches)
+_SLOTS_PER_M = 3
+#: activations per neuron sampled to estimate the first bound
+_SAMPLE_CELLS = 65536
+#: bytes of one candidate slot with neighbours: value, cell key, 8 neighbour values
+_SLOT_BYTES = 4 + 8 + 8 * 4
+#: (dy, dx) of the 8 neighbours, row-major around the centre
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
 class NetDissect(Detector):
@@ -82,10 +99,10 @@ class NetDissect(Detector):
             (0.995 = top 0.5 %, as in Network Dissection).
         threshold: tau; a neuron is interpretable when its best IoU exceeds it
             (0.04 as in Network Dissection).
-        cache_bytes: memory allowed for copying the activation maps so that one
-            forward pass suffices (see the module docstring); 0 forces two passes.
+        memory_bytes: memory allowed for the candidates of the one-pass mode (see the
+            module docstring); layers that need more use two passes; 0 forces two.
         name: detector name used in tags.
-        progress: tqdm bar for the IoU stage of the cached mode.
+        progress: tqdm bar for the IoU stage after the pass.
     """
 
     #: IoU scores span ~0-0.3, so the text space needs a sharper softmax than the
@@ -93,17 +110,17 @@ class NetDissect(Detector):
     default_temperature = 0.02
 
     def __init__(self, vocabulary=None, quantile: float = 0.995, threshold: float = 0.04,
-                 cache_bytes: int = 1 << 30, name: str = "netdissect", progress: bool = True):
+                 memory_bytes: int = 1 << 30, name: str = "netdissect", progress: bool = True):
         if not 0.0 < float(quantile) < 1.0:
             raise ValueError(f"quantile must be in (0, 1), e.g. 0.995 for the top 0.5 %; got {quantile!r}")
-        if cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
         from ..metadata import check_name
 
         self.name = check_name(name, "detector name")
         self.quantile = float(quantile)
         self.threshold = float(threshold)
-        self.cache_bytes = int(cache_bytes)
+        self.memory_bytes = int(memory_bytes)
         self.progress = bool(progress)
         self._vocabulary: Optional[ConceptVocabulary] = None
         if isinstance(vocabulary, ProbeSet) or (vocabulary is not None and hasattr(vocabulary, "masks")):
@@ -132,7 +149,7 @@ class NetDissect(Detector):
     def config(self) -> Dict:
         """JSON-able parameters (stored in space files; see :func:`detector_from_config`)."""
         return {"kind": "netdissect", "name": self.name, "quantile": self.quantile,
-                "threshold": self.threshold, "cache_bytes": self.cache_bytes,
+                "threshold": self.threshold, "memory_bytes": self.memory_bytes,
                 "concepts": list(self.vocabulary.names) if self._vocabulary is not None else None,
                 "categories": list(self.vocabulary.categories) if self._vocabulary is not None else None}
 
@@ -165,14 +182,268 @@ class NetDissect(Detector):
         return f"NetDissect(concepts={n}, quantile={self.quantile}, threshold={self.threshold})"
 
 
-class _LayerState:
-    """Per-layer accumulators (all on the model's device)."""
 
-    def __init__(self, shape: Tuple[int, int, int]):
+class _Candidates:
+    """Per neuron, every cell seen so far that can still be among its top ``m``.
+
+    Rows are dense and padded with -inf, so per-neuron selections are row-wise
+    ``topk`` calls, and a batch's candidates are written at each row's fill level.
+    With ``with_cells`` each slot also holds the cell's key (``image * H * W +
+    position``) and its 8 neighbours' values; without, only values are kept and a row
+    never needs more than ``m``.
+    """
+
+    def __init__(self, channels: int, m: int, with_cells: bool, device):
+        self.m = m
+        self.with_cells = with_cells
+        self.bound = torch.full((channels,), -math.inf, device=device)
+        self.bounded = False        # bound = a true lower bound of the final threshold
+        self.seen = 0               # cells per neuron screened so far (same for all neurons)
+        self.count = torch.zeros(channels, dtype=torch.int64, device=device)
+        # a cell below the final threshold was seen (so the threshold is not the minimum)
+        self.below = torch.zeros(channels, dtype=torch.bool, device=device)
+        self.values = torch.empty((channels, 0), device=device)
+        self.cells = torch.empty((channels, 0), dtype=torch.int64, device=device) if with_cells else None
+        self.around = torch.empty((channels, 0, 8), device=device) if with_cells else None
+
+    @property
+    def nbytes(self) -> int:
+        slots = self.values.numel()
+        return slots * (_SLOT_BYTES if self.with_cells else 4)
+
+    def floor(self) -> torch.Tensor:
+        """Lowest value a cell may have and still pass a final threshold >= ``bound``."""
+        return _loosened(self.bound)
+
+    def drop_cells(self) -> None:
+        """Keep values only (the layer moves to two passes)."""
+        self.with_cells = False
+        self.cells = self.around = None
+        self.prune()
+
+    def screen(self, maps: torch.Tensor, image_ids: torch.Tensor, low: Optional[torch.Tensor] = None) -> None:
+        """Add the cells of ``maps [B, N, H, W]`` (contiguous, finite) that may still pass.
+
+        ``image_ids``: probe index of each map; ``low``: a fixed floor instead of the
+        running bound (to collect the cells passing known thresholds).
+        """
+        batch, channels, height, width = maps.shape
+        screened = batch * height * width
+        kernels = _compiled_kernels() if maps.device.type == "cpu" else None
+        if low is None and not self.bounded and self.seen + screened >= self.m:
+            if self.seen == 0 and kernels is not None and self._sampled_first_bound(kernels, maps, image_ids):
+                return
+            # first bound: the m-th largest of everything seen so far (one selection, once)
+            if kernels is not None:
+                self.bound = torch.empty(channels)
+                kernels.kth_largest(self.values.numpy(), self.count.numpy(), maps.numpy(), self.m,
+                                    self.bound.numpy())
+            else:
+                seen = torch.cat([self.values, maps.transpose(0, 1).reshape(channels, -1)], dim=1)
+                self.bound = torch.topk(seen, self.m, dim=1, sorted=False).values.amin(dim=1)
+            self.bounded = True
+            self.prune()
+        if kernels is not None:
+            self._screen_compiled(kernels, maps, image_ids, low)
+            return
+        neuron, image, y, x, value = _cells_at_least(maps, self.floor() if low is None else low)
+        if self.with_cells:
+            key = (image_ids[image] * height + y) * width + x
+            self.add(neuron, value, screened, key, _neighbours(maps, neuron, image, y, x))
+        else:
+            self.add(neuron, value, screened)
+
+    def _sampled_first_bound(self, kernels, maps: torch.Tensor, image_ids: torch.Tensor) -> bool:
+        """Screen the first batch above a bound estimated from a sample of it; False if unusable.
+
+        An exact first bound needs a selection over the whole batch.  A value ``v`` with at
+        least m cells ``>= v`` is just as valid, and a sample of the batch suggests one
+        (expected count 1.5 m).  After screening above ``v`` the store holds every cell
+        ``>= floor(v)``, so counting those ``>= v`` verifies it; the neurons where the
+        sample misled (fewer than m) are screened again with no bound at all.
+        """
+        batch, channels, height, width = maps.shape
+        screened = batch * height * width
+        expected = 2.0 * self.m / screened
+        sample_images = min(batch, max(1, math.ceil(_SAMPLE_CELLS / (height * width))))
+        rank = math.ceil(expected * sample_images * height * width)
+        if expected >= 0.5 or rank < 16:
+            return False  # the bound would keep most of the batch anyway, or the sample is too small
+        sample = maps[torch.linspace(0, batch - 1, sample_images).round().long().unique()]
+        sample = sample.transpose(0, 1).reshape(channels, -1)
+        self.bound = torch.topk(sample, min(rank, sample.shape[1]), dim=1, sorted=False).values.amin(dim=1)
+        self.bounded = True
+        self._screen_compiled(kernels, maps, image_ids, None)
+        filled = torch.arange(self.values.shape[1])[None, :] < self.count[:, None]
+        misled = ((self.values >= self.bound[:, None]) & filled).sum(dim=1) < self.m
+        if bool(misled.any()):
+            # those neurons start over above their exact m-th largest of the batch
+            which = misled.nonzero().squeeze(1)
+            exact = torch.empty(which.numel())
+            kernels.kth_largest(np.empty((which.numel(), 0), dtype=np.float32),
+                                np.zeros(which.numel(), dtype=np.int64),
+                                maps.index_select(1, which).contiguous().numpy(), self.m, exact.numpy())
+            self.values[misled] = -math.inf
+            self.count[misled] = 0
+            self.below[misled] = False
+            self.bound[which] = exact
+            self.seen -= screened
+            self._screen_compiled(kernels, maps, image_ids, None, only=misled)
+        self.prune()
+        return True
+
+    def _screen_compiled(self, kernels, maps: torch.Tensor, image_ids: torch.Tensor,
+                         low: Optional[torch.Tensor], only: Optional[torch.Tensor] = None) -> None:
+        channels = maps.shape[1]
+        screened = maps.shape[0] * maps.shape[2] * maps.shape[3]
+        if self.values.shape[1] == 0:
+            self._resize(_SLOTS_PER_M * self.m if low is None else max(1, screened // 64))
+        active = torch.ones(channels, dtype=torch.bool) if only is None else only.clone()
+        taken = torch.zeros(channels, dtype=torch.int64)
+        skip = torch.tensor(math.inf)
+        # NCHW maps: one neuron per thread; channels-last maps: channels in the inner loop
+        shape = tuple(int(size) for size in maps.shape)
+        if maps.is_contiguous():
+            kernel, layout = kernels.screen, (maps.numpy().reshape(-1), shape)
+        else:
+            import numba
+
+            blocks = min(maps.shape[1], numba.get_num_threads())
+            # a view: NHWC is the memory order of channels-last maps
+            kernel, layout = kernels.screen_channels_last, (maps.permute(0, 2, 3, 1).numpy().reshape(-1),
+                                                             shape, blocks)
+        image_ids = image_ids.long().contiguous().numpy()
+        while True:
+            before = self.count.clone()
+            floor = torch.where(active, self.floor() if low is None else low, skip).float().contiguous()
+            kernel(*layout, floor.numpy(), image_ids, self.values.numpy(),
+                   *self._payload_arrays(), self.count.numpy(), taken.numpy(), self.with_cells)
+            overflow = active & (before + taken > self.values.shape[1])
+            if not bool(overflow.any()):
+                break
+            # make room (the bound rises, so fewer cells qualify) and screen those neurons again
+            self.prune()
+            need = int((self.count + taken)[overflow].max())
+            if need > self.values.shape[1]:
+                self._resize(max(need, self.values.shape[1] * 3 // 2))
+            active = overflow
+        self.below |= (taken < screened) & (torch.ones_like(self.below) if only is None else only)
+        self.seen += screened
+        if low is None and self.bounded:
+            # raise the bound after every batch (cheap, no compaction): the next batches
+            # then let in ~m / t cells instead of ~m each
+            self.bound = self.bound.float().contiguous()
+            kernels.raise_bounds(self.values.numpy(), self.count.numpy(), self.m, self.bound.numpy())
+
+    def _payload_arrays(self):
+        if self.with_cells:
+            return self.cells.numpy(), self.around.numpy()
+        channels = self.values.shape[0]
+        return np.empty((channels, 0), dtype=np.int64), np.empty((channels, 0, 8), dtype=np.float32)
+
+    def add(self, neuron: torch.Tensor, value: torch.Tensor, screened: int,
+            cell: Optional[torch.Tensor] = None, around: Optional[torch.Tensor] = None) -> None:
+        """Append the candidates found among ``screened`` cells per neuron (``neuron`` ascending)."""
+        channels = self.count.shape[0]
+        per_neuron = torch.bincount(neuron, minlength=channels)
+        # cells not taken were below floor(bound) <= the final threshold
+        self.below |= per_neuron < screened
+        self.seen += screened
+        if int((self.count + per_neuron).max()) > self.values.shape[1]:
+            self.prune()
+            need = int((self.count + per_neuron).max())
+            if need > self.values.shape[1]:
+                self._resize(max(need, _SLOTS_PER_M * self.m, self.values.shape[1] * 3 // 2))
+        first = torch.cumsum(per_neuron, 0) - per_neuron
+        slot = (neuron * self.values.shape[1] + self.count[neuron]
+                + torch.arange(neuron.numel(), device=neuron.device) - first[neuron])
+        self.values.view(-1).index_copy_(0, slot, value)
+        if self.with_cells:
+            self.cells.view(-1).index_copy_(0, slot, cell)
+            self.around.view(-1, 8).index_copy_(0, slot, around)
+        self.count += per_neuron
+
+    def prune(self) -> None:
+        """Raise the bound to each row's m-th largest value; drop what can no longer pass."""
+        if self.values.shape[1] == 0:
+            return
+        kernels = _compiled_kernels() if self.values.device.type == "cpu" else None
+        if kernels is not None and self.with_cells:
+            if self.bounded:
+                self.bound = self.bound.float().contiguous()
+                kernels.raise_bounds(self.values.numpy(), self.count.numpy(), self.m, self.bound.numpy())
+            dropped = torch.zeros_like(self.below)
+            kernels.compact(self.values.numpy(), self.cells.numpy(), self.around.numpy(), self.count.numpy(),
+                            self.floor().float().contiguous().numpy(), True, dropped.numpy())
+            self.below |= dropped
+            return
+        kth = torch.topk(self.values, min(self.m, self.values.shape[1]), dim=1, sorted=False).values
+        if self.bounded:
+            # rows hold every cell >= floor(bound): their m-th largest is still a lower bound
+            self.bound = torch.maximum(self.bound, kth.amin(dim=1))
+        slots = self.values.shape[1]
+        filled = torch.arange(slots, device=self.values.device)[None, :] < self.count[:, None]
+        if not self.with_cells:
+            # for the threshold alone the top m values suffice (sorted: -inf padding last)
+            if self.bounded:
+                self.below |= ((self.values < self.bound[:, None]) & filled).any(dim=1)
+            values = torch.full_like(self.values, -math.inf)
+            values[:, :kth.shape[1]] = torch.sort(kth, dim=1, descending=True).values
+            self.values, self.count = values, torch.isfinite(values).sum(dim=1)
+            return
+        keep = (self.values >= self.floor()[:, None]) & filled
+        self.below |= (filled & ~keep).any(dim=1)
+        row, column = keep.nonzero(as_tuple=True)
+        kept = torch.bincount(row, minlength=self.count.shape[0])
+        old = row * slots + column
+        new = old - column + torch.arange(row.numel(), device=row.device) - (torch.cumsum(kept, 0) - kept)[row]
+        values = torch.full_like(self.values, -math.inf)
+        values.view(-1).index_copy_(0, new, self.values.view(-1).index_select(0, old))
+        self.cells.view(-1).index_copy_(0, new, self.cells.view(-1).index_select(0, old))
+        self.around.view(-1, 8).index_copy_(0, new, self.around.view(-1, 8).index_select(0, old))
+        self.values, self.count = values, kept
+
+    def _resize(self, slots: int) -> None:
+        def grown(tensor, fill):
+            shape = (tensor.shape[0], slots - tensor.shape[1]) + tuple(tensor.shape[2:])
+            return torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)], dim=1)
+
+        self.values = grown(self.values, -math.inf)
+        if self.with_cells:
+            self.cells = grown(self.cells, 0)
+            self.around = grown(self.around, 0.0)
+
+    def hot(self, passing: torch.Tensor):
+        """``(neuron, slot)`` of the candidates ``>= passing[neuron]``."""
+        slots = torch.arange(self.values.shape[1], device=self.values.device)
+        return ((self.values >= passing[:, None]) & (slots[None, :] < self.count[:, None])).nonzero(as_tuple=True)
+
+    def kth_largest(self) -> torch.Tensor:
+        """``[N]``: each row's m-th largest value."""
+        kernels = _compiled_kernels() if self.values.device.type == "cpu" else None
+        if kernels is None:
+            return self.top_values().amin(dim=1)
+        out = torch.empty(self.values.shape[0])
+        no_maps = np.empty((0, self.values.shape[0], 1, 1), dtype=np.float32)
+        kernels.kth_largest(self.values.numpy(), self.count.numpy(), no_maps, self.m, out.numpy())
+        return out
+
+    def top_values(self) -> torch.Tensor:
+        """``[N, m]``: each row's m largest values (-inf padded)."""
+        if self.values.shape[1] < self.m:
+            self._resize(self.m)
+        return torch.topk(self.values, self.m, dim=1, sorted=False).values
+
+
+class _LayerState:
+    """Per-layer state (all on the model's device)."""
+
+    def __init__(self, shape: Tuple[int, int, int], m: int):
         self.channels, self.height, self.width = shape
-        self.cache: Optional[torch.Tensor] = None       # [n, N, h, w] in cached mode
-        self.top: Optional[torch.Tensor] = None         # [N, <=m] in streaming mode
-        self.minimum: Optional[torch.Tensor] = None     # [N] running minimum (streaming mode)
+        self.top_m = m
+        self.wants_cells = True                         # one pass: candidates keep their cells
+        self.counted_in_pass_1 = False                  # two passes: cells found again in pass 1
+        self.store: Optional[_Candidates] = None
         self.bad: Optional[torch.Tensor] = None         # [N] saw NaN/Inf
         self.thresholds: Optional[torch.Tensor] = None  # [N]
         self.strict: Optional[torch.Tensor] = None      # [N] use '>' instead of '>='
@@ -180,8 +451,14 @@ class _LayerState:
         self.pattern_hits: Optional[torch.Tensor] = None  # [N, P] int64 active pixels per mask pattern
         self.intersection: Optional[torch.Tensor] = None  # [N, C] float64 (many patterns only)
         self.active_count: Optional[torch.Tensor] = None  # [N] float64
-        self.top_m = 0
         self.any_bad = False
+
+    @property
+    def one_pass(self) -> bool:
+        return self.store is not None and self.store.with_cells
+
+    def one_pass_bytes(self) -> int:
+        return _SLOTS_PER_M * self.top_m * self.channels * _SLOT_BYTES
 
 
 class _MaskPatterns:
@@ -222,26 +499,28 @@ class NetDissectConsumer(RecordingConsumer):
         self.mask_channels = detector._mask_channels(probe)  # validates the probe first
         self.n_concepts = len(detector.vocabulary)
         self.n_images = len(probe)
-        self.passes = 2
-        self.cached = False
+        self.passes = 1
         self.states: Dict[str, _LayerState] = {}
         self._patterns: Optional[_MaskPatterns] = None
 
     # ------------------------------------------------------------ protocol
     def begin_pass(self, pass_index: int, shapes: Dict[str, Tuple[int, int, int]], probe) -> None:
-        if pass_index == 0:
-            missing = [layer for layer in self.layers if layer not in shapes]
-            if missing:
-                raise ValueError(f"NetDissect: no activation maps for layers {missing}")
-            self.states = {layer: _LayerState(tuple(shapes[layer])) for layer in self.layers}
-            need = sum(4 * self.n_images * s.channels * s.height * s.width for s in self.states.values())
-            self.cached = need <= self.detector.cache_bytes
-            # one forward pass suffices when the maps are kept (the recorder reads
-            # ``passes`` again before each pass)
-            self.passes = 1 if self.cached else 2
-            for state in self.states.values():
-                state.top_m = max(1, math.ceil((1.0 - self.detector.quantile) * self.n_images
-                                               * state.height * state.width))
+        if pass_index != 0:
+            return
+        missing = [layer for layer in self.layers if layer not in shapes]
+        if missing:
+            raise ValueError(f"NetDissect: no activation maps for layers {missing}")
+        self.states = {}
+        for layer in self.layers:
+            shape = tuple(shapes[layer])
+            m = max(1, math.ceil((1.0 - self.detector.quantile) * self.n_images * shape[1] * shape[2]))
+            self.states[layer] = _LayerState(shape, m)
+        # one pass for the layers whose candidates fit the budget, smallest first
+        budget = self.detector.memory_bytes
+        for state in sorted(self.states.values(), key=_LayerState.one_pass_bytes):
+            state.wants_cells = state.one_pass_bytes() <= budget
+            budget -= state.one_pass_bytes() if state.wants_cells else 0
+        self.passes = 1 if all(s.wants_cells for s in self.states.values()) else 2
 
     def update(self, pass_index: int, layer: str, fmap: torch.Tensor, response: torch.Tensor,
                indices: torch.Tensor) -> None:
@@ -249,50 +528,38 @@ class NetDissectConsumer(RecordingConsumer):
         if state is None:
             return
         if pass_index == 0:
-            fmap = self._track_validity(state, fmap, response, track_minimum=not self.cached)
-            if self.cached:
-                if state.cache is None:
-                    state.cache = torch.empty((self.n_images, state.channels, state.height, state.width),
-                                              dtype=torch.float32, device=fmap.device)
-                # copy: a following in-place op (ReLU(inplace=True)) may overwrite fmap;
-                # batches come in ascending order, usually consecutive -> a slice copy
-                first, count = int(indices[0]), int(indices.shape[0])
-                if count and int(indices[-1]) - first + 1 == count:
-                    state.cache[first:first + count].copy_(fmap)
-                else:
-                    state.cache[indices] = fmap
-            else:
-                values = fmap.transpose(0, 1).reshape(state.channels, -1)
-                candidates = values if state.top is None else torch.cat([state.top, values], dim=1)
-                if candidates.shape[1] > state.top_m:
-                    candidates = torch.topk(candidates, state.top_m, dim=1, sorted=False).values
-                state.top = candidates.contiguous()
-        elif pass_index == 1 and not self.cached:
+            self._screen(state, fmap, response, indices)
+        elif pass_index == 1 and state.counted_in_pass_1:
             if state.any_bad:  # their rows become NaN; keep the other neurons' arithmetic finite
                 fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
-            fmap = fmap.contiguous()
-            hot = (fmap >= state.passing[None, :, None, None]).view(-1).nonzero().squeeze(1)
-            self._accumulate(state, fmap, hot, image_ids=indices)
+            batch_cells = _Candidates(state.channels, state.top_m, True, fmap.device)
+            batch_cells.screen(_dense(fmap), indices.to(fmap.device), low=state.passing)
+            self._count_candidates(state, batch_cells)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index != 0:
             return
-        if self.cached:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            for state in tqdm(list(self.states.values()), desc="NetDissect IoU", leave=False,
-                              disable=not self.detector.progress):
-                hot = self._thresholds_and_hot_cells(state)
-                self._accumulate(state, state.cache, hot, image_ids=None)
-                state.cache = None  # free the copy
-            return
+        for state in tqdm(list(self.states.values()), desc="NetDissect IoU", leave=False,
+                          disable=not self.detector.progress):
+            self._set_thresholds(state)
+            if state.one_pass:
+                self._count_candidates(state, state.store)
+            else:
+                state.counted_in_pass_1 = True
+            state.store = None  # free the candidates
+        # the recorder reads ``passes`` again after every pass
+        self.passes = 2 if any(s.counted_in_pass_1 for s in self.states.values()) else 1
+
+    def all_reduce(self) -> None:
+        """Sum every rank's counts (thresholds were merged at the end of pass 0)."""
+        dist = torch.distributed
         for state in self.states.values():
-            # the m-th largest activation = the exact top-(1 - quantile) threshold
-            state.thresholds = state.top.min(dim=1).values
-            state.top = None
-            state.strict = state.thresholds <= state.minimum
-            state.passing = _passing_values(state.thresholds, state.strict)
-            state.any_bad = bool(state.bad.any())
+            for name in ("pattern_hits", "intersection", "active_count"):
+                tensor = getattr(state, name)
+                if tensor is not None:
+                    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def result(self) -> Dict[str, Detection]:
         detections = {}
@@ -316,143 +583,109 @@ class NetDissectConsumer(RecordingConsumer):
             )
         return detections
 
-    # ------------------------------------------------------------ thresholds
-    @staticmethod
-    def _track_validity(state: _LayerState, fmap: torch.Tensor, response: torch.Tensor,
-                        track_minimum: bool) -> torch.Tensor:
+    # ------------------------------------------------------------ pass 0: screening
+    def _screen(self, state: _LayerState, fmap: torch.Tensor, response: torch.Tensor,
+                indices: torch.Tensor) -> None:
+        """Track validity; add the batch's cells at or above the running bound."""
         bad_now = torch.isnan(response).any(dim=0)
         state.bad = bad_now if state.bad is None else state.bad | bad_now
         # NaN responses mark every non-finite map (checked on [B, N], not [B, N, H, W])
         if bool(bad_now.any()):
             fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
-        if track_minimum:  # the cached mode finds the few minima it needs in its copy
-            batch_min = fmap.amin(dim=(0, 2, 3))
-            state.minimum = batch_min if state.minimum is None else torch.minimum(state.minimum, batch_min)
-        return fmap
+        fmap = _dense(fmap)
+        batch, channels, height, width = fmap.shape
+        store = state.store
+        if store is None:  # created here: the device is the model's
+            store = state.store = _Candidates(channels, state.top_m, state.wants_cells, fmap.device)
+        store.screen(fmap, indices.to(fmap.device))
+        if store.with_cells and (sum(s.store.nbytes for s in self.states.values() if s.one_pass)
+                                 > self.detector.memory_bytes):
+            # massive ties at the threshold: keep values only, find the cells in pass 1
+            store.drop_cells()
 
-    def _thresholds_and_hot_cells(self, state: _LayerState) -> torch.Tensor:
-        """Exact thresholds of the cached layer; returns its hot cells (flat cache indices).
-
-        Selection without sorting all ``n * H * W`` activations of each neuron:
-
-        1. a lower bound ``L_k`` below ``T_k``: the value exceeded by about twice the
-           expected top share in a strided subsample of the images;
-        2. one pass over the copy collects every cell ``> L_k`` (about ``2 m`` per neuron);
-        3. if a neuron has at least ``m`` of them, ``T_k`` is the ``m``-th largest among
-           them (exact, one sort of all candidates) and its hot cells are among them;
-           if it has fewer and ``L_k`` is its minimum, ``T_k`` is that minimum (a mostly
-           silent unit, strict rule) and the candidates are its hot cells.
-        4. any other neuron (unrepresentative subsample) gets an exact top-``m`` of its
-           own maps -- slower, same result.
-        """
-        cache = state.cache
-        n_images, channels, height, width = cache.shape
-        cells_per_map = height * width
-        m = state.top_m
-        lower = self._sample_lower_bounds(state)
-
-        per_image = channels * cells_per_map
-        step = max(1, _CHUNK_ELEMENTS // per_image)
-        flat_values = cache.view(-1)
-        candidates = torch.cat([
-            _cells_above(cache[start:start + step], lower) + start * per_image
-            for start in range(0, n_images, step)
-        ])
-        values = flat_values[candidates]
-        neuron = torch.div(candidates, cells_per_map, rounding_mode="floor") % channels
-        count = torch.bincount(neuron, minlength=channels)
-
-        # the m-th largest candidate of each neuron: sort by (neuron, value) once
-        key = neuron * (1 << 32) + _order_preserving_int(values)
-        sorted_values = values[torch.argsort(key)]
-        end = torch.cumsum(count, 0)
-        position = (end - m).clamp(min=0, max=max(0, values.numel() - 1))
-        enough = count >= m
-        thresholds = lower.clone()
-        if values.numel():
-            thresholds = torch.where(enough, sorted_values[position], lower)
-        strict = ~enough
-        passing = _passing_values(thresholds, strict)
-        # candidates (> L_k) contain the hot cells (>= passing) only if passing > L_k
-        resolved = enough & (passing > lower)
-        unresolved = (~resolved).nonzero().squeeze(1)
-        if unresolved.numel():
-            minimum = cache.index_select(1, unresolved).amin(dim=(0, 2, 3))
-            silent = ~enough[unresolved] & (minimum == lower[unresolved])
-            resolved[unresolved[silent]] = True
-            fallback = unresolved[~silent]
+    # ------------------------------------------------------------ thresholds
+    def _set_thresholds(self, state: _LayerState) -> None:
+        """Exact thresholds from the candidates (merged across ranks under torch.distributed)."""
+        store = state.store
+        distributed = _world_size() > 1
+        if distributed:
+            top = store.top_values()                                       # [N, m]
+            gathered = [torch.empty_like(top) for _ in range(_world_size())]
+            torch.distributed.all_gather(gathered, top.contiguous())
+            state.thresholds = torch.topk(torch.cat(gathered, dim=1), state.top_m, dim=1, sorted=False
+                                          ).values.amin(dim=1)
         else:
-            fallback = unresolved
-        keep = resolved[neuron] & (values >= passing[neuron])
-        hot = [candidates[keep]]
-        if fallback.numel():
-            exact, exact_hot = self._exact_thresholds(state, fallback)
-            thresholds[fallback] = exact
-            strict[fallback] = exact <= minimum[~silent]
-            passing[fallback] = _passing_values(thresholds[fallback], strict[fallback])
-            hot.append(exact_hot(passing[fallback]))
-        state.thresholds, state.strict, state.passing = thresholds, strict, passing
+            state.thresholds = store.kth_largest()
+        # the threshold is the unit's minimum iff no cell anywhere lies below it
+        filled = torch.arange(store.values.shape[1], device=store.values.device)[None, :] < store.count[:, None]
+        below = store.below | ((store.values < state.thresholds[:, None]) & filled).any(dim=1)
+        flags = torch.stack([below, state.bad]).to(torch.uint8)
+        if distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        state.strict, state.bad = flags[0] == 0, flags[1].bool()
+        state.passing = _passing_values(state.thresholds, state.strict)
         state.any_bad = bool(state.bad.any())
-        return torch.cat(hot)
-
-    def _sample_lower_bounds(self, state: _LayerState) -> torch.Tensor:
-        """Per neuron, the activation exceeded by ~2x the top share of a strided image subsample."""
-        cache = state.cache
-        n_images, channels, height, width = cache.shape
-        stride = max(1, n_images // max(1, _SAMPLE_PER_NEURON // (height * width)))
-        sample = cache[::stride].transpose(0, 1).reshape(channels, -1)
-        expected_top = (1.0 - self.detector.quantile) * sample.shape[1]
-        rank = min(sample.shape[1], math.ceil(2.0 * expected_top) + 16)
-        return torch.topk(sample, rank, dim=1, sorted=False).values.amin(dim=1)
-
-    def _exact_thresholds(self, state: _LayerState, neurons: torch.Tensor):
-        """Exact top-m thresholds of a few neurons, and a function giving their hot cells."""
-        maps = state.cache.index_select(1, neurons)                       # [n, F, h, w]
-        flat = maps.transpose(0, 1).reshape(neurons.numel(), -1)
-        thresholds = torch.topk(flat, state.top_m, dim=1, sorted=False).values.amin(dim=1)
-
-        def hot_cells(passing: torch.Tensor) -> torch.Tensor:
-            image, which, cell = (maps >= passing[None, :, None, None]).view(
-                maps.shape[0], neurons.numel(), -1).nonzero(as_tuple=True)
-            cells_per_map = state.height * state.width
-            return (image * state.channels + neurons[which]) * cells_per_map + cell
-
-        return thresholds, hot_cells
 
     # ------------------------------------------------------------ intersections
-    def _accumulate(self, state: _LayerState, maps: torch.Tensor, hot: torch.Tensor,
-                    image_ids: Optional[torch.Tensor]) -> None:
-        """Count the active upsampled pixels of the hot cells ``hot`` (flat indices of ``maps``).
+    def _count_candidates(self, state: _LayerState, store: _Candidates) -> None:
+        """Count the active upsampled pixels of the candidates that pass their threshold."""
+        patterns = self._mask_patterns(store.values.device)
+        self._prepare_counts(state, patterns, store.values.device)
+        kernels = _compiled_kernels() if store.values.device.type == "cpu" else None
+        if kernels is not None and state.pattern_hits is not None:
+            ys = _bilinear_table(state.height, patterns.height, "cpu")
+            xs = _bilinear_table(state.width, patterns.width, "cpu")
+            active = torch.zeros(state.channels, dtype=torch.int64)
+            kernels.count_pixels(store.values.numpy(), store.cells.numpy(), store.around.numpy(),
+                                 store.count.numpy(), state.passing.float().contiguous().numpy(),
+                                 state.height, state.width, ys.block_weight.numpy(), ys.pixels.numpy(),
+                                 xs.block_weight.numpy(), xs.pixels.numpy(), patterns.height, patterns.width,
+                                 patterns.pixel_pattern.numpy(), state.pattern_hits.numpy(), active.numpy())
+            state.active_count += active.double()
+            return
+        cells_per_map = state.height * state.width
+        neuron, slot = store.hot(state.passing)
+        flat = neuron * store.values.shape[1] + slot
+        key = store.cells.view(-1).index_select(0, flat)
+        image = torch.div(key, cells_per_map, rounding_mode="floor")
+        within = key - image * cells_per_map
+        y, x = torch.div(within, state.width, rounding_mode="floor"), within % state.width
+        self._count(state, neuron, image, y, x, store.values.view(-1).index_select(0, flat),
+                    store.around.view(-1, 8).index_select(0, flat))
 
-        Only ~0.5 % of the upsampled pixels pass the threshold, and a bilinear pixel
-        can only pass if one of the (at most) 2 x 2 cells it interpolates is hot.  So
-        instead of upsampling every map, the blocks of output pixels interpolated
-        between 2 x 2 cells containing a hot cell are evaluated exactly like
-        ``F.interpolate(mode="bilinear", align_corners=False)``; each passing pixel adds
-        one to ``hits[neuron, pattern of the mask pixel]``.
-        """
-        patterns = self._mask_patterns(maps.device)
-        channels, height, width = state.channels, state.height, state.width
-        out_h, out_w = patterns.height, patterns.width
-        device = maps.device
-        if state.active_count is None:
-            state.active_count = torch.zeros(channels, dtype=torch.float64, device=device)
-            if channels * patterns.n_patterns <= _MAX_PATTERN_TABLE:
-                state.pattern_hits = torch.zeros((channels, patterns.n_patterns), dtype=torch.int64, device=device)
-            else:
-                state.intersection = torch.zeros((channels, self.n_concepts), dtype=torch.float64, device=device)
-        cells_per_map = height * width
-        image = torch.div(hot, channels * cells_per_map, rounding_mode="floor")
-        neuron = torch.div(hot, cells_per_map, rounding_mode="floor") % channels
-        cell = hot % cells_per_map
-        if (height, width) == (out_h, out_w):
-            # bilinear resampling to the same size is the identity: hot cells = active pixels
-            pixel_parts = [(image, neuron, cell)]
+    def _prepare_counts(self, state: _LayerState, patterns: "_MaskPatterns", device) -> None:
+        if state.active_count is not None:
+            return
+        channels = state.channels
+        state.active_count = torch.zeros(channels, dtype=torch.float64, device=device)
+        if channels * patterns.n_patterns <= _MAX_PATTERN_TABLE:
+            state.pattern_hits = torch.zeros((channels, patterns.n_patterns), dtype=torch.int64, device=device)
         else:
-            pixel_parts = self._active_pixels(state, maps, image, neuron, cell, (out_h, out_w))
-        for image, neuron, pixel in pixel_parts:
-            global_image = image if image_ids is None else image_ids.to(device)[image]
-            pattern = patterns.pixel_pattern.to(device)[global_image * (out_h * out_w) + pixel]
+            state.intersection = torch.zeros((channels, self.n_concepts), dtype=torch.float64, device=device)
+
+    def _count(self, state: _LayerState, neuron: torch.Tensor, image: torch.Tensor, y: torch.Tensor,
+               x: torch.Tensor, value: torch.Tensor, around: torch.Tensor) -> None:
+        """Add the upsampled pixels of these passing cells to ``hits[neuron, pattern]``.
+
+        ``image`` is the probe index, ``around`` the cells' 8 neighbour values.  Only
+        ~0.5 % of the cells pass, and an upsampled pixel can only pass if one of the
+        (at most) 2 x 2 cells it interpolates passes; so instead of upsampling every map
+        only the blocks of pixels around passing cells are evaluated, exactly like
+        ``F.interpolate(mode="bilinear", align_corners=False)``.  (The compiled CPU
+        path, ``_netdissect_kernels.count_pixels``, does the same in one loop.)
+        """
+        device = value.device
+        patterns = self._mask_patterns(device)
+        channels = state.channels
+        out_h, out_w = patterns.height, patterns.width
+        if (state.height, state.width) == (out_h, out_w):
+            # bilinear resampling to the same size is the identity: passing cells = active pixels
+            parts = [(image, neuron, y * out_w + x)]
+        else:
+            parts = self._active_pixels(state, neuron, image, y, x, value, around, (out_h, out_w))
+        pixel_pattern = patterns.pixel_pattern.to(device)
+        for image, neuron, pixel in parts:
+            pattern = pixel_pattern[image * (out_h * out_w) + pixel]
             state.active_count += torch.bincount(neuron, minlength=channels).double()
             if state.pattern_hits is not None:
                 state.pattern_hits += torch.bincount(neuron * patterns.n_patterns + pattern,
@@ -465,47 +698,59 @@ class NetDissectConsumer(RecordingConsumer):
                     state.intersection.index_add_(0, neuron[start:start + step],
                                                   bits[pattern[start:start + step]])
 
-    def _active_pixels(self, state: _LayerState, maps: torch.Tensor, image, neuron, cell,
+    def _active_pixels(self, state: _LayerState, neuron, image, y, x, value, around,
                        out_size: Tuple[int, int]):
-        """(image, neuron, pixel) of the upsampled pixels passing the threshold, in chunks."""
-        channels, height, width = state.channels, state.height, state.width
+        """(image, neuron, pixel) of the upsampled pixels passing the threshold, in chunks.
+
+        A block is the set of output pixels interpolated between the cells
+        ``{y0, y0+1} x {x0, x0+1}`` (clamped at the border); a passing cell is a corner
+        of the blocks anchored at ``(y-1|y, x-1|x)``.  Each block is evaluated once, by
+        the first of its corners (row-major) that passes, so no de-duplication is needed.
+        """
+        height, width = state.height, state.width
         out_h, out_w = out_size
-        device = maps.device
-        cell_y, cell_x = torch.div(cell, width, rounding_mode="floor"), cell % width
-        # anchor (y0, x0) of a block: its cells are {y0, y0+1} x {x0, x0+1}; a hot cell
-        # is a corner of the anchors (y, x), (y-1, x), (y, x-1), (y-1, x-1)
-        map_index = image * channels + neuron
-        anchors = torch.cat([
-            (map_index * height + (cell_y - dy).clamp(min=0)) * width + (cell_x - dx).clamp(min=0)
-            for dy in (0, 1) for dx in (0, 1)
-        ])
-        anchors = torch.unique(anchors)
+        device = value.device
+        grid = torch.cat([around[:, :4], value[:, None], around[:, 4:]], dim=1).view(-1, 3, 3)
+        passing = grid >= state.passing[neuron][:, None, None]
         ys, xs = _bilinear_table(height, out_h, device), _bilinear_table(width, out_w, device)
+        owned_parts = []
+        for ay in (-1, 0):
+            for ax in (-1, 0):
+                # the block's corners as (row, col) of the 3 x 3 grid, row-major; ours is (1, 1)
+                corners = [(1 + ay + r, 1 + ax + c) for r in (0, 1) for c in (0, 1)]
+                owner = corners.index((1, 1))
+                owned = torch.ones_like(value, dtype=torch.bool)
+                for r, c in corners[:owner]:
+                    owned &= ~passing[:, r, c]
+                if ay:
+                    owned &= y >= 1
+                if ax:
+                    owned &= x >= 1
+                which = owned.nonzero().squeeze(1)
+                corner_values = torch.stack([grid[which, r, c] for r, c in corners], dim=1)   # [a, 4]
+                owned_parts.append((which, y[which] + ay, x[which] + ax, corner_values))
+        which = torch.cat([p[0] for p in owned_parts])
+        y0, x0 = torch.cat([p[1] for p in owned_parts]), torch.cat([p[2] for p in owned_parts])
+        corner_values = torch.cat([p[3] for p in owned_parts])
         block = ys.block_weight.shape[1] * xs.block_weight.shape[1]
         step = max(1, _CHUNK_ELEMENTS // (4 * block))
-        flat = maps.reshape(-1)
-        passing = state.passing.to(device)
         parts = []
-        for start in range(0, anchors.numel(), step):
-            anchor_cells = anchors[start:start + step]
-            anchor_map = torch.div(anchor_cells, height * width, rounding_mode="floor")
-            within = anchor_cells % (height * width)
-            y0, x0 = torch.div(within, width, rounding_mode="floor"), within % width
-            base = anchor_map * (height * width)
-            top, bottom = y0 * width, ys.next_cell[y0] * width
-            right = xs.next_cell[x0]
-            corners = [flat[base + r + c][:, None, None] for r in (top, bottom) for c in (x0, right)]
-            wy = ys.block_weight[y0][:, :, None]                                      # [a, Ly, 1]
-            wx = xs.block_weight[x0][:, None, :]                                      # [a, 1, Lx]
-            value = ((1 - wy) * ((1 - wx) * corners[0] + wx * corners[1])
-                     + wy * ((1 - wx) * corners[2] + wx * corners[3]))
-            a_neuron = anchor_map % channels
+        for start in range(0, which.numel(), step):
+            chunk = slice(start, start + step)
+            corner = corner_values[chunk]
+            wy = ys.block_weight[y0[chunk]][:, :, None]                                 # [a, Ly, 1]
+            wx = xs.block_weight[x0[chunk]][:, None, :]                                 # [a, 1, Lx]
+            top = (1 - wx) * corner[:, 0, None, None] + wx * corner[:, 1, None, None]
+            bottom = (1 - wx) * corner[:, 2, None, None] + wx * corner[:, 3, None, None]
+            block_values = (1 - wy) * top + wy * bottom
+            chunk_which = which[chunk]
             # padding entries have weight NaN, so they never pass
-            which, block_row, block_col = (value >= passing[a_neuron][:, None, None]).nonzero(as_tuple=True)
-            row = ys.pixels[y0[which], block_row]
-            col = xs.pixels[x0[which], block_col]
-            parts.append((torch.div(anchor_map[which], channels, rounding_mode="floor"),
-                          a_neuron[which], row * out_w + col))
+            hit, block_row, block_col = (block_values >= state.passing[neuron[chunk_which]][:, None, None]
+                                         ).nonzero(as_tuple=True)
+            row = ys.pixels[y0[chunk][hit], block_row]
+            col = xs.pixels[x0[chunk][hit], block_col]
+            source = chunk_which[hit]
+            parts.append((image[source], neuron[source], row * out_w + col))
         return parts
 
     # ------------------------------------------------------------ masks
@@ -528,12 +773,25 @@ class NetDissectConsumer(RecordingConsumer):
         n_words = max(1, math.ceil(self.n_concepts / _BITS_PER_WORD))
         # int64 temporaries of [b, min(C, 62), H, W] (> 31 concepts): a quarter chunk
         step = max(1, _CHUNK_ELEMENTS // (4 * min(self.n_concepts, _BITS_PER_WORD) * height * width))
+        kernels = _compiled_kernels() if torch.device(device).type == "cpu" and n_words == 1 else None
         words = []
         for start in range(0, self.n_images, step):
             masks = self._concept_masks(torch.arange(start, min(self.n_images, start + step)), device)
-            words.append(_pack_bits(masks))                        # [b*H*W, words]
+            if kernels is not None:
+                codes = np.empty((masks.shape[0], height, width), dtype=np.int64)
+                kernels.pack_masks(masks.numpy(), codes)
+                words.append(torch.from_numpy(codes).reshape(-1, 1))
+            else:
+                words.append(_pack_bits(masks))                    # [b*H*W, words]
         words = torch.cat(words)
         shifts = torch.arange(_BITS_PER_WORD, device=device)
+        if kernels is not None:
+            # one linear scan (hashing) instead of sorting every pixel's code
+            pattern = torch.empty(words.shape[0], dtype=torch.int64)
+            codes = torch.from_numpy(kernels.dense_ids(words[:, 0].numpy(), pattern.numpy()))
+            pixel_count = torch.bincount(pattern, minlength=codes.numel())
+            bits = ((codes[:, None] >> shifts) & 1)[:, :self.n_concepts]
+            return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
         if n_words == 1:
             # up to 62 concepts: the code word is the pattern; its sorted distinct
             # values give the ids and the bits (one sort, no representative search)
@@ -584,25 +842,46 @@ def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack(words, dim=-1).reshape(-1, len(words))
 
 
-def _cells_above(maps: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """Ascending flat indices of the cells of ``maps [n, N, h, w]`` above ``lower[N]``.
+def _cells_at_least(maps: torch.Tensor, low: torch.Tensor):
+    """``(neuron, image, y, x, value)`` of the cells of ``maps [B, N, H, W]`` that are ``>= low[N]``,
+    ordered by neuron (then image, y, x).
 
-    Same result as ``(maps > lower).view(-1).nonzero()``, but only ~1 % of the cells
-    pass and they cluster, so the (slow, serial) nonzero runs on the map rows whose
-    maximum passes; a row maximum is a cheap vectorised reduction.
+    Same cells as ``(maps >= low).nonzero()``, but only ~1 % of the cells pass and they
+    cluster, so the (slow, serial) nonzero runs on the map rows whose maximum passes;
+    a row maximum is a cheap vectorised reduction.
     """
-    n, channels, height, width = maps.shape
-    rows = maps.reshape(-1, width)
-    live = (rows.amax(dim=1).view(n, channels, height) > lower[None, :, None]).view(-1).nonzero().squeeze(1)
-    live_neuron = torch.div(live, height, rounding_mode="floor") % channels
-    row, col = (rows[live] > lower[live_neuron][:, None]).nonzero(as_tuple=True)
-    return live[row] * width + col
+    _, channels, height, width = maps.shape
+    live = (maps.amax(dim=3) >= low[None, :, None]).permute(1, 0, 2).nonzero()   # neuron-major
+    neuron, image, y = live.unbind(1)
+    rows = maps.view(-1, width).index_select(0, (image * channels + neuron) * height + y)   # [L, W]
+    which, x = (rows >= low[neuron][:, None]).nonzero(as_tuple=True)
+    return neuron[which], image[which], y[which], x, rows.view(-1).index_select(0, which * width + x)
 
 
-def _order_preserving_int(values: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 in ``[0, 2**32)`` with the same order (no NaN)."""
-    bits = values.contiguous().view(torch.int32).long()
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+def _neighbours(maps: torch.Tensor, neuron, image, y, x) -> torch.Tensor:
+    """``[K, 8]`` values of the 8 neighbours of cells of ``maps [B, N, H, W]``, replicated at the
+    border (as bilinear interpolation clamps there), in :data:`_NEIGHBOURS` order."""
+    _, channels, height, width = maps.shape
+    flat = maps.reshape(-1)
+    map_row = (image * channels + neuron) * height
+    rows = {dy: (map_row + (y + dy).clamp(0, height - 1)) * width for dy in (-1, 0, 1)}
+    cols = {dx: (x + dx).clamp(0, width - 1) for dx in (-1, 0, 1)}
+    return torch.stack([flat.index_select(0, rows[dy] + cols[dx]) for dy, dx in _NEIGHBOURS], dim=1)
+
+
+def _dense(maps: torch.Tensor) -> torch.Tensor:
+    """``maps`` if NCHW- or channels-last-contiguous on CPU (the compiled loops read both), else a
+    contiguous copy."""
+    if maps.is_contiguous():
+        return maps
+    if maps.device.type == "cpu" and _USE_COMPILED and maps.is_contiguous(memory_format=torch.channels_last):
+        return maps
+    return maps.contiguous()
+
+
+def _loosened(values: torch.Tensor) -> torch.Tensor:
+    """``values`` minus the tie tolerance: the lowest value still counted as ``>=`` them."""
+    return values - _TIE_TOLERANCE * values.abs()
 
 
 def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
@@ -612,8 +891,25 @@ def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Ten
     the bilinear interpolation.
     """
     above = torch.nextafter(thresholds, torch.full_like(thresholds, math.inf))
-    loose = thresholds - _TIE_TOLERANCE * thresholds.abs()
-    return torch.where(strict, above, loose)
+    return torch.where(strict, above, _loosened(thresholds))
+
+
+def _compiled_kernels():
+    """The numba loops for CPU tensors, or None to use the torch code (``_USE_COMPILED = False``)."""
+    if not _USE_COMPILED:
+        return None
+    from . import _netdissect_kernels
+
+    return _netdissect_kernels
+
+
+#: tests switch this off to check the torch path (used for other devices) gives the same result
+_USE_COMPILED = True
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _BilinearTable:
