@@ -148,6 +148,145 @@ def test_iou_matches_brute_force():
     np.testing.assert_allclose(consumer.result()["0"].similarity, expected, atol=1e-6)
 
 
+class ManyLayouts(nn.Module):
+    """Maps at 16 x 16 (upsampled to the 16 px masks: identity), 8 x 8 and 4 x 4
+    (upsampled), and 32 x 32 (downsampled); a mostly silent ReLU unit (strict rule); a
+    saturating unit whose top activations tie; values of both signs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.same = nn.Conv2d(3, 6, 3, padding=1)
+        self.halved = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.quarter = nn.Sequential(nn.Conv2d(5, 4, 3, stride=2, padding=1), nn.ReLU())
+        self.doubled = nn.Upsample(scale_factor=2, mode="nearest")
+        with torch.no_grad():
+            self.quarter[0].bias[0] = -3.0  # almost never active: threshold = minimum = 0
+
+    def forward(self, x):
+        same = self.same(x)
+        same = torch.cat([same[:, :5], same[:, 5:].clamp(max=0.05)], dim=1)  # unit 5 saturates: ties
+        half = self.halved(same)
+        quarter = self.quarter(half)
+        return self.doubled(same), quarter
+
+
+LAYOUT_LAYERS = ["same", "halved", "quarter", "doubled"]
+
+
+def layout_maps(model, images):
+    """The activation maps of LAYOUT_LAYERS, by forward hooks (like the recorder)."""
+    maps = {}
+    hooks = [getattr(model, name).register_forward_hook(
+        lambda _m, _i, out, name=name: maps.__setitem__(name, out.detach().clone()))
+        for name in LAYOUT_LAYERS]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return maps
+
+
+class ChannelsLastProbe(ProbeSet):
+    """A probe whose batches are channels-last tensors (as from HWC image arrays)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def load_batch(self, indices):
+        return self.base.images(indices).contiguous(memory_format=torch.channels_last)
+
+    def __getitem__(self, i):
+        return self.load_batch([i])[0], -1
+
+    hash = property(lambda self: "cl-" + self.base.hash)
+    vocabulary = property(lambda self: self.base.vocabulary)
+    has_masks = property(lambda self: True)
+
+    def masks(self, indices):
+        return self.base.masks(indices)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("memory_bytes", [1 << 30, 0], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_last, monkeypatch):
+    """All code paths (compiled CPU loops or torch ops, one or two passes, either memory
+    layout) give the reference IoUs, for identity, up- and down-sampling, ties and the
+    strict rule, with batches that do not divide the probe set."""
+    from tb_conceptevo.detectors import netdissect
+
+    monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
+    base = ConceptShapes(n=60, size=16, seed=5)
+    probe = ChannelsLastProbe(base) if channels_last else base
+    model = ManyLayouts()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    consumer = NetDissect(vocabulary=base, quantile=0.95, memory_bytes=memory_bytes,
+                          progress=False).consumer(probe, LAYOUT_LAYERS)
+    record(model, probe, LAYOUT_LAYERS, k=3, consumers=[consumer], progress=False, batch_size=16)
+    assert consumer.passes == (1 if memory_bytes else 2)
+    result = consumer.result()
+    maps = layout_maps(model, probe.load_batch(list(range(len(probe)))))
+    masks = base.masks(list(range(len(base)))).numpy()
+    for name in LAYOUT_LAYERS:
+        expected = brute_force_iou(maps[name].contiguous().numpy(), masks, 0.95)
+        np.testing.assert_allclose(result[name].similarity, expected, atol=1e-6, err_msg=name)
+    assert bool(consumer.states["quarter"].strict[0])  # the silent unit used '> T'
+
+
+def test_compiled_and_torch_paths_are_bit_identical(monkeypatch):
+    from tb_conceptevo.detectors import netdissect
+
+    probe = ConceptShapes(n=48, size=16, seed=2)
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
+        consumer = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, LAYOUT_LAYERS)
+        record(ManyLayouts(), probe, LAYOUT_LAYERS, k=3, consumers=[consumer], progress=False, batch_size=7)
+        results.append(consumer.result())
+    for name in LAYOUT_LAYERS:
+        np.testing.assert_array_equal(results[0][name].similarity, results[1][name].similarity)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_candidates_keep_every_cell_that_can_pass(compiled, monkeypatch):
+    """The running bound never passes the final threshold, whatever the batch order: an
+    adversarial first batch (whose sampled images are the brightest) makes the sampled
+    first bound fail for some neurons, which are then screened again exactly."""
+    from tb_conceptevo.detectors import netdissect
+
+    monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
+    monkeypatch.setattr(netdissect, "_SAMPLE_CELLS", 256)
+    generator = torch.Generator().manual_seed(0)
+    n_images, channels, size, batch = 96, 5, 8, 32
+    maps = torch.randn(n_images, channels, size, size, generator=generator)
+    sampled = torch.linspace(0, batch - 1, 4).round().long()
+    maps[sampled, :3] += 6.0  # the sampled images of the first batch stand out for neurons 0-2
+    m = 200
+    store = netdissect._Candidates(channels, m, True, torch.device("cpu"))
+    kernels = netdissect._compiled_kernels()
+    if kernels is not None:  # the sample misleads: neurons 0-2 are screened again
+        exact_selection = kernels.kth_largest
+        calls = []
+        monkeypatch.setattr(kernels, "kth_largest", lambda *args: calls.append(args[2].shape) or exact_selection(*args))
+    for start in range(0, n_images, batch):
+        store.screen(maps[start:start + batch].contiguous(), torch.arange(start, start + batch))
+    flat = maps.transpose(0, 1).reshape(channels, -1)
+    exact = torch.topk(flat, m, dim=1).values[:, -1]
+    assert torch.equal(store.kth_largest(), exact)
+    for n in range(channels):
+        kept = set(store.cells[n, :store.count[n]].tolist())
+        must = set((flat[n] >= netdissect._loosened(exact[n])).nonzero().squeeze(1).tolist())
+        # store keys are image * H * W + position; flat[n] enumerates the same order
+        assert must <= kept
+    if kernels is not None:
+        assert (batch, 3, size, size) in calls
+
+
 def test_netdissect_nan_neurons_get_nan_rows(shapes):
     class Broken(nn.Module):
         def forward(self, x):

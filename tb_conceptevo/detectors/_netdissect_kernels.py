@@ -51,7 +51,7 @@ def screen(flat, shape, low, image_ids, values, keys, around, count, taken, with
     to row n of the store.
 
     Row ``n`` is written from ``count[n]`` on; ``taken[n]`` is how many cells qualified.
-    A row that would overflow is left as it was (``count[n]`` unchanged), so the caller
+    A row that would overflow is left as it was (``count[n]`` unchanged, -inf after it), so the caller
     can make room and screen that neuron again (``low = +inf`` skips a neuron).
     Cells enter each row in (image, y, x) order.
     """
@@ -77,6 +77,8 @@ def screen(flat, shape, low, image_ids, values, keys, around, count, taken, with
         taken[n] = found
         if start + found <= slots:
             count[n] = start + found
+        else:  # undo the partial row: slots past count stay -inf
+            values[n, start:] = -np.inf
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -118,6 +120,8 @@ def screen_channels_last(flat, shape, blocks, low, image_ids, values, keys, arou
                 taken[n] = found[j]
                 if count[n] + found[j] <= slots:
                     count[n] += found[j]
+                else:  # undo the partial row: slots past count stay -inf
+                    values[n, count[n]:] = -np.inf
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
