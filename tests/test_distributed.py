@@ -55,3 +55,55 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     # only rank 0 wrote an event file
     files = [f for f in os.listdir(tmp_path / "run") if f.startswith("events")]
     assert len(files) == 1
+
+
+def _detector_worker(rank, world, port, out_dir):
+    """Both detectors under distributed: NetDissect's thresholds and counts and
+    CLIP-Dissect's responses must merge into the single-process result."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        probe, model, consumers = _detector_setup()
+        record(model, probe, ["0", "2"], k=3, batch_size=1, consumers=consumers, progress=False)
+        netdissect, clip = consumers
+        np.savez(os.path.join(out_dir, f"detectors{rank}.npz"),
+                 **{f"iou_{n}": d.similarity for n, d in netdissect.result().items()},
+                 **{f"responses_{n}": r.numpy() for n, r in clip.responses.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def _detector_setup():
+    import warnings
+
+    import torch.nn as nn
+
+    from tb_conceptevo.detectors import CLIPDissect, NetDissect
+    from tb_conceptevo.detectors import clip_dissect
+    from tb_conceptevo.probes import ConceptShapes
+
+    probe = ConceptShapes(n=30, size=16, seed=3)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip_model = clip_dissect.load_open_clip("ViT-S-32-alt", None)
+    netdissect = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, ["0", "2"])
+    clip = CLIPDissect("ViT-S-32-alt", clip_model=clip_model, concepts=["red", "circle"], reduce="max",
+                       progress=False).consumer(probe, ["0", "2"])
+    return probe, model, [netdissect, clip]
+
+
+def test_detectors_under_two_process_gloo_equal_single_process(tmp_path):
+    mp.start_processes(_detector_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    probe, model, consumers = _detector_setup()
+    record(model, probe, ["0", "2"], k=3, batch_size=1, consumers=consumers, progress=False)
+    netdissect, clip = consumers
+    single = netdissect.result()
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"detectors{rank}.npz")
+        for name in ("0", "2"):
+            np.testing.assert_array_equal(got[f"iou_{name}"], single[name].similarity)
+            np.testing.assert_array_equal(got[f"responses_{name}"], clip.responses[name].numpy())

@@ -392,6 +392,7 @@ class CLIPDissectConsumer(RecordingConsumer):
     def begin_pass(self, pass_index: int, shapes: Dict[str, Tuple[int, int, int]], probe) -> None:
         self.shapes = shapes
         self.responses = {}
+        self._seen: Dict[str, torch.Tensor] = {}   # [images] rows this rank filled
 
     def update(self, pass_index: int, layer: str, fmap: torch.Tensor, response: torch.Tensor,
                indices: torch.Tensor) -> None:
@@ -401,9 +402,25 @@ class CLIPDissectConsumer(RecordingConsumer):
         if store is None:
             store = torch.full((len(self.probe), fmap.shape[1]), float("nan"), device=fmap.device)
             self.responses[layer] = store
+            self._seen[layer] = torch.zeros(len(self.probe), dtype=torch.bool, device=fmap.device)
+        self._seen[layer][indices] = True
         reduced = fmap.mean(dim=(2, 3)) if self.detector.reduce == "mean" else fmap.amax(dim=(2, 3))
         # the recorder's response is NaN wherever the map had NaN/Inf
         store[indices] = torch.where(torch.isnan(response), response, reduced)
+
+    def all_reduce(self) -> None:
+        """Under torch.distributed each rank filled the rows of its shard: add them up
+        (the other ranks contribute exact zeros, so the sum is each rank's own value)."""
+        dist = torch.distributed
+        for layer, store in self.responses.items():
+            # NaN rows of a rank's own non-finite responses must survive the sum; others are zeros
+            mine = torch.where(self._seen[layer][:, None], store, torch.zeros_like(store))
+            seen = self._seen[layer].to(torch.int32)
+            dist.all_reduce(mine, op=dist.ReduceOp.SUM)
+            dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+            if not bool((seen == 1).all()):
+                raise RuntimeError("CLIPDissect: the ranks' probe shards do not cover every image exactly once")
+            self.responses[layer] = mine
 
     def result(self) -> Dict[str, Detection]:
         if not self.responses:
