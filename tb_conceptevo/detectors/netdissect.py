@@ -258,9 +258,9 @@ class _Candidates:
 
         An exact first bound needs a selection over the whole batch.  A value ``v`` with at
         least m cells ``>= v`` is just as valid, and a sample of the batch suggests one
-        (expected count 1.5 m).  After screening above ``v`` the store holds every cell
+        (expected count 2 m).  After screening above ``v`` the store holds every cell
         ``>= floor(v)``, so counting those ``>= v`` verifies it; the neurons where the
-        sample misled (fewer than m) are screened again with no bound at all.
+        sample misled (fewer than m) are screened again above their exact bound.
         """
         batch, channels, height, width = maps.shape
         screened = batch * height * width
