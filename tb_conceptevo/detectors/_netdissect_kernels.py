@@ -30,11 +30,12 @@ def _keep(flat, base, y, x, row_stride, col_stride, height, width, value, n, slo
     """
     values[n, slot] = value
     if with_cells:
+        keys[n, slot] = key
+    if with_cells and around.shape[2] == 8:  # no neighbours kept for maps at the masks' size
         up = base + max(y - 1, 0) * row_stride
         mid = base + y * row_stride
         down = base + min(y + 1, height - 1) * row_stride
         left, centre, right = max(x - 1, 0) * col_stride, x * col_stride, min(x + 1, width - 1) * col_stride
-        keys[n, slot] = key
         around[n, slot, 0] = flat[up + left]
         around[n, slot, 1] = flat[up + centre]
         around[n, slot, 2] = flat[up + right]
@@ -150,6 +151,10 @@ def count_pixels(values, keys, around, count, passing, height, width,
             key = keys[n, s]
             image = key // cells_per_map
             within = key - image * cells_per_map
+            if height == out_height and width == out_width:  # identity: the cell is the pixel
+                hits[n, pixel_pattern[image * out_per_image + within]] += 1
+                active_pixels[n] += 1
+                continue
             y = within // width
             x = within - y * width
             g[0, 0] = around[n, s, 0]

@@ -83,6 +83,8 @@ _SLOTS_PER_M = 3
 _SAMPLE_CELLS = 65536
 #: bytes of one candidate slot with neighbours: value, cell key, 8 neighbour values
 _SLOT_BYTES = 4 + 8 + 8 * 4
+#: ... and without them (maps at the masks' size: upsampling is the identity)
+_SLOT_BYTES_NO_NEIGHBOURS = 4 + 8
 #: (dy, dx) of the 8 neighbours, row-major around the centre
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -193,7 +195,7 @@ class _Candidates:
     never needs more than ``m``.
     """
 
-    def __init__(self, channels: int, m: int, with_cells: bool, device):
+    def __init__(self, channels: int, m: int, with_cells: bool, device, neighbours: bool = True):
         self.m = m
         self.with_cells = with_cells
         self.bound = torch.full((channels,), -math.inf, device=device)
@@ -204,12 +206,19 @@ class _Candidates:
         self.below = torch.zeros(channels, dtype=torch.bool, device=device)
         self.values = torch.empty((channels, 0), device=device)
         self.cells = torch.empty((channels, 0), dtype=torch.int64, device=device) if with_cells else None
-        self.around = torch.empty((channels, 0, 8), device=device) if with_cells else None
+        # no neighbours needed when the maps are at the masks' size (identity upsampling)
+        self.around = torch.empty((channels, 0, 8 if neighbours else 0), device=device) if with_cells else None
 
     @property
     def nbytes(self) -> int:
         slots = self.values.numel()
-        return slots * (_SLOT_BYTES if self.with_cells else 4)
+        if not self.with_cells:
+            return slots * 4
+        return slots * (_SLOT_BYTES if self.around.shape[2] else _SLOT_BYTES_NO_NEIGHBOURS)
+
+    def around_rows(self) -> torch.Tensor:
+        """``around`` as ``[N * slots, 8 or 0]`` (one row per slot)."""
+        return self.around.view(self.around.shape[0] * self.around.shape[1], self.around.shape[2])
 
     def floor(self) -> torch.Tensor:
         """Lowest value a cell may have and still pass a final threshold >= ``bound``."""
@@ -249,7 +258,8 @@ class _Candidates:
         neuron, image, y, x, value = _cells_at_least(maps, self.floor() if low is None else low)
         if self.with_cells:
             key = (image_ids[image] * height + y) * width + x
-            self.add(neuron, value, screened, key, _neighbours(maps, neuron, image, y, x))
+            around = _neighbours(maps, neuron, image, y, x) if self.around.shape[2] else value.new_empty((value.numel(), 0))
+            self.add(neuron, value, screened, key, around)
         else:
             self.add(neuron, value, screened)
 
@@ -258,20 +268,21 @@ class _Candidates:
 
         An exact first bound needs a selection over the whole batch.  A value ``v`` with at
         least m cells ``>= v`` is just as valid, and a sample of the batch suggests one
-        (expected count 2 m).  After screening above ``v`` the store holds every cell
+        (expected count 1.5 m).  After screening above ``v`` the store holds every cell
         ``>= floor(v)``, so counting those ``>= v`` verifies it; the neurons where the
         sample misled (fewer than m) are screened again above their exact bound.
         """
         batch, channels, height, width = maps.shape
         screened = batch * height * width
-        expected = 2.0 * self.m / screened
+        expected = 1.5 * self.m / screened
         sample_images = min(batch, max(1, math.ceil(_SAMPLE_CELLS / (height * width))))
         rank = math.ceil(expected * sample_images * height * width)
         if expected >= 0.5 or rank < 16:
             return False  # the bound would keep most of the batch anyway, or the sample is too small
         sample = maps[torch.linspace(0, batch - 1, sample_images).round().long().unique()]
-        sample = sample.transpose(0, 1).reshape(channels, -1)
-        self.bound = torch.topk(sample, min(rank, sample.shape[1]), dim=1, sorted=False).values.amin(dim=1)
+        self.bound = torch.empty(channels)
+        kernels.kth_largest(np.empty((channels, 0), dtype=np.float32), np.zeros(channels, dtype=np.int64),
+                            sample.numpy(), min(rank, sample[:, 0].numel()), self.bound.numpy())
         self.bounded = True
         self._screen_compiled(kernels, maps, image_ids, None)
         filled = torch.arange(self.values.shape[1])[None, :] < self.count[:, None]
@@ -313,6 +324,9 @@ class _Candidates:
             kernel, layout = kernels.screen_channels_last, (maps.permute(0, 2, 3, 1).numpy().reshape(-1),
                                                              shape, blocks)
         image_ids = image_ids.long().contiguous().numpy()
+        if low is None and self.bounded and int(self.count.max()) > self.values.shape[1] // 2:
+            # compact before rows overflow: an overflowing row is screened twice
+            self.prune()
         while True:
             before = self.count.clone()
             floor = torch.where(active, self.floor() if low is None else low, skip).float().contiguous()
@@ -360,7 +374,7 @@ class _Candidates:
         self.values.view(-1).index_copy_(0, slot, value)
         if self.with_cells:
             self.cells.view(-1).index_copy_(0, slot, cell)
-            self.around.view(-1, 8).index_copy_(0, slot, around)
+            self.around_rows().index_copy_(0, slot, around)
         self.count += per_neuron
 
     def prune(self) -> None:
@@ -400,7 +414,8 @@ class _Candidates:
         values = torch.full_like(self.values, -math.inf)
         values.view(-1).index_copy_(0, new, self.values.view(-1).index_select(0, old))
         self.cells.view(-1).index_copy_(0, new, self.cells.view(-1).index_select(0, old))
-        self.around.view(-1, 8).index_copy_(0, new, self.around.view(-1, 8).index_select(0, old))
+        rows = self.around_rows()
+        rows.index_copy_(0, new, rows.index_select(0, old))
         self.values, self.count = values, kept
 
     def _resize(self, slots: int) -> None:
@@ -442,6 +457,7 @@ class _LayerState:
         self.channels, self.height, self.width = shape
         self.top_m = m
         self.wants_cells = True                         # one pass: candidates keep their cells
+        self.neighbours = True                          # False when the maps are at the masks' size
         self.counted_in_pass_1 = False                  # two passes: cells found again in pass 1
         self.store: Optional[_Candidates] = None
         self.bad: Optional[torch.Tensor] = None         # [N] saw NaN/Inf
@@ -458,7 +474,8 @@ class _LayerState:
         return self.store is not None and self.store.with_cells
 
     def one_pass_bytes(self) -> int:
-        return _SLOTS_PER_M * self.top_m * self.channels * _SLOT_BYTES
+        slot = _SLOT_BYTES if self.neighbours else _SLOT_BYTES_NO_NEIGHBOURS
+        return _SLOTS_PER_M * self.top_m * self.channels * slot
 
 
 class _MaskPatterns:
@@ -511,10 +528,12 @@ class NetDissectConsumer(RecordingConsumer):
         if missing:
             raise ValueError(f"NetDissect: no activation maps for layers {missing}")
         self.states = {}
+        mask_size = tuple(self._concept_masks(torch.arange(1), "cpu").shape[-2:])
         for layer in self.layers:
             shape = tuple(shapes[layer])
             m = max(1, math.ceil((1.0 - self.detector.quantile) * self.n_images * shape[1] * shape[2]))
             self.states[layer] = _LayerState(shape, m)
+            self.states[layer].neighbours = tuple(shape[1:]) != mask_size
         # one pass for the layers whose candidates fit the budget, smallest first
         budget = self.detector.memory_bytes
         for state in sorted(self.states.values(), key=_LayerState.one_pass_bytes):
@@ -532,7 +551,7 @@ class NetDissectConsumer(RecordingConsumer):
         elif pass_index == 1 and state.counted_in_pass_1:
             if state.any_bad:  # their rows become NaN; keep the other neurons' arithmetic finite
                 fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
-            batch_cells = _Candidates(state.channels, state.top_m, True, fmap.device)
+            batch_cells = _Candidates(state.channels, state.top_m, True, fmap.device, state.neighbours)
             batch_cells.screen(_dense(fmap), indices.to(fmap.device), low=state.passing)
             self._count_candidates(state, batch_cells)
 
@@ -596,7 +615,8 @@ class NetDissectConsumer(RecordingConsumer):
         batch, channels, height, width = fmap.shape
         store = state.store
         if store is None:  # created here: the device is the model's
-            store = state.store = _Candidates(channels, state.top_m, state.wants_cells, fmap.device)
+            store = state.store = _Candidates(channels, state.top_m, state.wants_cells, fmap.device,
+                                              state.neighbours)
         store.screen(fmap, indices.to(fmap.device))
         if store.with_cells and (sum(s.store.nbytes for s in self.states.values() if s.one_pass)
                                  > self.detector.memory_bytes):
@@ -651,7 +671,7 @@ class NetDissectConsumer(RecordingConsumer):
         within = key - image * cells_per_map
         y, x = torch.div(within, state.width, rounding_mode="floor"), within % state.width
         self._count(state, neuron, image, y, x, store.values.view(-1).index_select(0, flat),
-                    store.around.view(-1, 8).index_select(0, flat))
+                    store.around_rows().index_select(0, flat))
 
     def _prepare_counts(self, state: _LayerState, patterns: "_MaskPatterns", device) -> None:
         if state.active_count is not None:
