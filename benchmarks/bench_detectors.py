@@ -1,10 +1,12 @@
 """Detector overheads relative to the recording pass (issue "Concept-Monitor", Performance).
 
 1. NetDissect statistics: record() with the NetDissect consumer vs record() alone on
-   the demo-sized CNN (4 conv layers 32-64-128-128) and ConceptShapes(n=1024, 64 px).
+   a CNN with 4 conv layers (32-64-128-128) and ConceptShapes(n=1024, 64 px).
    Target: ratio <= 1.5.  Printed for the first dissection of the probe set (cold: its
    masks are read and turned into pattern ids) and for a repeated one (warm: the
-   pattern table is cached by probe hash, as at every later logged step).
+   pattern table is cached by probe hash, as at every later logged step).  The three
+   runs are timed back to back in several rounds; the ratio is the median of the
+   per-round ratios (wall times on shared machines drift by +-30 % between minutes).
 2. CLIP-Dissect per-step similarity for 4,096 neurons x 1,000 concepts x 2,048 probe
    images with the image features cached: the extra recording cost of gathering the
    [images, neurons] responses plus soft-WPMI (and cos^3) on all neurons, vs the

@@ -1,4 +1,4 @@
-"""The demo: three training runs on the embedded ConceptShapes data, then TensorBoard.
+"""The demo: four training runs on the embedded ConceptShapes data, then TensorBoard.
 
     python demo/run.py                      # train + log (a few minutes on 2 CPU cores), then serve
     python demo/run.py --no-serve           # train + log, then exit
@@ -9,6 +9,13 @@ Runs (same small CNN, same seeds, only the training setup differs):
 * ``baseline``     SGD lr 0.05, dropout 0.3, weight decay 5e-4, 2,000 training images
 * ``lr_too_high``  the same with lr 0.5 (the papers' failure case)
 * ``overfit``      no dropout, no weight decay, 250 training images
+* ``diverse``      the baseline plus the concept-diversity regularizer (Concept-Monitor
+                   Sec. 4) on ``features.12``: ``L = CE + 0.1 * d_anchor_batch``, concept
+                   activations from ConceptShapes' ground-truth annotations (beta = 1 as
+                   in the paper stops this small network learning: chance accuracy)
+
+Every run logs ``train/diversity_loss``, the regularizer's batch ``d_anchor`` (added to
+the loss only in ``diverse``).
 
 Every epoch ``writer.add_concepts`` places all 176 neurons in a text-anchored space
 (Network Dissection on the probe masks + the offline MiniLM text encoder).  At the end
@@ -44,13 +51,16 @@ class Setup:
     dropout: float
     weight_decay: float
     n_train: int
+    diversity: float = 0.0    # beta of the concept-diversity regularizer (0: off)
 
 
 RUNS = {
     "baseline": Setup(lr=0.05, dropout=0.3, weight_decay=5e-4, n_train=2000),
     "lr_too_high": Setup(lr=0.5, dropout=0.3, weight_decay=5e-4, n_train=2000),
     "overfit": Setup(lr=0.05, dropout=0.0, weight_decay=0.0, n_train=250),
+    "diverse": Setup(lr=0.05, dropout=0.3, weight_decay=5e-4, n_train=2000, diversity=0.1),
 }
+DIVERSITY_LAYER = "features.12"
 
 
 def make_text_space(probe):
@@ -83,6 +93,7 @@ def train_run(name, setup, logdir, epochs, probe, space, test, progress=True):
     from demo.model import DemoCNN
     from tb_conceptevo import ConceptWriter
     from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.regularizer import ConceptDiversityLoss, GroundTruthConcepts
 
     torch.manual_seed(SEED)
     train_set = ConceptShapes(n=setup.n_train, size=IMAGE_SIZE, seed=1)
@@ -90,6 +101,9 @@ def train_run(name, setup, logdir, epochs, probe, space, test, progress=True):
     y_train = torch.as_tensor(train_set.labels)
     x_test, y_test = test
     model = DemoCNN(n_classes=len(train_set.class_names), dropout=setup.dropout)
+    # every run measures the regularizer's batch d_anchor; only ``diverse`` trains with it
+    regularizer = ConceptDiversityLoss(space, source=GroundTruthConcepts(train_set, concepts=space.concepts))
+    regularizer.attach(model, DIVERSITY_LAYER)
     optimiser = torch.optim.SGD(model.parameters(), lr=setup.lr, momentum=0.9, weight_decay=setup.weight_decay)
     writer = ConceptWriter(os.path.join(logdir, name), probe=probe, k=10, batch_size=256,
                            spaces=[space], progress=False)
@@ -103,17 +117,22 @@ def train_run(name, setup, logdir, epochs, probe, space, test, progress=True):
     bar = tqdm(range(1, epochs + 1), desc=f"{name:12s}", disable=not progress)
     for epoch in bar:
         model.train()
-        total = 0.0
+        total = diversity_total = 0.0
         for _ in range(steps_per_epoch):
             batch = torch.randint(0, len(x_train), (64,), generator=generator)
             optimiser.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+            diversity = regularizer(indices=batch)
+            if setup.diversity:
+                loss = loss + setup.diversity * diversity
             loss.backward()
             optimiser.step()
             total += float(loss.detach())
+            diversity_total += float(diversity.detach())
         train_acc = accuracy(model, x_train, y_train)
         test_acc = accuracy(model, x_test, y_test)
         writer.add_scalar("train/loss", total / steps_per_epoch, epoch)
+        writer.add_scalar("train/diversity_loss", diversity_total / steps_per_epoch, epoch)
         writer.add_scalar("train/accuracy", train_acc, epoch)
         writer.add_scalar("test/accuracy", test_acc, epoch)
         writer.add_concepts(model, step=epoch)

@@ -187,27 +187,15 @@ def layout_maps(model, images):
     return maps
 
 
-class ChannelsLastProbe(ProbeSet):
-    """A probe whose batches are channels-last tensors (as from HWC image arrays)."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
+class ChannelsLastProbe(MaskInputProbe):
+    """ConceptShapes whose batches are channels-last tensors (as from HWC image arrays)."""
 
     def load_batch(self, indices):
         return self.base.images(indices).contiguous(memory_format=torch.channels_last)
 
-    def __getitem__(self, i):
-        return self.load_batch([i])[0], -1
-
-    hash = property(lambda self: "cl-" + self.base.hash)
-    vocabulary = property(lambda self: self.base.vocabulary)
-    has_masks = property(lambda self: True)
-
-    def masks(self, indices):
-        return self.base.masks(indices)
+    @property
+    def hash(self):
+        return "channels-last-" + self.base.hash
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
