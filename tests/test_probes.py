@@ -348,3 +348,11 @@ def test_probe_grid_png_is_written(tmp_path):
     path = tmp_path / "grid.png"
     Image.fromarray(grid).save(path)
     assert np.array_equal(np.asarray(Image.open(path)), grid)
+
+
+def test_mask_codes_are_the_packed_masks():
+    probe = ConceptShapes(n=30, size=24, seed=4)
+    indices = torch.arange(30)
+    masks = probe.masks(indices).long()
+    packed = (masks << torch.arange(masks.shape[1])[None, :, None, None]).sum(dim=1)
+    assert torch.equal(probe.mask_codes(indices), packed)

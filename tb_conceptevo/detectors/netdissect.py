@@ -284,7 +284,8 @@ class _Candidates:
         rank = math.ceil(expected * sample_images * height * width)
         if expected >= 0.5 or rank < 16:
             return False  # the bound would keep most of the batch anyway, or the sample is too small
-        sample = maps[torch.linspace(0, batch - 1, sample_images).round().long().unique()]
+        # NCHW copy: the selection reads each neuron's sample as one contiguous row
+        sample = maps[torch.linspace(0, batch - 1, sample_images).round().long().unique()].contiguous()
         self.bound = torch.empty(channels)
         kernels.kth_largest(np.empty((channels, 0), dtype=np.float32), np.zeros(channels, dtype=np.int64),
                             sample.numpy(), min(rank, sample[:, 0].numel()), self.bound.numpy())
@@ -426,13 +427,23 @@ class _Candidates:
 
     def _resize(self, slots: int) -> None:
         def grown(tensor, fill):
-            shape = (tensor.shape[0], slots - tensor.shape[1]) + tuple(tensor.shape[2:])
-            return torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)], dim=1)
+            shape = (tensor.shape[0], slots) + tuple(tensor.shape[2:])
+            if tensor.shape[1] == 0:  # a fresh store: reuse the last step's memory when it fits
+                return _reused_buffer(shape, tensor.dtype, tensor.device).fill_(fill)
+            extra = (tensor.shape[0], slots - tensor.shape[1]) + tuple(tensor.shape[2:])
+            return torch.cat([tensor, torch.full(extra, fill, dtype=tensor.dtype, device=tensor.device)], dim=1)
 
         self.values = grown(self.values, -math.inf)
         if self.with_cells:
             self.cells = grown(self.cells, 0)
             self.around = grown(self.around, 0.0)
+
+    def release(self) -> None:
+        """Hand the arrays back for the next step's store (see :func:`_reused_buffer`)."""
+        for tensor in (self.values, self.cells, self.around):
+            if tensor is not None and tensor.numel():
+                _BUFFER_POOL[(tuple(tensor.shape), tensor.dtype, str(tensor.device))] = tensor
+        self.values = self.cells = self.around = None
 
     def hot(self, passing: torch.Tensor):
         """``(neuron, slot)`` of the candidates ``>= passing[neuron]``."""
@@ -573,7 +584,8 @@ class NetDissectConsumer(RecordingConsumer):
                 self._count_candidates(state, state.store)
             else:
                 state.counted_in_pass_1 = True
-            state.store = None  # free the candidates
+            state.store.release()  # the next logged step reuses the memory
+            state.store = None
         # the recorder reads ``passes`` again after every pass
         self.passes = 2 if any(s.counted_in_pass_1 for s in self.states.values()) else 1
 
@@ -802,7 +814,13 @@ class NetDissectConsumer(RecordingConsumer):
         kernels = _compiled_kernels() if torch.device(device).type == "cpu" and n_words == 1 else None
         words = []
         for start in range(0, self.n_images, step):
-            masks = self._concept_masks(torch.arange(start, min(self.n_images, start + step)), device)
+            chunk = torch.arange(start, min(self.n_images, start + step))
+            mask_codes = getattr(self.probe, "mask_codes", None)
+            codes = mask_codes(chunk) if mask_codes and kernels is not None and self.mask_channels is None else None
+            if codes is not None:  # the probe packs its own masks
+                words.append(torch.as_tensor(codes, dtype=torch.int64).reshape(-1, 1))
+                continue
+            masks = self._concept_masks(chunk, device)
             if kernels is not None:
                 codes = np.empty((masks.shape[0], height, width), dtype=np.int64)
                 kernels.pack_masks(masks.numpy(), codes)
@@ -918,6 +936,17 @@ def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Ten
     """
     above = torch.nextafter(thresholds, torch.full_like(thresholds, math.inf))
     return torch.where(strict, above, _loosened(thresholds))
+
+
+#: arrays of finished candidate stores, by (shape, dtype, device): every logged step
+#: needs the same ones, and allocating ~100 MB afresh each time costs page faults
+_BUFFER_POOL: Dict[tuple, torch.Tensor] = {}
+
+
+def _reused_buffer(shape: tuple, dtype, device) -> torch.Tensor:
+    key = (tuple(shape), dtype, str(device))
+    buffer = _BUFFER_POOL.pop(key, None)
+    return buffer if buffer is not None else torch.empty(shape, dtype=dtype, device=device)
 
 
 def _compiled_kernels():

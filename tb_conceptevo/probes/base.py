@@ -97,3 +97,10 @@ class ProbeSet(torch.utils.data.Dataset, abc.ABC):
         """bool ``[B, C, H, W]``: pixel mask of every vocabulary concept in each image
         (all False where the concept is absent)."""
         raise NotImplementedError(f"{type(self).__name__} has no concept masks")
+
+    def mask_codes(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """Optional fast path: int64 ``[B, H, W]`` with bit ``c`` set where concept ``c``'s
+        mask covers the pixel (at most 62 concepts), i.e. :meth:`masks` packed.  None
+        (the default) means "use masks()"; a probe whose masks have structure can
+        compute this far more cheaply than the ``C`` full-size masks."""
+        return None

@@ -527,6 +527,22 @@ class ConceptShapes(ProbeSet):
         masks = presence[:, :, None, None] & region
         return masks.to(indices.device) if isinstance(indices, torch.Tensor) else masks
 
+    def mask_codes(self, indices: IndexLike) -> torch.Tensor:
+        """int64 ``[B, H, W]``: :meth:`masks` packed into bits (bit c = concept c).
+
+        A pixel carries the image's texture concepts on the background and all its
+        other present concepts on the shape, so two codes per image suffice.
+        """
+        index_array = self._index_array(indices)
+        shape_mask = torch.from_numpy(self.shape_masks(index_array))
+        bits = torch.tensor([1 << c for c in range(len(self.vocabulary))], dtype=torch.int64)
+        on_background = torch.tensor([c == "texture" for c in self.vocabulary.categories])
+        presence = torch.from_numpy(self._presence[index_array]).to(torch.int64)       # [B, C] 0/1
+        background_code = (presence * bits * on_background).sum(dim=1)
+        shape_code = (presence * bits * ~on_background).sum(dim=1)
+        codes = torch.where(shape_mask, shape_code[:, None, None], background_code[:, None, None])
+        return codes.to(indices.device) if isinstance(indices, torch.Tensor) else codes
+
     def concept_presence(self, indices: IndexLike) -> torch.Tensor:
         """float32 ``[B, C]``: 1 where the concept is in the image, else 0.
 
