@@ -441,7 +441,8 @@ class _Candidates:
     def release(self) -> None:
         """Hand the arrays back for the next step's store (see :func:`_reused_buffer`)."""
         for tensor in (self.values, self.cells, self.around):
-            if tensor is not None and tensor.numel():
+            held = sum(t.numel() * t.element_size() for t in _BUFFER_POOL.values())
+            if tensor is not None and tensor.numel() and held + tensor.numel() * tensor.element_size() <= _POOL_BYTES:
                 _BUFFER_POOL[(tuple(tensor.shape), tensor.dtype, str(tensor.device))] = tensor
         self.values = self.cells = self.around = None
 
@@ -941,6 +942,8 @@ def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Ten
 #: arrays of finished candidate stores, by (shape, dtype, device): every logged step
 #: needs the same ones, and allocating ~100 MB afresh each time costs page faults
 _BUFFER_POOL: Dict[tuple, torch.Tensor] = {}
+#: most memory the pool keeps between steps
+_POOL_BYTES = 256 << 20
 
 
 def _reused_buffer(shape: tuple, dtype, device) -> torch.Tensor:
