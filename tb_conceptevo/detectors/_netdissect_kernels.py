@@ -5,7 +5,9 @@ them, each with its 8 neighbours.  As tensor operations that is a reduction, two
 ``nonzero`` calls and a dozen gathers over scattered indices (each a full temporary);
 as one loop per neuron it is a single sequential read of the maps.  The same holds for
 counting the upsampled pixels around the cells that pass.  Both loops run in parallel
-over neurons, so no two threads ever write the same row.
+over neurons, so no two threads ever write the same row.  The row selections
+(``kth_largest``, ``raise_bounds``), the compaction and the packing of masks into
+pattern ids follow the same reasoning.
 
 All arithmetic is float32 in the same order as the torch paths, so both give
 bit-identical results (tested).
