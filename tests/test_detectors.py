@@ -293,6 +293,16 @@ def test_netdissect_nan_neurons_get_nan_rows(shapes):
     assert detection.top()[0][1] == -1
 
 
+def test_netdissect_rejects_mask_codes_of_the_wrong_shape(shapes, monkeypatch):
+    from tb_conceptevo.detectors import netdissect
+
+    consumer = NetDissect(vocabulary=shapes, progress=False).consumer(shapes, ["x"])
+    monkeypatch.setattr(shapes, "mask_codes", lambda indices: torch.zeros(len(indices), 3, 3, dtype=torch.int64))
+    if netdissect._compiled_kernels() is not None:
+        with pytest.raises(ValueError, match="mask_codes"):
+            consumer._build_patterns(torch.device("cpu"))
+
+
 def test_netdissect_bad_inputs(shapes):
     with pytest.raises(ValueError, match="has none"):
         NetDissect().consumer(random_probe(), ["x"])

@@ -819,7 +819,11 @@ class NetDissectConsumer(RecordingConsumer):
             mask_codes = getattr(self.probe, "mask_codes", None)
             codes = mask_codes(chunk) if mask_codes and kernels is not None and self.mask_channels is None else None
             if codes is not None:  # the probe packs its own masks
-                words.append(torch.as_tensor(codes, dtype=torch.int64).reshape(-1, 1))
+                codes = torch.as_tensor(codes, dtype=torch.int64)
+                if tuple(codes.shape) != (chunk.numel(), height, width):
+                    raise ValueError(f"probe.mask_codes() must return [B, H, W] = {(chunk.numel(), height, width)} "
+                                     f"(the masks' size), got shape {tuple(codes.shape)}")
+                words.append(codes.cpu().reshape(-1, 1))
                 continue
             masks = self._concept_masks(chunk, device)
             if kernels is not None:
