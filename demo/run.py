@@ -3,6 +3,8 @@
     python demo/run.py                      # train + log (a few minutes on 2 CPU cores), then serve
     python demo/run.py --no-serve           # train + log, then exit
     python demo/run.py --check --logdir D   # print the reproduced discoveries; non-zero exit on failure
+    python demo/run.py --seeds 3 --no-serve --logdir D    # the demo for training seeds 0, 1, 2 (D/seed0 ...)
+    python demo/run.py --check --seeds 3 --logdir D       # the discoveries over those seeds (ranges)
 
 Runs (same small CNN, same seeds, only the training setup differs):
 
@@ -21,6 +23,11 @@ Every epoch ``writer.add_concepts`` places all 176 neurons in a text-anchored sp
 (Network Dissection on the probe masks + the offline MiniLM text encoder).  At the end
 a ConceptEvo space is fitted from the baseline's last snapshot and back-filled into
 every run, and the importance of concept evolutions for one class is logged.
+
+Same figures on every machine: the networks train and are recorded in float64, on a
+fixed number of threads.  In float32, rounding differences between CPU code paths
+(``ATEN_CPU_CAPABILITY``, thread counts, vendor BLAS kernels) of 1e-7 grow through
+training into different networks; in float64 they stay below the printed precision.
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 IMAGE_SIZE = 32
 PROBE_IMAGES = 512
 TEST_IMAGES = 1200
-SEED = 0
+SEED = 0                      # the default training seed (--seed)
+#: torch threads inside the demo whatever the machine or OMP_NUM_THREADS says, so
+#: every machine runs the same kernels in the same order
+THREADS = 2
 IMPORTANCE_CLASS = 0          # "circle"
 IMPORTANCE_FROM_EPOCH = 1
 
@@ -74,6 +84,29 @@ def make_text_space(probe):
                      anchors=list(probe.vocabulary.names))
 
 
+def make_conceptevo_space(seed, progress=False):
+    """The ConceptEvo space the demo fits (also refitted by the check's robustness rows)."""
+    from tb_conceptevo.spaces import ConceptEvoSpace
+
+    return ConceptEvoSpace(random_state=seed, progress=progress)
+
+
+def make_model(n_classes, dropout, seed):
+    """The demo CNN, initialised in float64 (float32 init differs by 1 ulp between CPU
+    code paths, and training amplifies it)."""
+    import torch
+
+    from demo.model import DemoCNN
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return DemoCNN(n_classes=n_classes, dropout=dropout)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def accuracy(model, images, labels, batch_size=256):
     import torch
 
@@ -86,35 +119,34 @@ def accuracy(model, images, labels, batch_size=256):
     return float(correct) / len(images)
 
 
-def train_run(name, setup, logdir, epochs, probe, space, test, progress=True):
+def train_run(name, setup, logdir, epochs, probe, space, test, seed=SEED, progress=True):
     import torch
     from tqdm.auto import tqdm
 
-    from demo.model import DemoCNN
     from tb_conceptevo import ConceptWriter
     from tb_conceptevo.probes import ConceptShapes
     from tb_conceptevo.regularizer import ConceptDiversityLoss, GroundTruthConcepts
 
-    torch.manual_seed(SEED)
     train_set = ConceptShapes(n=setup.n_train, size=IMAGE_SIZE, seed=1)
-    x_train = train_set.images(range(len(train_set)))
+    x_train = train_set.images(range(len(train_set))).double()
     y_train = torch.as_tensor(train_set.labels)
     x_test, y_test = test
-    model = DemoCNN(n_classes=len(train_set.class_names), dropout=setup.dropout)
+    model = make_model(len(train_set.class_names), setup.dropout, seed)
     # every run measures the regularizer's batch d_anchor; only ``diverse`` trains with it
     regularizer = ConceptDiversityLoss(space, source=GroundTruthConcepts(train_set, concepts=space.concepts))
     regularizer.attach(model, DIVERSITY_LAYER)
     optimiser = torch.optim.SGD(model.parameters(), lr=setup.lr, momentum=0.9, weight_decay=setup.weight_decay)
     writer = ConceptWriter(os.path.join(logdir, name), probe=probe, k=10, batch_size=256,
                            spaces=[space], progress=False)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     snapshots = {}
     # A fixed number of optimisation steps per epoch for every run, so the runs differ
     # only in their setup, not in how much they trained.
     steps_per_epoch = 2000 // 64
     writer.add_concepts(model, step=0)
     snapshots[0] = {k: v.clone() for k, v in model.state_dict().items()}
-    bar = tqdm(range(1, epochs + 1), desc=f"{name:12s}", disable=not progress)
+    bar = tqdm(range(1, epochs + 1), desc=f"{name:12s}" + (f" seed {seed}" if seed != SEED else ""),
+               disable=not progress)
     for epoch in bar:
         model.train()
         total = diversity_total = 0.0
@@ -139,32 +171,31 @@ def train_run(name, setup, logdir, epochs, probe, space, test, progress=True):
         snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         bar.set_postfix(train=f"{train_acc:.2f}", test=f"{test_acc:.2f}")
     if name == "baseline":
-        before = DemoCNN(n_classes=len(train_set.class_names), dropout=setup.dropout)
+        before = make_model(len(train_set.class_names), setup.dropout, seed)
         before.load_state_dict(snapshots[IMPORTANCE_FROM_EPOCH])
         writer.add_concept_importance(model, IMPORTANCE_CLASS, x_test, epochs, labels=y_test,
                                       from_model=before, from_step=IMPORTANCE_FROM_EPOCH, revert=True)
     writer.close()
 
 
-def log_everything(logdir, epochs, progress=True):
+def log_everything(logdir, epochs, seed=SEED, progress=True):
     import torch
 
     from tb_conceptevo.probes import ConceptShapes
     from tb_conceptevo.reading import LogReader
-    from tb_conceptevo.spaces import ConceptEvoSpace
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
     started = time.time()
     probe = ConceptShapes(n=PROBE_IMAGES, size=IMAGE_SIZE, seed=0)
     test_set = ConceptShapes(n=TEST_IMAGES, size=IMAGE_SIZE, seed=2)
-    test = (test_set.images(range(len(test_set))), torch.as_tensor(test_set.labels))
+    test = (test_set.images(range(len(test_set))).double(), torch.as_tensor(test_set.labels))
     space = make_text_space(probe)
     for name, setup in RUNS.items():
-        train_run(name, setup, logdir, epochs, probe, space, test, progress)
+        train_run(name, setup, logdir, epochs, probe, space, test, seed, progress)
     # ConceptEvo: fit the unified space on the baseline's last snapshot, back-fill all runs.
     with LogReader(logdir) as logs:
         base = logs.observation("baseline")
-    evo = ConceptEvoSpace(random_state=SEED, progress=progress)
+    evo = make_conceptevo_space(seed, progress)
     evo.fit(base)
     space_path = os.path.join(logdir, "conceptevo_space.npz")
     evo.save(space_path)
@@ -185,11 +216,24 @@ def serve(logdir, port):
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command)
     print(f"\nTensorBoard: http://127.0.0.1:{port}/#conceptevo   (Ctrl-C to stop)\n", flush=True)
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, a supervisor, a closed terminal) stops TensorBoard too, as Ctrl-C does.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         process.wait()
     except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        process.wait()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv=None):
@@ -200,21 +244,28 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="check the logged discoveries and exit")
     parser.add_argument("--port", type=int, default=0, help="TensorBoard port (default: a free one)")
     parser.add_argument("--force", action="store_true", help="log again even if the logdir has the runs")
+    parser.add_argument("--seed", type=int, default=SEED, help="training seed (init, batches, dropout, space fit)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="log (or check) the demo for seeds 0..N-1, one subfolder seed<i> of --logdir each")
+    parser.add_argument("--markdown", action="store_true", help="with --check: print the table as Markdown only")
     args = parser.parse_args(argv)
+    seeds = [args.seed] if args.seeds is None else list(range(args.seeds))
+    logdirs = [args.logdir] if args.seeds is None else [os.path.join(args.logdir, f"seed{s}") for s in seeds]
     if args.check:
         from demo.check import check
 
-        return check(args.logdir)
-    done = all(os.path.isdir(os.path.join(args.logdir, run)) for run in RUNS) and \
-        os.path.exists(os.path.join(args.logdir, "conceptevo_space.npz"))
-    if done and not args.force:
-        print(f"{args.logdir} already holds the demo runs (use --force to log them again)")
-    else:
-        if os.path.isdir(args.logdir) and args.force:
+        return check(logdirs, markdown=args.markdown)
+    for seed, logdir in zip(seeds, logdirs):
+        done = all(os.path.isdir(os.path.join(logdir, run)) for run in RUNS) and \
+            os.path.exists(os.path.join(logdir, "conceptevo_space.npz"))
+        if done and not args.force:
+            print(f"{logdir} already holds the demo runs (use --force to log them again)")
+            continue
+        if os.path.isdir(logdir) and args.force:
             import shutil
 
-            shutil.rmtree(args.logdir)
-        log_everything(args.logdir, args.epochs)
+            shutil.rmtree(logdir)
+        log_everything(logdir, args.epochs, seed)
     if not args.no_serve:
         serve(args.logdir, args.port)
     return 0

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import metadata
 from .probes.base import ProbeSet
+from .recording import model_device_dtype
 
 __all__ = [
     "LayerImportance",
@@ -288,14 +289,6 @@ def check_same_architecture(model_from: nn.Module, model_to: nn.Module, layers: 
                 f"{type(modules_from[name]).__name__} in model_from but a "
                 f"{type(modules_to[name]).__name__} in model_to"
             )
-
-
-def _device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Where (and in which float dtype) inputs for ``model`` must live."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 @contextlib.contextmanager
@@ -586,8 +579,8 @@ def _progress(iterable, enabled: bool, desc: str, total=None):
 def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch.Tensor,
                        class_index: int, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
     """``S_n(x)`` ``[B, C]`` for every layer; models must already be in evaluation state."""
-    device_to, dtype_to = _device_dtype(model_to)
-    device_from, dtype_from = _device_dtype(model_from)
+    device_to, dtype_to = model_device_dtype(model_to)
+    device_from, dtype_from = model_device_dtype(model_from)
 
     # Z^t' of every layer (no graph needed).  The pass stops once every layer is
     # captured: the rest of model_to (e.g. VGG's large classifier) is not needed.
@@ -860,8 +853,8 @@ def revert_evaluation(
         masks[name] = torch.from_numpy(config)
 
     batches = _ClassBatches(images, class_index, labels, batch_size, max_images, seed)
-    device_to, dtype_to = _device_dtype(model_to)
-    device_from, dtype_from = _device_dtype(model_from)
+    device_to, dtype_to = model_device_dtype(model_to)
+    device_from, dtype_from = model_device_dtype(model_from)
     n_configs = n_bins + len(seeds)
     correct = torch.zeros(len(layer_names), n_configs, dtype=torch.int64, device=device_to)
     logit_sum = torch.zeros(len(layer_names), n_configs, dtype=torch.float64, device=device_to)

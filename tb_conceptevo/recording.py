@@ -115,12 +115,17 @@ def resolve_layers(model: nn.Module, layers: Optional[Iterable[LayerSpec]] = Non
     return chosen
 
 
+def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where, and in which float dtype, inputs for ``model`` must live: those of its
+    first floating parameter or buffer (CPU and the default dtype for a model without)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
+    return model_device_dtype(model)[0]
 
 
 @contextlib.contextmanager
@@ -255,12 +260,16 @@ def _probe_hash(probe) -> str:
     return getattr(probe, "hash", "") or ""
 
 
-def _load(probe, indices: torch.Tensor, device) -> torch.Tensor:
+def _load(probe, indices: torch.Tensor, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Probe images ``indices`` on ``device``; floating images in ``dtype`` (the model's:
+    a float64 or bfloat16 model gets float64 or bfloat16 inputs)."""
     loader = getattr(probe, "load_batch", None)
     if loader is not None:
         images = loader(indices.tolist())
     else:
         images = torch.stack([torch.as_tensor(probe[i][0]) for i in indices.tolist()])
+    if dtype is not None and images.is_floating_point():
+        return images.to(device=device, dtype=dtype, non_blocking=True)
     return images.to(device=device, non_blocking=True)
 
 
@@ -277,7 +286,8 @@ def _layer_output(name: str, output) -> torch.Tensor:
 def layer_shapes(model: nn.Module, probe, layers, device=None) -> Dict[str, Tuple[int, int, int]]:
     """``{layer: (C, H, W)}`` from one forward pass of a single probe image."""
     chosen = resolve_layers(model, layers)
-    device = device or model_device(model)
+    model_at, dtype = model_device_dtype(model)
+    device = device or model_at
     shapes: Dict[str, Tuple[int, int, int]] = {}
 
     def make_hook(name):
@@ -285,7 +295,7 @@ def layer_shapes(model: nn.Module, probe, layers, device=None) -> Dict[str, Tupl
             shapes[name] = tuple(_layer_output(name, output).shape[1:])
         return hook
 
-    image = _load(probe, torch.arange(1), device)
+    image = _load(probe, torch.arange(1), device, dtype)
     with inference_mode_of(model), hooks_on(chosen, make_hook):
         try:
             model(image)
@@ -341,7 +351,7 @@ def record(
     """
     n = _check_inputs(probe, k, batch_size, reduce)
     chosen = resolve_layers(model, layers)
-    device = model_device(model)
+    device, dtype = model_device_dtype(model)
     rank, world = _distributed()
     unmergeable = [type(c).__name__ for c in consumers if world > 1 and not hasattr(c, "all_reduce")]
     if unmergeable:
@@ -392,7 +402,7 @@ def record(
         with inference_mode_of(model), hooks_on(chosen, make_hook):
             for indices in tqdm(batches, desc=label, disable=not progress or rank != 0, leave=False):
                 batch_indices[0] = indices
-                model(_load(probe, indices, device))
+                model(_load(probe, indices, device, dtype))
         for consumer in active:
             consumer.end_pass(pass_index)
         pass_index += 1

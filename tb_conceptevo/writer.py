@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import metadata
 from .observation import Observation
+from .metrics.snapshot import embedding_metrics, whole_model
 from .payloads import anchors_payload, detection_payload, embedding_payload, probe_payload, stimuli_payload
 from .recording import record
 from .summary import payload_summary
@@ -270,8 +271,6 @@ class ConceptWriter(SummaryWriter):
 
     def add_space_embedding(self, space, layer: str, embedding, step: int, probe_hash: str = "") -> Dict[str, float]:
         """Write one layer's embedding in ``space`` and its per-layer metrics; returns them."""
-        from .metrics import differential_entropy, evolution_speed
-
         header, arrays = embedding_payload(space.name, layer, embedding, probe_hash)
         self.add_payload(metadata.space_tag(space.name, layer), header, arrays, step)
         anchors = space.anchors()
@@ -279,20 +278,7 @@ class ConceptWriter(SummaryWriter):
             a_header, a_arrays = anchors_payload(space.name, anchors)
             self.add_payload(metadata.anchors_tag(space.name), a_header, a_arrays, step)
             self._anchors_written.add(space.name)
-        metrics = {"entropy": differential_entropy(embedding.layout[embedding.placed])}
-        previous = self._previous_vectors.get((space.name, layer))
-        if previous is not None:
-            metrics["speed"] = evolution_speed(previous[0], embedding.vectors, previous[1], embedding.placed)
-        self._previous_vectors[(space.name, layer)] = (embedding.vectors, embedding.placed)
-        if anchors is not None:
-            from .metrics import d_anchor
-
-            anchor_vectors = anchors.vectors[[k == "anchor" for k in anchors.kind]]
-            if len(anchor_vectors):
-                metrics["d_anchor"] = d_anchor(embedding.vectors[embedding.placed], anchor_vectors)
-        for metric, value in metrics.items():
-            self._scalar(metadata.scalar_tag(metric, space.name, layer), value, step)
-        return metrics
+        return self._log_metrics(space, layer, (embedding.vectors, embedding.layout, embedding.placed), step)
 
     def set_previous_embedding(self, space_name: str, layer: str, embedding) -> None:
         """The embedding evolution speed of the next ``add_space_embedding`` of ``layer``
@@ -324,23 +310,18 @@ class ConceptWriter(SummaryWriter):
         self._whole_model_metrics(space, list(embeddings.items()), step)
 
     def _whole_model_metrics(self, space, layer_items, step) -> None:
-        from .metrics import d_anchor, differential_entropy, evolution_speed
+        self._log_metrics(space, None, whole_model([e for _, e in layer_items]), step)
 
-        vectors = np.concatenate([e.vectors for _, e in layer_items])
-        layout = np.concatenate([e.layout for _, e in layer_items])
-        placed = np.concatenate([e.placed for _, e in layer_items])
-        self._scalar(metadata.scalar_tag("entropy", space.name, "all"), differential_entropy(layout[placed]), step)
-        previous = self._previous_vectors.get((space.name, None))
-        if previous is not None and previous[0].shape == vectors.shape:
-            self._scalar(metadata.scalar_tag("speed", space.name, "all"),
-                         evolution_speed(previous[0], vectors, previous[1], placed), step)
-        self._previous_vectors[(space.name, None)] = (vectors, placed)
-        anchors = space.anchors()
-        if anchors is not None:
-            anchor_vectors = anchors.vectors[[k == "anchor" for k in anchors.kind]]
-            if len(anchor_vectors):
-                self._scalar(metadata.scalar_tag("d_anchor", space.name, "all"),
-                             d_anchor(vectors[placed], anchor_vectors), step)
+    def _log_metrics(self, space, layer: Optional[str], placement, step: int) -> Dict[str, float]:
+        """Log the metrics of one layer's (or, ``layer=None``, the whole model's)
+        placement against the previous one of the same key; returns them."""
+        vectors, layout, placed = placement
+        metrics = embedding_metrics(vectors, layout, placed, self._previous_vectors.get((space.name, layer)),
+                                    _anchor_vectors(space))
+        self._previous_vectors[(space.name, layer)] = (vectors, placed)
+        for metric, value in metrics.items():
+            self._scalar(metadata.scalar_tag(metric, space.name, layer or "all"), value, step)
+        return metrics
 
     def _write_probe_once(self, step: int) -> None:
         # At the first snapshot's step, so the tag's steps only ever ascend.
@@ -354,3 +335,11 @@ class ConceptWriter(SummaryWriter):
         value = float(value)
         if math.isfinite(value):
             self.add_scalar(tag, value, step)
+
+
+def _anchor_vectors(space) -> Optional[np.ndarray]:
+    """The space's anchor vectors (rows of kind ``"anchor"``), or None without anchors."""
+    anchors = space.anchors()
+    if anchors is None:
+        return None
+    return anchors.vectors[[kind == "anchor" for kind in anchors.kind]]

@@ -41,3 +41,33 @@ def random_probe(n=40, size=32, seed=0):
 @pytest.fixture
 def small_probe():
     return random_probe()
+
+
+class ExactBranchy(torch.nn.Module):
+    """A non-sequential model (two branches and a skip) whose activations are exact
+    integers in float32 on integer-valued images: integer weights, zero biases, ReLU.
+    Every partial sum is an integer below 2**24, so results are bit-identical whatever
+    the batch composition, summation order, thread count or CPU code path; tests of
+    exact properties (batch and shard independence) use it instead of random floats."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.left = torch.nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.right = torch.nn.Conv2d(8, 6, 1, bias=False)
+        self.head = torch.nn.Linear(6, 4)
+        with torch.no_grad():
+            for conv in (self.stem, self.left, self.right):
+                conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape, generator=g).float())
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.left(x) + torch.relu(self.right(x))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def integer_probe(n=40, size=12, seed=0):
+    """Images with integer pixel values 0..15 (see :class:`ExactBranchy`)."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorProbe(torch.randint(0, 16, (n, 3, size, size), generator=g).float())

@@ -1,8 +1,9 @@
 """Two gloo processes each record a shard; the merged top-k equals one process exactly.
 
-Batch size 1 makes every image's activations bit-identical whatever the sharding
-(conv kernels may round differently for other batch compositions), so the only
-thing under test is the cross-rank merge, which must then be exact."""
+The model and images are integer-exact (tests.conftest.ExactBranchy): every
+activation is the same integer in every process, whatever the batch composition,
+thread count or CPU code path, so the only thing under test is the cross-rank merge,
+which must then be exact."""
 
 import os
 import socket
@@ -13,8 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tb_conceptevo.recording import record
-from tests.conftest import random_probe
-from tests.test_recording import Branchy
+from tests.conftest import ExactBranchy, integer_probe
 
 
 def _free_port():
@@ -27,12 +27,11 @@ def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = Branchy()
+        model = ExactBranchy()
         from tb_conceptevo.writer import ConceptWriter
 
-        writer = ConceptWriter(os.path.join(out_dir, "run"), probe=random_probe(n=37, size=12), k=5,
-                               batch_size=1, progress=False)
+        writer = ConceptWriter(os.path.join(out_dir, "run"), probe=integer_probe(n=37, size=12), k=5,
+                               batch_size=3, progress=False)
         obs = writer.add_concepts(model, step=3)
         writer.close()
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"),
@@ -44,8 +43,7 @@ def _worker(rank, world, port, out_dir):
 
 def test_two_process_gloo_equals_single_process(tmp_path):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    torch.manual_seed(0)
-    single = record(Branchy(), random_probe(n=37, size=12), k=5, batch_size=1, progress=False)
+    single = record(ExactBranchy(), integer_probe(n=37, size=12), k=5, batch_size=8, progress=False)
     for rank in (0, 1):
         got = np.load(tmp_path / f"rank{rank}.npz")
         for name, o in single.items():
@@ -64,13 +62,21 @@ def _detector_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         probe, model, consumers = _detector_setup()
-        record(model, probe, ["0", "2"], k=3, batch_size=1, consumers=consumers, progress=False)
+        record(model, probe, LAYERS, k=3, batch_size=4, consumers=consumers, progress=False)
         netdissect, clip = consumers
         np.savez(os.path.join(out_dir, f"detectors{rank}.npz"),
                  **{f"iou_{n}": d.similarity for n, d in netdissect.result().items()},
                  **{f"responses_{n}": r.numpy() for n, r in clip.responses.items()})
     finally:
         dist.destroy_process_group()
+
+
+LAYERS = ["1", "3"]
+
+
+class _Quantise(torch.nn.Module):
+    def forward(self, x):
+        return torch.round(x * 255)
 
 
 def _detector_setup():
@@ -83,15 +89,21 @@ def _detector_setup():
     from tb_conceptevo.probes import ConceptShapes
 
     probe = ConceptShapes(n=30, size=16, seed=3)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1))
+    # Integer-exact activations (see ExactBranchy): pixels quantised to 0..255 (one
+    # correctly rounded multiply and a round), then integer-weight convolutions.
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(_Quantise(), nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False))
+    with torch.no_grad():
+        for conv in (model[1], model[3]):
+            conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape, generator=g).float())
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clip_model = clip_dissect.load_open_clip("ViT-S-32-alt", None)
-    netdissect = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, ["0", "2"])
+    netdissect = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, LAYERS)
     clip = CLIPDissect("ViT-S-32-alt", clip_model=clip_model, concepts=["red", "circle"], reduce="max",
-                       progress=False).consumer(probe, ["0", "2"])
+                       progress=False).consumer(probe, LAYERS)
     return probe, model, [netdissect, clip]
 
 
@@ -99,11 +111,11 @@ def test_detectors_under_two_process_gloo_equal_single_process(tmp_path):
     mp.start_processes(_detector_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     probe, model, consumers = _detector_setup()
-    record(model, probe, ["0", "2"], k=3, batch_size=1, consumers=consumers, progress=False)
+    record(model, probe, LAYERS, k=3, batch_size=7, consumers=consumers, progress=False)
     netdissect, clip = consumers
     single = netdissect.result()
     for rank in (0, 1):
         got = np.load(tmp_path / f"detectors{rank}.npz")
-        for name in ("0", "2"):
+        for name in LAYERS:
             np.testing.assert_array_equal(got[f"iou_{name}"], single[name].similarity)
             np.testing.assert_array_equal(got[f"responses_{name}"], clip.responses[name].numpy())
