@@ -2,6 +2,7 @@
 
     python benchmarks/bench_space.py                 # fit + embed targets
     python benchmarks/bench_space.py --alignment     # also: layout alignment on a small CNN
+    python benchmarks/bench_space.py --dtype         # also: fit cost of float64 (the CPU default) vs float32
 
 Targets: fit (Steps 1 + 2.1) for 4,224 neurons, 12,000 probe images, k = 10 in at
 most 60 s on 2 CPU cores; embed + layout transform of 4,224 neurons in at most 1 s.
@@ -120,6 +121,21 @@ def bench_fit_and_embed():
     return space
 
 
+# ------------------------------------------------------------------------ dtype
+def bench_dtype(rounds: int = 3):
+    """Steps 1 + 2.1 in float64 (the CPU default: the same space on every machine) and
+    float32, interleaved in one process; the ratio is the median of the per-round ratios."""
+    base = layer_observations(synthetic_model(seed_noise=1))
+    seconds = {"float64": [], "float32": []}
+    for _ in range(rounds):
+        for dtype in seconds:
+            space = ConceptEvoSpace(random_state=0, progress=False, dtype=dtype).fit(base)
+            seconds[dtype].append(sum(v for k, v in space.timings_.items() if k != "layout"))
+    ratios = np.array(seconds["float64"]) / np.array(seconds["float32"])
+    print("fit Steps 1 + 2.1 (s): " + ", ".join(f"{d} {np.round(v, 2).tolist()}" for d, v in seconds.items()))
+    print(f"float64 / float32 fit time: median ratio {np.median(ratios):.2f} (per round {np.round(ratios, 2).tolist()})")
+
+
 # ------------------------------------------------------------------------ alignment
 def bench_alignment(epochs=4, records_per_epoch=2):
     import torch
@@ -194,9 +210,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alignment", action="store_true", help="also measure layout alignment on a small CNN")
     parser.add_argument("--only-alignment", action="store_true")
+    parser.add_argument("--dtype", action="store_true", help="also compare the fit cost of float64 and float32")
     args = parser.parse_args()
     if not args.only_alignment:
         bench_fit_and_embed()
+    if args.dtype:
+        bench_dtype()
     if args.alignment or args.only_alignment:
         bench_alignment()
 

@@ -238,7 +238,8 @@ def serve(logdir, port):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--logdir", default=os.path.join("runs", "demo"))
+    parser.add_argument("--logdir", action="append", default=None,
+                        help="where to log (default runs/demo); with --check it may be given several times")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--no-serve", action="store_true", help="train and log, then exit")
     parser.add_argument("--check", action="store_true", help="check the logged discoveries and exit")
@@ -248,13 +249,19 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None,
                         help="log (or check) the demo for seeds 0..N-1, one subfolder seed<i> of --logdir each")
     parser.add_argument("--markdown", action="store_true", help="with --check: print the table as Markdown only")
+    parser.add_argument("--label", default=None, help="with --check: what the logdirs are, for the table header")
     args = parser.parse_args(argv)
+    roots = args.logdir or [os.path.join("runs", "demo")]
     seeds = [args.seed] if args.seeds is None else list(range(args.seeds))
-    logdirs = [args.logdir] if args.seeds is None else [os.path.join(args.logdir, f"seed{s}") for s in seeds]
+    logdirs = [root if args.seeds is None else os.path.join(root, f"seed{s}") for root in roots for s in seeds]
     if args.check:
         from demo.check import check
 
-        return check(logdirs, markdown=args.markdown)
+        label = args.label or (f"seed {args.seed}" if args.seeds is None else f"seeds 0-{args.seeds - 1}")
+        return check(logdirs, markdown=args.markdown, label=label)
+    if len(roots) > 1:
+        parser.error("give one --logdir to log into (several only with --check)")
+    args.logdir = roots[0]
     for seed, logdir in zip(seeds, logdirs):
         done = all(os.path.isdir(os.path.join(logdir, run)) for run in RUNS) and \
             os.path.exists(os.path.join(logdir, "conceptevo_space.npz"))

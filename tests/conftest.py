@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 
 import numpy as np
@@ -71,3 +72,15 @@ def integer_probe(n=40, size=12, seed=0):
     """Images with integer pixel values 0..15 (see :class:`ExactBranchy`)."""
     g = torch.Generator().manual_seed(seed)
     return TensorProbe(torch.randint(0, 16, (n, 3, size, size), generator=g).float())
+
+
+@contextlib.contextmanager
+def float64_defaults():
+    """Create modules in float64 (their random init drawn in float64 too: a float32
+    init differs by one ulp between CPU code paths, and training amplifies it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

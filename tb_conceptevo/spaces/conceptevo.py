@@ -78,6 +78,11 @@ class ConceptEvoSpace(Space):
             per-pair SGD while the batches are large enough to be efficient.
         random_state: seed of every random choice (pairs, init, negatives, UMAP).
         device: torch device of the skip-gram training (default CPU).
+        dtype: ``"float64"``, ``"float32"`` or None (default: float64 on CPU, float32 on
+            other devices) for the skip-gram training.  In float32 the vector
+            instructions a CPU offers change the last bit of sigmoids and sums, and
+            the SGD amplifies it into a different (equally good) space; in float64 the
+            same seed gives the same stored float32 space on every machine.
         progress: tqdm progress bars.
 
     Fitted attributes: ``neuron_ids_``, ``layers_``, ``neuron_embeddings_`` (Step 1.3,
@@ -107,6 +112,7 @@ class ConceptEvoSpace(Space):
         batch_size: Optional[int] = None,
         random_state: int = 0,
         device=None,
+        dtype: Optional[str] = None,
         progress: bool = True,
     ):
         self.dim = dim
@@ -123,6 +129,7 @@ class ConceptEvoSpace(Space):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.dtype = dtype
         self.progress = progress
 
     # ================================================================= fitting
@@ -163,6 +170,7 @@ class ConceptEvoSpace(Space):
         rng = np.random.default_rng(self.random_state)
         generator = torch.Generator().manual_seed(int(self.random_state))
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        dtype = self._torch_dtype(device)
 
         # ---- stimuli of the base neurons (all layers = one neuron set)
         ids = np.concatenate([_row_ids(obs) for obs in layers], axis=0)
@@ -191,7 +199,7 @@ class ConceptEvoSpace(Space):
             )
 
         # ---- Step 1.3: skip-gram with negative sampling
-        table = _uniform_init(n_neurons, self.dim, generator).to(device)
+        table = _uniform_init(n_neurons, self.dim, generator).to(device=device, dtype=dtype)
         pool = torch.as_tensor(np.flatnonzero(valid_neurons), device=device)
         train_skipgram(
             table, torch.as_tensor(pairs, device=device), pool, negatives=self.negatives,
@@ -216,7 +224,7 @@ class ConceptEvoSpace(Space):
 
         # ---- Step 2.1 (cont.): indirect embeddings of uncovered images
         indirect = self._indirect_embeddings(
-            image_embeddings, status, ids, invalid, extra, rng, generator, device
+            image_embeddings, status, ids, invalid, extra, rng, generator, device, dtype
         )
         status[indirect] = 2
         clock.lap("indirect")
@@ -299,7 +307,8 @@ class ConceptEvoSpace(Space):
         error = math.sqrt(float((residual ** 2).sum()) / max(float((U ** 2).sum()), 1e-30))
         return covered, V, error
 
-    def _indirect_embeddings(self, image_embeddings, status, base_ids, base_invalid, extra, rng, generator, device):
+    def _indirect_embeddings(self, image_embeddings, status, base_ids, base_invalid, extra, rng, generator, device,
+                             dtype):
         """Skip-gram over image pairs linked through a shared neuron (Sec. 3.2, Step
         2.1, last paragraph), covered images held fixed.  Returns the ids of the
         uncovered images that received an embedding."""
@@ -333,9 +342,10 @@ class ConceptEvoSpace(Space):
             return targets
 
         n_images = status.size
-        table_np = np.where(np.isnan(image_embeddings), 0.0, image_embeddings).astype(np.float32)
-        table = torch.as_tensor(table_np, device=device)
-        table[torch.as_tensor(targets, device=device)] = _uniform_init(targets.size, self.dim, generator).to(device)
+        table_np = np.where(np.isnan(image_embeddings), 0.0, image_embeddings)
+        table = torch.as_tensor(table_np, device=device, dtype=dtype)
+        table[torch.as_tensor(targets, device=device)] = _uniform_init(targets.size, self.dim, generator).to(
+            device=device, dtype=dtype)
         trainable = torch.zeros(n_images, dtype=torch.bool, device=device)
         trainable[torch.as_tensor(targets, device=device)] = True
         pool = torch.as_tensor(np.flatnonzero(reachable), device=device)
@@ -487,6 +497,7 @@ class ConceptEvoSpace(Space):
             "ridge": float(self.ridge),
             "batch_size": None if self.batch_size is None else int(self.batch_size),
             "random_state": int(self.random_state),
+            "dtype": self.dtype,
         }
 
     def _batch_size(self, n_rows: int) -> int:
@@ -509,6 +520,13 @@ class ConceptEvoSpace(Space):
             raise ValueError(f"n_groups must be None or a positive integer, got {self.n_groups!r}")
         if not self.ridge > 0:
             raise ValueError(f"ridge must be > 0, got {self.ridge!r}")
+        if self.dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
+
+    def _torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype is None:
+            return torch.float64 if device.type == "cpu" else torch.float32
+        return getattr(torch, self.dtype)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "image_embeddings_"):
