@@ -51,6 +51,9 @@ def unpack_header(blob0: bytes) -> Dict:
         raise PayloadError(f"payload header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
         raise PayloadError("payload header has no 'arrays' list")
+    bad = [spec for spec in header["arrays"] if not isinstance(spec, dict) or not isinstance(spec.get("name"), str)]
+    if bad:
+        raise PayloadError(f"payload header lists array specs that are not objects with a name: {bad[:3]!r}")
     version = header.get("version")
     if not isinstance(version, int) or version > metadata.FORMAT_VERSION:
         raise PayloadError(
@@ -61,9 +64,12 @@ def unpack_header(blob0: bytes) -> Dict:
 
 
 def decode_array(spec: Mapping, blob: bytes) -> np.ndarray:
+    if not isinstance(spec, Mapping):
+        raise PayloadError(f"bad array spec {spec!r}")
     dtype = spec.get("dtype")
     shape = spec.get("shape")
-    if dtype not in ALLOWED_DTYPES or not isinstance(shape, list):
+    if dtype not in ALLOWED_DTYPES or not isinstance(shape, list) or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise PayloadError(f"bad array spec {spec!r}")
     expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(blob) != expected:

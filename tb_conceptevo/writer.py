@@ -123,6 +123,7 @@ class ConceptWriter(SummaryWriter):
             metadata.check_name(space.name, "space name")
         self._is_writer_rank = _rank() == 0
         super().__init__(log_dir, **kwargs)
+        _warn_unservable_run_name(self.log_dir)
         self.probe = probe
         self.layers = layers
         self.k = k
@@ -169,16 +170,12 @@ class ConceptWriter(SummaryWriter):
         """
         if self.probe is None:
             raise ValueError("ConceptWriter needs a probe set: ConceptWriter(log_dir, probe=probes.ConceptShapes())")
-        if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
-        step = int(step)
+        step = check_step(step)
         for space in self.spaces:  # before the costly pass: a mismatch is a setup error
             space.check_probe(self.probe.hash)
         detectors = self.all_detectors()
         layer_spec = layers if layers is not None else self.layers
-        from .recording import resolve_layers
-
-        layer_names = [name for name, _ in resolve_layers(model, layer_spec)]
+        layer_names = servable_layers(model, layer_spec)
         consumers = [d.consumer(self.probe, layer_names) for d in detectors]
         observation = record(model, self.probe, layer_names, k=self.k, batch_size=self.batch_size,
                              reduce=self.reduce, consumers=consumers, step=step, progress=self.progress)
@@ -222,7 +219,7 @@ class ConceptWriter(SummaryWriter):
 
         from .importance import concept_evolution_importance, importance_payloads, revert_evaluation, revert_payload
 
-        step = int(step)
+        step = check_step(step)
         if from_model is None:
             earlier = [s for s in self._snapshots if s[0] < step]
             if not earlier:
@@ -257,7 +254,7 @@ class ConceptWriter(SummaryWriter):
     # ------------------------------------------------------------------ writing
     def add_payload(self, tag: str, header: Dict, arrays: Dict[str, np.ndarray], step: int) -> None:
         """Write one plugin payload (see ``docs/FORMAT.md``)."""
-        self._get_file_writer().add_summary(payload_summary(tag, header, arrays), int(step))
+        self._get_file_writer().add_summary(payload_summary(tag, header, arrays), check_step(step))
 
     def add_observation(self, observation: Observation, step: int) -> None:
         """Write the stimuli of every layer of ``observation`` (e.g. recorded elsewhere)."""
@@ -343,3 +340,61 @@ def _anchor_vectors(space) -> Optional[np.ndarray]:
     if anchors is None:
         return None
     return anchors.vectors[[kind == "anchor" for kind in anchors.kind]]
+
+
+#: The largest step the plugin serves (``/map?step=`` accepts up to 2**62).
+MAX_STEP = 2**62
+
+
+def check_step(step) -> int:
+    """``step`` as an int the event format and the plugin both accept (0..2**62)."""
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if not 0 <= int(step) <= MAX_STEP:
+        raise ValueError(f"step must be between 0 and 2**62 (the plugin serves those), got {int(step)}")
+    return int(step)
+
+
+def servable_layers(model: torch.nn.Module, layers=None) -> List[str]:
+    """Names of the chosen layers that the plugin can serve (letters, digits, ``_-.``).
+
+    Explicitly chosen layers with other names are refused; among the default layers
+    (every conv) they are skipped with a warning, so one odd ``ModuleDict`` key does not
+    stop the rest of the model being recorded."""
+    import warnings
+
+    from .recording import resolve_layers
+
+    names = [name for name, _ in resolve_layers(model, layers)]
+    bad = []
+    for name in names:
+        try:
+            metadata.check_name(name, "layer name")
+        except ValueError:
+            bad.append(name)
+    if bad and layers is not None:
+        raise ValueError(
+            f"layer names {bad[:5]} cannot be logged: tags and the plugin's URLs allow 1-200 letters, digits, "
+            "'_', '-', '.'; rename those submodules (e.g. ModuleDict keys) or record other layers")
+    if bad:
+        warnings.warn(f"skipping layers whose names cannot be logged (only letters, digits, '_', '-', '.'): "
+                      f"{bad[:5]}{' ...' if len(bad) > 5 else ''}", RuntimeWarning, stacklevel=3)
+        names = [n for n in names if n not in bad]
+        if not names:
+            raise ValueError("no layer of the model has a name that can be logged; pass layers=[...]")
+    return names
+
+
+def _warn_unservable_run_name(log_dir) -> None:
+    """TensorBoard's data server (rustboard, the default ``--load_fast=auto``) cannot read
+    runs whose names hold quotes, backslashes or control characters."""
+    import os
+    import warnings
+
+    parts = [p for p in os.path.normpath(os.fspath(log_dir)).split(os.sep) if p][-3:]
+    bad = [p for p in parts if '"' in p or "\\" in p or any(ord(c) < 32 for c in p)]
+    if bad:
+        warnings.warn(
+            f"log_dir {os.fspath(log_dir)!r}: a run name with quotes, backslashes or control characters "
+            f"({bad[0]!r}) cannot be read by TensorBoard's data server (--load_fast); rename it, or serve "
+            "with tensorboard --load_fast=false", RuntimeWarning, stacklevel=3)

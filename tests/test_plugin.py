@@ -3,6 +3,7 @@ rustboard (``--load_fast=true``), with the same assertions (``plugin_checks``)."
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -168,3 +169,50 @@ def test_empty_and_scalars_only_logdirs(tmp_path, loader):
             checks.check_empty(fetch)
         finally:
             close()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _stores():
+    import gc
+
+    from tb_conceptevo.plugin.store import Store
+
+    return [o for o in gc.get_objects() if isinstance(o, Store)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+@pytest.mark.parametrize("loader", LOADERS)
+def test_memory_stays_bounded_whatever_experiment_ids_clients_send(logdir, loader):
+    """TensorBoard routes any /experiment/<id>/data/plugin/...: 2,000 distinct ids must
+    not grow the plugin's state without bound.  The structural bound (at most
+    ``max_experiments`` experiment indexes kept) is exact; RSS growth is checked against
+    a generous ceiling: before the bound each id kept its own index (and RSS grew by
+    ~0.7 MiB an id on a demo-sized logdir)."""
+    from tb_conceptevo.plugin.store import DEFAULT_MAX_EXPERIMENTS
+
+    root, facts = logdir
+    app, _, close = make_app(root, loader)
+    try:
+        fetch = fetcher(app)
+        wait_until(fetch, _loaded(facts))
+        n_ids = 2000 if loader == "python" else 400   # rustboard: ~40 ms a gRPC index read
+
+        def hammer(ids):
+            for i in ids:
+                prefix = f"/experiment/e{i}/data/plugin/conceptevo/"
+                assert fetch(prefix + "runs").status == 200
+                assert fetch(prefix + "map?run=baseline&space=conceptevo&layer=features.2&step=0").status == 200
+
+        hammer(range(20))   # warm: allocator pools, caches of the first answers
+        before = _rss_bytes()
+        hammer(range(20, 20 + n_ids))
+        grown = _rss_bytes() - before
+        stores = [s for s in _stores() if s.n_experiments]
+        assert stores and all(s.n_experiments <= DEFAULT_MAX_EXPERIMENTS for s in stores)
+        assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB over {n_ids} experiment ids"
+    finally:
+        close()

@@ -126,8 +126,15 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
             if tags:
                 runs[run] = tags
         self._prefetch_probe_headers(ctx, runs)
-        summaries = [views.run_summary(run, tags, self._probe_hash(ctx, run, tags, warnings))
-                     for run, tags in runs.items()]
+        summaries = []
+        for run, tags in runs.items():
+            # One run the data server cannot read must not take the others down with it.
+            try:
+                probe_hash = self._probe_hash(ctx, run, tags, warnings)
+            except tb_errors.PublicError as exc:
+                warnings.append(_unreadable_run_message(run, exc))
+                continue
+            summaries.append(views.run_summary(run, tags, probe_hash))
         return web.respond(request, views.runs_answer(summaries, warnings), web.JSON)
 
     def _prefetch_probe_headers(self, ctx, runs: Dict[str, Dict[str, list]]) -> None:
@@ -438,6 +445,15 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
             return web.dumps(shape(header, arrays))
 
         return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+
+
+def _unreadable_run_message(run: str, exc: Exception) -> str:
+    hint = ""
+    if any(c in run for c in '"\\') or any(ord(c) < 32 for c in run):
+        hint = (" TensorBoard's data server (--load_fast, rustboard) cannot read runs whose names hold quotes, "
+                "backslashes or control characters: rename the run directory, or start tensorboard with "
+                "--load_fast=false.")
+    return f"run {run!r} cannot be read and is not shown: {exc}.{hint}"
 
 
 def _content_version(content: bytes) -> Optional[int]:

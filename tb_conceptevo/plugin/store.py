@@ -36,6 +36,15 @@ READ_AHEAD_THREADS = 4
 #: Default byte budget of the cache (decoded arrays, headers, encoded answers).
 DEFAULT_CACHE_BYTES = 256 * 2**20
 
+#: Experiments whose index (steps, wall times, blob keys) is kept at once.  The
+#: experiment id is chosen by the client (TensorBoard routes any
+#: ``/experiment/<id>/data/plugin/...``), so per-experiment state must be bounded: the
+#: least recently used experiment's index is dropped (and re-read if asked again).
+DEFAULT_MAX_EXPERIMENTS = 8
+
+#: Array-layout templates kept (one per run/tag read; a few names each).
+MAX_TEMPLATES = 4096
+
 
 class LRUCache:
     """Thread-safe least-recently-used cache bounded by the total size of its values.
@@ -141,17 +150,22 @@ class Store:
     """
 
     def __init__(self, data_provider, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 index_ttl: float = 5.0, min_refresh: float = 0.5, fetch_threads: int = 16):
+                 index_ttl: float = 5.0, min_refresh: float = 0.5, fetch_threads: int = 16,
+                 max_experiments: int = DEFAULT_MAX_EXPERIMENTS):
+        if max_experiments < 1:
+            raise ValueError("max_experiments must be >= 1")
         self.provider = data_provider
         self.cache = LRUCache(cache_bytes)
         self.index_ttl = index_ttl
         self.min_refresh = min_refresh
-        # eid -> run -> (monotonic time read, {tag: [datum]})
-        self._indexes: Dict[str, Dict[str, Tuple[float, Dict[str, List[object]]]]] = {}
+        self.max_experiments = int(max_experiments)
+        # eid -> run -> (monotonic time read, {tag: [datum]}); least recently used first
+        self._indexes: "collections.OrderedDict[str, Dict[str, Tuple[float, Dict[str, List[object]]]]]" = \
+            collections.OrderedDict()
         self._full_refresh: Dict[str, float] = {}
         self._refreshing: set = set()
         self._index_lock = threading.Lock()
-        self._templates: Dict[Hashable, List[str]] = {}
+        self._templates: "collections.OrderedDict[Hashable, List[str]]" = collections.OrderedDict()
         self._fetch_threads = fetch_threads
         self._pool = None
         # Each read of rustboard / a remote provider is a round trip worth overlapping;
@@ -182,10 +196,29 @@ class Store:
             for r, tags in (found or {}).items()
         }
 
+    def _experiment(self, eid: str, create: bool = False):
+        """The cached index of ``eid`` (call with ``_index_lock`` held), marked as most
+        recently used; ``create`` adds an empty one, evicting the least recently used
+        experiment beyond ``max_experiments``."""
+        runs = self._indexes.get(eid)
+        if runs is not None:
+            self._indexes.move_to_end(eid)
+        elif create:
+            runs = self._indexes[eid] = {}
+            while len(self._indexes) > self.max_experiments:
+                evicted, _ = self._indexes.popitem(last=False)
+                self._full_refresh.pop(evicted, None)
+        return runs
+
+    @property
+    def n_experiments(self) -> int:
+        """Experiments whose index is cached now (at most ``max_experiments``)."""
+        return len(self._indexes)
+
     def index(self, ctx, eid: str) -> Dict[str, Dict[str, List[object]]]:
         """``{run: {tag: [datum]}}`` as cached (read once if nothing is cached yet)."""
         with self._index_lock:
-            runs = self._indexes.get(eid)
+            runs = self._experiment(eid)
         if runs is None:
             return self.refresh(ctx, eid, force=True)
         return {run: entry[1] for run, entry in list(runs.items())}
@@ -199,7 +232,7 @@ class Store:
         started = time.monotonic()
         data = self.read_all(ctx, eid)
         with self._index_lock:
-            runs = self._indexes.setdefault(eid, {})
+            runs = self._experiment(eid, create=True)
             for run in list(runs):
                 if run not in data and runs[run][0] <= started:
                     del runs[run]
@@ -212,13 +245,13 @@ class Store:
     def refresh_run(self, ctx, eid: str, run: str, force: bool = False) -> Dict[str, List[object]]:
         """Re-read one run's index (unless done less than ``min_refresh`` s ago)."""
         with self._index_lock:
-            entry = self._indexes.get(eid, {}).get(run)
+            entry = (self._experiment(eid) or {}).get(run)
         if not force and entry is not None and time.monotonic() - entry[0] < self.min_refresh:
             return entry[1]
         started = time.monotonic()
         tags = self.read_all(ctx, eid, run).get(run, {})
         with self._index_lock:
-            runs = self._indexes.setdefault(eid, {})
+            runs = self._experiment(eid, create=True)
             current = runs.get(run)
             if current is None or current[0] <= started:
                 if tags:
@@ -240,7 +273,7 @@ class Store:
         """``{tag: [datum]}`` of one run, refreshed in the background once older than
         ``index_ttl``; :class:`DataNotFound` for an unknown run."""
         with self._index_lock:
-            runs = self._indexes.get(eid)
+            runs = self._experiment(eid)
             entry = None if runs is None else runs.get(run)
         if runs is None:
             self.refresh(ctx, eid, force=True)
@@ -382,7 +415,7 @@ class Store:
                         f"payload lists {len(header['arrays'])} arrays but carries {len(datum.values) - 1}")
                 self.cache.put(("header", datum.values[0].blob_key, float(datum.wall_time)), header)
                 if layout_key is not None:
-                    self._templates[layout_key] = [spec.get("name") for spec in header["arrays"]]
+                    self._remember_template(layout_key, [spec.get("name") for spec in header["arrays"]])
                 headers[d] = header
 
         # Round 2: arrays still missing (first step of a tag, or a changed layout).
@@ -414,6 +447,13 @@ class Store:
                     raise PayloadError(f"payload {headers[d].get('kind', '')!r} has no arrays {sorted(missing)}")
             results.append((headers[d], arrays))
         return results
+
+    def _remember_template(self, key: Hashable, names: List[str]) -> None:
+        with self._index_lock:
+            self._templates[key] = names
+            self._templates.move_to_end(key)
+            while len(self._templates) > MAX_TEMPLATES:
+                self._templates.popitem(last=False)
 
     def _has_array(self, datum, index: int) -> bool:
         return ("array", datum.values[index].blob_key, float(datum.wall_time)) in self.cache

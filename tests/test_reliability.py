@@ -1,0 +1,125 @@
+"""One bad run never takes the others down; the writer refuses what the plugin cannot serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tb_conceptevo import metadata
+from tb_conceptevo.summary import PayloadError, blob_sequence_summary, decode_array, unpack_header
+from tb_conceptevo.writer import ConceptWriter, check_step
+
+from . import plugin_fixtures as fx
+from .conftest import random_probe
+from .test_plugin import LOADERS, fetcher, make_app, wait_until
+
+BAD_NAME = 'quote"back\\slash\ttab'
+
+
+def _write_bad_probe_header(run_dir: str) -> None:
+    """A run whose probe payload lists an array spec that is a string, not an object."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    blobs = [json.dumps({"version": metadata.FORMAT_VERSION, "kind": "probe", "arrays": ["thumbnails"]}).encode(),
+             b"\x00" * 4]
+    with SummaryWriter(run_dir) as writer:
+        writer._get_file_writer().add_summary(blob_sequence_summary(metadata.probe_tag(), blobs), 0)
+
+
+@pytest.fixture(scope="module")
+def mixed_logdir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mixed"))
+    fx.write_run(os.path.join(root, "good"), steps=[0, 1], seed=0, probe_seed=0, extras=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the writer warns about this name, as it should
+        fx.write_run(os.path.join(root, BAD_NAME), steps=[0], seed=1, probe_seed=0, extras=False)
+    _write_bad_probe_header(os.path.join(root, "bad_header"))
+    return root
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_unreadable_runs_are_warned_about_and_the_others_served(mixed_logdir, loader):
+    app, _, close = make_app(mixed_logdir, loader)
+    try:
+        fetch = fetcher(app)
+        wait_until(fetch, lambda f: "good" in [r["run"] for r in f("runs").json()["runs"]])
+        answer = fetch("runs")
+        assert answer.status == 200
+        body = answer.json()
+        names = [r["run"] for r in body["runs"]]
+        assert "good" in names
+        text = " ".join(body["warnings"])
+        assert "bad_header" in text and "array specs" in text
+        if loader == "rustboard":
+            # the data server cannot read this name: listed in warnings with the fix, not served
+            assert BAD_NAME not in names and "--load_fast=false" in text and "rename the run directory" in text
+        else:
+            assert BAD_NAME in names
+        good = fetch("map?run=good&space=conceptevo&layer=features.2&step=1")
+        assert good.status == 200
+        # the malformed payload answers 422 naming what is wrong, never 500
+        bad = fetch("probe?run=bad_header")
+        assert bad.status == 422 and "array specs" in bad.json()["error"]
+    finally:
+        close()
+
+
+def test_malformed_headers_and_specs_are_payload_errors():
+    for header in ({"version": 1, "arrays": ["x"]}, {"version": 1, "arrays": [{"dtype": "<f4"}]}):
+        with pytest.raises(PayloadError, match="array specs"):
+            unpack_header(json.dumps(header).encode())
+    for spec in ("x", {"name": "a", "dtype": "<f4", "shape": [-1]}, {"name": "a", "dtype": "<f4", "shape": ["2"]}):
+        with pytest.raises(PayloadError, match="bad array spec"):
+            decode_array(spec, b"")
+
+
+@pytest.mark.parametrize("step", [-1, 2**63, 2**62 + 1])
+def test_writer_refuses_steps_the_plugin_cannot_serve(step, tmp_path):
+    with pytest.raises(ValueError, match="step must be between 0 and 2\\*\\*62"):
+        check_step(step)
+    writer = ConceptWriter(str(tmp_path / "run"), probe=random_probe(n=8, size=8), k=2, progress=False)
+    with pytest.raises(ValueError, match="step must be"):
+        writer.add_concepts(nn.Sequential(nn.Conv2d(3, 2, 3)), step=step)
+    writer.close()
+    assert check_step(2**62) == 2**62
+
+
+class OddNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({"ok": nn.Conv2d(3, 4, 3), "<b>odd</b>": nn.Conv2d(4, 4, 3)})
+
+    def forward(self, x):
+        return self.blocks["<b>odd</b>"](self.blocks["ok"](x))
+
+
+def test_layer_names_the_plugin_cannot_serve(tmp_path):
+    writer = ConceptWriter(str(tmp_path / "run"), probe=random_probe(n=8, size=12), k=2, progress=False)
+    model = OddNames()
+    with pytest.raises(ValueError, match="cannot be logged"):
+        writer.add_concepts(model, step=0, layers=["blocks.<b>odd</b>"])
+    with pytest.warns(RuntimeWarning, match="skipping layers"):
+        observation = writer.add_concepts(model, step=0)
+    assert list(observation) == ["blocks.ok"]
+    writer.close()
+
+
+def test_writer_warns_when_the_run_name_breaks_rustboard(tmp_path):
+    with pytest.warns(RuntimeWarning, match="--load_fast=false"):
+        ConceptWriter(str(tmp_path / BAD_NAME), probe=random_probe(n=4, size=8)).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ConceptWriter(str(tmp_path / "fine-name_1.0"), probe=random_probe(n=4, size=8)).close()
+
+
+def test_float64_model_is_recorded_by_the_writer(tmp_path):
+    writer = ConceptWriter(str(tmp_path / "run"), probe=random_probe(n=8, size=8), k=2, progress=False)
+    observation = writer.add_concepts(nn.Sequential(nn.Conv2d(3, 2, 3)).to(torch.float64), step=0)
+    assert np.isfinite(observation["0"].activations).all()
+    writer.close()
