@@ -166,9 +166,11 @@ class _TopK:
         self.positions = torch.zeros((channels, k), dtype=torch.int64, device=device)
         self.invalid = torch.zeros(channels, dtype=torch.bool, device=device)
 
-    def merge(self, values: torch.Tensor, indices: torch.Tensor, fmap: torch.Tensor) -> None:
+    def merge(self, values: torch.Tensor, indices: torch.Tensor, fmap: Optional[torch.Tensor],
+              positions: Optional[torch.Tensor] = None) -> None:
         """Merge one batch: ``values`` ``[B, C]``, ``indices`` ``[B]`` ascending and larger
-        than every index merged before (so a stable sort keeps the tie order).
+        than every index merged before (so a stable sort keeps the tie order); argmax
+        positions from ``fmap`` ``[B, C, H, W]``, or given as ``positions`` ``[B, C]``.
 
         Only channels where some image beats the current k-th value are re-sorted, and
         the argmax position is computed only for images that enter a top-k: after the
@@ -189,7 +191,9 @@ class _TopK:
         old_pos = torch.gather(self.positions[rows], 1, order.clamp(max=self.k - 1))
         entrant_rows, entrant_slots = from_batch.nonzero(as_tuple=True)
         new_pos = old_pos.clone()
-        if entrant_rows.numel():
+        if entrant_rows.numel() and positions is not None:
+            new_pos[entrant_rows, entrant_slots] = positions[batch_pos[entrant_rows, entrant_slots], rows[entrant_rows]]
+        elif entrant_rows.numel():
             batch_size, channels = fmap.shape[:2]
             flat = fmap.reshape(batch_size * channels, -1)
             picked = batch_pos[entrant_rows, entrant_slots] * channels + rows[entrant_rows]
@@ -283,16 +287,25 @@ def _layer_output(name: str, output) -> torch.Tensor:
     return output
 
 
-def layer_shapes(model: nn.Module, probe, layers, device=None) -> Dict[str, Tuple[int, int, int]]:
-    """``{layer: (C, H, W)}`` from one forward pass of a single probe image."""
+def layer_shapes(model: nn.Module, probe, layers, device=None, calls: Optional[Dict[str, int]] = None
+                 ) -> Dict[str, Tuple[int, int, int]]:
+    """``{layer: (C, H, W)}`` from one forward pass of a single probe image; ``calls``
+    (a dict) receives how many times each layer ran in that pass."""
     chosen = resolve_layers(model, layers)
     model_at, dtype = model_device_dtype(model)
     device = device or model_at
     shapes: Dict[str, Tuple[int, int, int]] = {}
+    counts: Dict[str, int] = {} if calls is None else calls
 
     def make_hook(name):
         def hook(_module, _inputs, output):
-            shapes[name] = tuple(_layer_output(name, output).shape[1:])
+            shape = tuple(_layer_output(name, output).shape[1:])
+            if name in shapes and shapes[name][0] != shape[0]:
+                raise ValueError(
+                    f"layer {name!r} runs several times per forward pass with different channel counts "
+                    f"({shapes[name][0]} and {shape[0]}); record distinct modules instead")
+            shapes.setdefault(name, shape)
+            counts[name] = counts.get(name, 0) + 1
         return hook
 
     image = _load(probe, torch.arange(1), device, dtype)
@@ -340,7 +353,10 @@ def record(
         :class:`~tb_conceptevo.observation.Observation` with one
         :class:`~tb_conceptevo.observation.LayerObservation` per layer.  Neurons with
         NaN/Inf activations are flagged in ``invalid`` (with a warning) and ranked on
-        their finite responses only.
+        their finite responses only.  A layer that runs several times per forward pass
+        (a shared or reused module) counts each image once: its response is the largest
+        over the calls, at that call's position (with a warning); consumers see the
+        layer's first call.
 
     Example:
         >>> import torchvision
@@ -361,7 +377,14 @@ def record(
             "record detectors/text spaces in a single process (e.g. only on rank 0 without "
             "distributed initialised), or leave them out under distributed training"
         )
-    shapes = layer_shapes(model, probe, [m for _, m in chosen], device)
+    calls: Dict[str, int] = {}
+    shapes = layer_shapes(model, probe, [m for _, m in chosen], device, calls)
+    repeated = {name: count for name, count in calls.items() if count > 1}
+    if repeated:
+        warnings.warn(
+            f"layers {dict(list(repeated.items())[:5])} run several times per forward pass (shared or reused "
+            "modules): a neuron's response to an image is the largest over the calls, at the position of "
+            "that call; detectors see each layer's first call", RuntimeWarning, stacklevel=2)
     shard = torch.arange(rank, n, world, device=device)
     tops = {name: _TopK(shapes[name][0], k, device) for name, _ in chosen}
     input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
@@ -379,6 +402,9 @@ def record(
         for consumer in active:
             consumer.begin_pass(pass_index, dict(shapes), probe)
         batch_indices = [None]
+        # Layers that run several times per forward: the best response over the calls
+        # so far, with its position, merged once the batch's forward pass is done.
+        pending: Dict[str, List[torch.Tensor]] = {}
 
         def make_hook(name):
             top = tops[name]
@@ -388,13 +414,27 @@ def record(
                 if fmap.dtype != torch.float32:
                     fmap = fmap.float()
                 response, sortable, bad = _reduce(fmap, reduce)
+                first_call = name not in pending
                 if pass_index == 0:
                     top.invalid |= bad
                     # Argmax among finite values only: NaN would win torch's argmax.
                     safe = fmap if not bool(bad.any()) else torch.nan_to_num(fmap, nan=-math.inf, posinf=-math.inf)
-                    top.merge(sortable, batch_indices[0], safe)
-                for consumer in active:
-                    consumer.update(pass_index, name, fmap, response, batch_indices[0])
+                    if name not in repeated:
+                        top.merge(sortable, batch_indices[0], safe)
+                    else:
+                        positions = safe.flatten(2).argmax(dim=2)
+                        if first_call:
+                            pending[name] = [sortable, positions]
+                        else:
+                            best, best_positions = pending[name]
+                            better = sortable > best
+                            pending[name] = [torch.where(better, sortable, best),
+                                             torch.where(better, positions, best_positions)]
+                elif name in repeated and first_call:
+                    pending[name] = []
+                if first_call:
+                    for consumer in active:
+                        consumer.update(pass_index, name, fmap, response, batch_indices[0])
             return hook
 
         batches = torch.split(shard, batch_size)
@@ -402,7 +442,11 @@ def record(
         with inference_mode_of(model), hooks_on(chosen, make_hook):
             for indices in tqdm(batches, desc=label, disable=not progress or rank != 0, leave=False):
                 batch_indices[0] = indices
+                pending.clear()
                 model(_load(probe, indices, device, dtype))
+                for name, merged in pending.items():
+                    if merged:
+                        tops[name].merge(merged[0], indices, None, positions=merged[1])
         for consumer in active:
             consumer.end_pass(pass_index)
         pass_index += 1

@@ -217,3 +217,64 @@ def test_probe_batches_follow_the_model_dtype(dtype):
         scale = float(np.abs(reference[name].activations).max())
         np.testing.assert_allclose(obs[name].activations[:, 0], reference[name].activations[:, 0],
                                    rtol=0, atol=0.05 * scale)
+
+
+class SharedConv(nn.Module):
+    """One conv applied to two views of the image (weight sharing), then a reused ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            self.shared.weight.copy_(torch.randint(-3, 4, self.shared.weight.shape, generator=g).float())
+
+    def forward(self, x):
+        a = self.relu(self.shared(x))
+        b = self.relu(self.shared(x.flip(-1)))
+        return (a + b).mean(dim=(2, 3))
+
+
+def _max_over_calls(model, probe, name, k):
+    """Brute force: every call's map of every image; response = max over calls."""
+    outputs = []
+    module = dict(model.named_modules())[name]
+    handle = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    with torch.no_grad():
+        for image in probe.images:
+            model(image[None])
+    handle.remove()
+    calls = len(outputs) // len(probe)
+    maps = torch.stack(outputs).view(len(probe), calls, *outputs[0].shape[1:])  # [n, calls, C, H, W]
+    per_call = maps.flatten(3).amax(dim=3)                                    # [n, calls, C]
+    response, winner = per_call.max(dim=1)                                     # [n, C]
+    best = maps[torch.arange(len(probe))[:, None], winner, torch.arange(maps.shape[2])[None]]  # [n, C, H, W]
+    positions = best.flatten(2).argmax(dim=2)
+    resp = response.t().numpy()
+    order = np.lexsort((np.broadcast_to(np.arange(resp.shape[1]), resp.shape), -resp), axis=1)[:, :k]
+    return order, np.take_along_axis(resp, order, 1), np.take_along_axis(positions.t().numpy(), order, 1)
+
+
+@pytest.mark.parametrize("layer", ["shared", "relu"])
+def test_module_called_twice_per_forward_merges_calls(layer):
+    """Weight sharing and a reused activation: the response is the max over the calls
+    (integer-exact model and images, so the comparison is exact) and no image appears
+    twice in a neuron's top-k."""
+    model, probe = SharedConv(), integer_probe(n=30, size=10)
+    with pytest.warns(RuntimeWarning, match="run several times per forward pass"):
+        obs = record(model, probe, [layer], k=6, batch_size=7, progress=False)
+    ids, values, positions = _max_over_calls(model, probe, layer, 6)
+    got = obs[layer]
+    assert all(len(set(row)) == len(row) for row in got.image_ids.tolist())
+    np.testing.assert_array_equal(got.image_ids, ids)
+    np.testing.assert_array_equal(got.activations, values)
+    np.testing.assert_array_equal(got.positions, positions)
+
+
+def test_reused_relu_of_a_resnet_has_no_duplicate_stimuli():
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    with pytest.warns(RuntimeWarning, match="run several times"):
+        obs = record(model, random_probe(n=40, size=32), ["layer1.0.relu"], k=10, batch_size=16, progress=False)
+    ids = obs["layer1.0.relu"].image_ids
+    assert all(len(set(row)) == len(row) for row in ids.tolist())
