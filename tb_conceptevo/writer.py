@@ -15,6 +15,7 @@ payloads are documented in ``docs/FORMAT.md``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -138,6 +139,7 @@ class ConceptWriter(SummaryWriter):
         self._probe_written = False
         self._anchors_written = set()
         self._previous_vectors: Dict[tuple, tuple] = {}
+        self._staged: Optional[List] = None  # writes held back until a snapshot is complete
 
     def _get_file_writer(self):
         if not getattr(self, "_is_writer_rank", True):
@@ -243,18 +245,46 @@ class ConceptWriter(SummaryWriter):
             reverted = revert_evaluation(from_model, model, images, class_index, result, layer_spec,
                                          batch_size=self.batch_size, progress=self.progress, **common)
         if self._is_writer_rank:
-            for tag, (header, arrays) in importance_payloads(result).items():
-                self.add_payload(tag, header, arrays, step)
-            if reverted is not None:
-                header, arrays = revert_payload(reverted)
-                self.add_payload(metadata.revert_tag(class_index), header, arrays, step)
-            self.flush()
+            with self._all_or_nothing():
+                for tag, (header, arrays) in importance_payloads(result).items():
+                    self.add_payload(tag, header, arrays, step)
+                if reverted is not None:
+                    header, arrays = revert_payload(reverted)
+                    self.add_payload(metadata.revert_tag(class_index), header, arrays, step)
         return result, reverted
 
     # ------------------------------------------------------------------ writing
     def add_payload(self, tag: str, header: Dict, arrays: Dict[str, np.ndarray], step: int) -> None:
         """Write one plugin payload (see ``docs/FORMAT.md``)."""
-        self._get_file_writer().add_summary(payload_summary(tag, header, arrays), check_step(step))
+        summary = payload_summary(tag, header, arrays)
+        step = check_step(step)
+        if self._staged is not None:
+            self._staged.append(lambda: self._get_file_writer().add_summary(summary, step))
+        else:
+            self._get_file_writer().add_summary(summary, step)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """Stage every payload and scalar written inside the block and write them only
+        when the whole block succeeded: a failure half-way through a snapshot leaves the
+        event files as they were, and the writer's memory of earlier snapshots (for
+        evolution speed) unchanged."""
+        if self._staged is not None:  # already inside one
+            yield
+            return
+        saved = (dict(self._previous_vectors), set(self._anchors_written), self._probe_written)
+        self._staged = []
+        try:
+            yield
+            staged = self._staged
+        except BaseException:
+            self._previous_vectors, self._anchors_written, self._probe_written = saved
+            raise
+        finally:
+            self._staged = None
+        for write in staged:
+            write()
+        self.flush()
 
     def add_observation(self, observation: Observation, step: int) -> None:
         """Write the stimuli of every layer of ``observation`` (e.g. recorded elsewhere)."""
@@ -289,22 +319,23 @@ class ConceptWriter(SummaryWriter):
                      header["interpretable_fraction"], step)
 
     def _write_snapshot(self, observation, detections, embeddings, step) -> None:
-        self.add_observation(observation, step)
-        for detector_name, per_layer in detections.items():
-            for detection in per_layer.values():
-                self.add_detection(detector_name, detection, step)
-        for space in self.spaces:
-            self.add_space_embeddings(space, {name: embeddings[(space.name, name)] for name in observation},
-                                      step, observation.probe_hash)
-        self.flush()
+        with self._all_or_nothing():
+            self.add_observation(observation, step)
+            for detector_name, per_layer in detections.items():
+                for detection in per_layer.values():
+                    self.add_detection(detector_name, detection, step)
+            for space in self.spaces:
+                self.add_space_embeddings(space, {name: embeddings[(space.name, name)] for name in observation},
+                                          step, observation.probe_hash)
 
     def add_space_embeddings(self, space, embeddings: Dict[str, object], step: int, probe_hash: str = "") -> None:
         """Write every layer's embedding in ``space`` at ``step``, with per-layer and
         whole-model (``all``) metrics.  Used live by :meth:`add_concepts` and by
         ``tb-conceptevo project`` to back-fill (call it in ascending step order)."""
-        for name, embedding in embeddings.items():
-            self.add_space_embedding(space, name, embedding, step, probe_hash)
-        self._whole_model_metrics(space, list(embeddings.items()), step)
+        with self._all_or_nothing():
+            for name, embedding in embeddings.items():
+                self.add_space_embedding(space, name, embedding, step, probe_hash)
+            self._whole_model_metrics(space, list(embeddings.items()), step)
 
     def _whole_model_metrics(self, space, layer_items, step) -> None:
         self._log_metrics(space, None, whole_model([e for _, e in layer_items]), step)
@@ -330,7 +361,11 @@ class ConceptWriter(SummaryWriter):
 
     def _scalar(self, tag: str, value, step: int) -> None:
         value = float(value)
-        if math.isfinite(value):
+        if not math.isfinite(value):
+            return
+        if self._staged is not None:
+            self._staged.append(lambda: self.add_scalar(tag, value, step))
+        else:
             self.add_scalar(tag, value, step)
 
 

@@ -123,3 +123,60 @@ def test_float64_model_is_recorded_by_the_writer(tmp_path):
     observation = writer.add_concepts(nn.Sequential(nn.Conv2d(3, 2, 3)).to(torch.float64), step=0)
     assert np.isfinite(observation["0"].activations).all()
     writer.close()
+
+
+def _event_bytes(run_dir):
+    return {name: (run_dir / name).read_bytes() for name in sorted(os.listdir(run_dir))}
+
+
+def test_a_failing_snapshot_leaves_the_event_files_as_they_were(tmp_path, monkeypatch):
+    """All or nothing: a failure while the snapshot's payloads are prepared writes none
+    of them; the next snapshot is written whole and measured against the last good one."""
+    from tb_conceptevo import writer as writer_module
+    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.spaces import ConceptEvoSpace
+
+    probe = random_probe(n=24, size=12)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3))
+    from tb_conceptevo.recording import record
+
+    space = ConceptEvoSpace(random_state=0, progress=False, epochs=2).fit(record(model, probe, k=5, progress=False))
+    run = tmp_path / "run"
+    writer = ConceptWriter(str(run), probe=probe, k=5, spaces=[space], progress=False)
+    writer.add_concepts(model, step=0)
+    before = _event_bytes(run)
+    calls = {"n": 0}
+    real = writer_module.embedding_metrics
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second layer's metrics: stimuli and the first layer are prepared
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "embedding_metrics", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        writer.add_concepts(model, step=1)
+    assert _event_bytes(run) == before
+    monkeypatch.setattr(writer_module, "embedding_metrics", real)
+    writer.add_concepts(model, step=2)
+    writer.close()
+    with LogReader(str(tmp_path)) as logs:
+        assert logs.steps("run", "0") == [0, 2]
+        speed = dict(logs.scalars("run")["concepts/speed/conceptevo/all"])
+    assert list(speed) == [2] and speed[2] == pytest.approx(0.0, abs=1e-6)  # same model: no movement
+
+
+def test_a_layer_that_changes_width_is_written_whole(tmp_path):
+    """Pruning between snapshots (a layer narrower than before) is recorded and written
+    whole, every layer at every step (it used to raise after half the snapshot)."""
+    from tb_conceptevo.reading import LogReader
+
+    probe = random_probe(n=16, size=10)
+    writer = ConceptWriter(str(tmp_path / "run"), probe=probe, k=3, progress=False)
+    writer.add_concepts(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3)), step=0)
+    writer.add_concepts(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3)), step=1)
+    writer.close()
+    with LogReader(str(tmp_path)) as logs:
+        assert logs.steps("run", "0") == [0, 1] and logs.steps("run", "2") == [0, 1]
