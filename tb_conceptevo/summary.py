@@ -60,6 +60,52 @@ def unpack_header(blob0: bytes) -> Dict:
             f"payload format version {version!r} is newer than this tb_conceptevo "
             f"understands ({metadata.FORMAT_VERSION}); upgrade tb_conceptevo"
         )
+    return check_header_fields(header)
+
+
+def _int(value, low=0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _ints(count, low=1):
+    return lambda v: isinstance(v, list) and len(v) == count and all(_int(x, low) for x in v)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _counts(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and _int(n) for k, n in v.items())
+
+
+def _number_or_none(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+#: The header fields readers rely on, per payload kind: ``{kind: {field: (required, check)}}``.
+#: Fields not listed pass through unchecked (see docs/FORMAT.md for every field).
+HEADER_FIELDS = {
+    "probe": {"n_images": (True, _int), "image_size": (True, _ints(2)), "thumbnail_size": (True, _ints(2)),
+              "atlas_grid": (False, lambda v: _int(v, 1)), "n_atlases": (False, _int)},
+    "stimuli": {"map_size": (True, _ints(2)), "input_size": (True, _ints(2))},
+    "detector": {"concepts": (True, _strings), "categories": (False, _strings),
+                 "interpretable_counts": (False, _counts), "threshold": (False, _number_or_none)},
+    "anchors": {"words": (True, _strings), "point_kind": (False, _strings)},
+    "revert": {"bin_labels": (False, _strings), "layers": (False, _strings)},
+}
+
+
+def check_header_fields(header: Mapping) -> Mapping:
+    """Raise :class:`PayloadError` naming the first header field a reader relies on
+    that is missing or of the wrong type (by the payload's ``kind``)."""
+    for field, (required, check) in HEADER_FIELDS.get(header.get("kind"), {}).items():
+        if field not in header:
+            if required:
+                raise PayloadError(f"{header.get('kind')} payload header lacks {field!r}")
+            continue
+        if not check(header[field]):
+            raise PayloadError(f"{header.get('kind')} payload header has a malformed {field!r}: {header[field]!r:.80}")
     return header
 
 

@@ -180,3 +180,53 @@ def test_a_layer_that_changes_width_is_written_whole(tmp_path):
     writer.close()
     with LogReader(str(tmp_path)) as logs:
         assert logs.steps("run", "0") == [0, 1] and logs.steps("run", "2") == [0, 1]
+
+
+def _write_mangled_run(run_dir: str) -> None:
+    """A run whose payloads are each malformed in one way the plugin relies on."""
+    from tb_conceptevo.payloads import probe_payload, stimuli_payload
+    from tb_conceptevo.recording import record
+
+    probe = random_probe(n=40, size=32, seed=0)
+    observation = record(fx.SmallNet(0), probe, fx.LAYERS, k=5, progress=False, step=0)
+    writer = ConceptWriter(run_dir, probe=None, progress=False)
+    header, arrays = probe_payload(probe, None)
+    arrays = dict(arrays, atlas_0=np.frombuffer(b"not a png at all" * 4, np.uint8).copy())
+    writer.add_payload(metadata.probe_tag(), header, arrays, 0)
+    for layer in fx.LAYERS:
+        header, arrays = stimuli_payload(observation[layer])
+        if layer == fx.LAYERS[0]:
+            header.pop("map_size")
+        writer.add_payload(metadata.stimuli_tag(layer), header, arrays, 0)
+        d_header, d_arrays = fx.detector_payload(layer, 0)
+        d_header["interpretable_counts"] = []
+        writer.add_payload(metadata.detector_tag(fx.DETECTOR, layer), d_header, d_arrays, 0)
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def mangled_logdir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mangled"))
+    fx.write_run(os.path.join(root, "good"), steps=[0], seed=0, probe_seed=0, extras=False)
+    _write_mangled_run(os.path.join(root, "mangled"))
+    return root
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_malformed_payloads_answer_422_naming_the_problem(mangled_logdir, loader):
+    app, _, close = make_app(mangled_logdir, loader)
+    try:
+        fetch = fetcher(app)
+        wait_until(fetch, lambda f: "mangled" in [r["run"] for r in f("runs").json()["runs"]])
+        cases = {
+            f"neuron?run=mangled&layer={fx.LAYERS[0]}&channel=0&step=0": "map_size",
+            f"categories?run=mangled&detector={fx.DETECTOR}&step=0": "interpretable_counts",
+            "patch?run=mangled&image=0&x0=0&y0=0&x1=4&y1=4": "PNG",
+        }
+        for path, named in cases.items():
+            reply = fetch(path)
+            assert reply.status == 422 and named in reply.json()["error"], (path, reply.status, reply.body[:300])
+        assert fetch(f"neuron?run=good&layer={fx.LAYERS[0]}&channel=0&step=0").status == 200
+        assert fetch(f"neuron?run=mangled&layer={fx.LAYERS[1]}&channel=0&step=0").status == 200
+    finally:
+        close()

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import metadata
 from ..observation import patch_boxes
+from ..summary import PayloadError
 
 #: The per-step kinds whose steps make up a run's ``steps``.
 _STEP_KINDS = (metadata.STIMULI, metadata.SPACE, metadata.DETECTOR)
@@ -244,10 +245,17 @@ def probe_answer(header: Mapping, arrays: Mapping[str, np.ndarray]) -> Dict:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    from PIL import Image
+    """RGB pixels of a logged PNG; :class:`PayloadError` when it is not one (or is
+    larger than a thumbnail atlas can be, so a crafted file cannot exhaust memory)."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(bytes(data))) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            if image.format != "PNG" or image.width * image.height > 64 * 2**20:
+                raise PayloadError(f"thumbnail atlas is not a PNG of sensible size ({image.format}, {image.size})")
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise PayloadError(f"thumbnail atlas is not a readable PNG: {exc}") from None
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -263,6 +271,9 @@ def patch_cell(atlas: np.ndarray, image: int, grid: int, thumbnail_size: Sequenc
     th, tw = thumbnail_size
     cell = image % (grid * grid)
     row, col = divmod(cell, grid)
+    if (row + 1) * th > atlas.shape[0] or (col + 1) * tw > atlas.shape[1]:
+        raise PayloadError(f"thumbnail atlas of {atlas.shape[1]}x{atlas.shape[0]} px has no cell {cell} of "
+                           f"{tw}x{th} px (probe header and atlas disagree)")
     return atlas[row * th:(row + 1) * th, col * tw:(col + 1) * tw]
 
 
