@@ -28,6 +28,7 @@ def test_revert_rows_test_the_order_of_all_bins_not_only_the_ends():
     assert monotone["revert_drop_grows_with_importance"].holds
     assert monotone["revert_drop_grows_with_importance"].figures["rho"][0] == pytest.approx(1.0)
     assert "random costs less than 2 of the 4 bins" in monotone["revert_top_vs_random"].measured()
+    assert monotone["revert_top_vs_random"].figures["costlier"][0] == 2
     # first below last, but the middle bins cost nothing and the least important most:
     # the end-to-end comparison alone would call this reproduced
     scrambled = _revert([-0.2, 0.1, 0.05, -0.1], -0.3)
@@ -43,7 +44,7 @@ def test_combine_reports_ranges_and_partial_verdicts():
     (_, measured, verdict), = combine([row(0.5, True), row(0.7, True), row(0.61, True)])
     assert (measured, verdict) == ("0.50 to 0.70 vs 1.00", "reproduced")
     (_, _, verdict), = combine([row(0.5, True), row(0.7, False), row(0.6, True)])
-    assert verdict == "2/3 seeds"
+    assert verdict == "2 of 3 runs"
     (_, _, verdict), = combine([row(0.5, False)])
     assert verdict == "NOT reproduced"
 
