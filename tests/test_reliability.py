@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -43,12 +44,21 @@ def mixed_logdir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-def test_unreadable_runs_are_warned_about_and_the_others_served(mixed_logdir, loader):
-    app, _, close = make_app(mixed_logdir, loader)
+@contextlib.contextmanager
+def serving(logdir: str, loader: str, run: str):
+    """A fetch function of TensorBoard's WSGI app over ``logdir``, once ``run`` is listed."""
+    app, _, close = make_app(logdir, loader)
     try:
         fetch = fetcher(app)
-        wait_until(fetch, lambda f: "good" in [r["run"] for r in f("runs").json()["runs"]])
+        wait_until(fetch, lambda f: run in [r["run"] for r in f("runs").json()["runs"]])
+        yield fetch
+    finally:
+        close()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_unreadable_runs_are_warned_about_and_the_others_served(mixed_logdir, loader):
+    with serving(mixed_logdir, loader, "good") as fetch:
         answer = fetch("runs")
         assert answer.status == 200
         body = answer.json()
@@ -66,8 +76,6 @@ def test_unreadable_runs_are_warned_about_and_the_others_served(mixed_logdir, lo
         # the malformed payload answers 422 naming what is wrong, never 500
         bad = fetch("probe?run=bad_header")
         assert bad.status == 422 and "array specs" in bad.json()["error"]
-    finally:
-        close()
 
 
 def test_malformed_headers_and_specs_are_payload_errors():
@@ -214,10 +222,7 @@ def mangled_logdir(tmp_path_factory):
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_malformed_payloads_answer_422_naming_the_problem(mangled_logdir, loader):
-    app, _, close = make_app(mangled_logdir, loader)
-    try:
-        fetch = fetcher(app)
-        wait_until(fetch, lambda f: "mangled" in [r["run"] for r in f("runs").json()["runs"]])
+    with serving(mangled_logdir, loader, "mangled") as fetch:
         cases = {
             f"neuron?run=mangled&layer={fx.LAYERS[0]}&channel=0&step=0": "map_size",
             f"categories?run=mangled&detector={fx.DETECTOR}&step=0": "interpretable_counts",
@@ -228,5 +233,3 @@ def test_malformed_payloads_answer_422_naming_the_problem(mangled_logdir, loader
             assert reply.status == 422 and named in reply.json()["error"], (path, reply.status, reply.body[:300])
         assert fetch(f"neuron?run=good&layer={fx.LAYERS[0]}&channel=0&step=0").status == 200
         assert fetch(f"neuron?run=mangled&layer={fx.LAYERS[1]}&channel=0&step=0").status == 200
-    finally:
-        close()
