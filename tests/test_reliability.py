@@ -233,3 +233,20 @@ def test_malformed_payloads_answer_422_naming_the_problem(mangled_logdir, loader
             assert reply.status == 422 and named in reply.json()["error"], (path, reply.status, reply.body[:300])
         assert fetch(f"neuron?run=good&layer={fx.LAYERS[0]}&channel=0&step=0").status == 200
         assert fetch(f"neuron?run=mangled&layer={fx.LAYERS[1]}&channel=0&step=0").status == 200
+
+
+def test_space_files_at_urls_go_through_the_file_layer(tmp_path, monkeypatch):
+    """A URL is a remote file, read and written through TensorBoard's file layer (here
+    fsspec's memory:// filesystem), never a local folder named after the URL."""
+    from tb_conceptevo.spaces import io as space_io
+
+    monkeypatch.chdir(tmp_path)
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    space_io.save_space_file("memory://bucket/space.npz", "k", 1, {"x": 1}, arrays)
+    header, back, _ = space_io.load_space_file("memory://bucket/space.npz", "k", 1)
+    assert header["x"] == 1 and np.array_equal(back["a"], arrays["a"])
+    with pytest.raises(FileNotFoundError):
+        space_io.load_space_file("memory://bucket/missing.npz", "k", 1)
+    with pytest.raises(ValueError, match="cannot write nosuchfs://bucket/space.npz"):
+        space_io.save_space_file("nosuchfs://bucket/space.npz", "k", 1, {}, arrays)
+    assert os.listdir(tmp_path) == []   # nothing local, whatever the URL

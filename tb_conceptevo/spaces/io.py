@@ -24,8 +24,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from typing import Dict, Mapping, Optional, Tuple
@@ -74,6 +77,13 @@ def save_space_file(
     members[HEADER_KEY] = np.frombuffer(encoded, dtype=np.uint8)
 
     path = os.fspath(path)
+    if is_url(path):  # an object store: one upload (objects appear whole, never half)
+        buffer = io.BytesIO()
+        np.savez(buffer, **members)
+        with _remote(path, "write"):
+            with _gfile().GFile(path, "wb") as stream:
+                stream.write(buffer.getvalue())
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, tmp_path = tempfile.mkstemp(prefix=".space-", suffix=".tmp", dir=directory)
@@ -145,8 +155,46 @@ def require(arrays: Mapping[str, np.ndarray], names, path="space file") -> None:
         raise SpaceFileError(f"{path} is incomplete: missing arrays {missing}; re-save or refit the space")
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` names a remote file (``s3://...``, ``gs://...``), read and
+    written through TensorBoard's file layer like the logs, never as a local path."""
+    return bool(_URL.match(os.fspath(path)))
+
+
+def _gfile():
+    from tensorboard.compat import tf
+
+    return tf.io.gfile
+
+
+@contextlib.contextmanager
+def _remote(path: str, what: str):
+    """Errors of the remote file layer as one clear message (never a local folder
+    named after the URL)."""
+    try:
+        yield
+    except (ImportError, ValueError, NotImplementedError) as exc:
+        raise ValueError(
+            f"cannot {what} {path}: {exc}. Remote space files go through TensorBoard's file layer "
+            "(s3:// needs s3fs or boto3 installed, gs:// needs TensorFlow or gcsfs); or use a local path"
+        ) from None
+
+
 def _open(path):
     path = os.fspath(path)
+    if is_url(path):
+        with _remote(path, "read"):
+            if not _gfile().exists(path):
+                raise FileNotFoundError(f"no space file at {path}")
+            with _gfile().GFile(path, "rb") as stream:
+                data = stream.read()
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise SpaceFileError(f"{path} is not a readable space file ({exc}); it may be truncated or corrupted") from None
     if not os.path.exists(path):
         raise FileNotFoundError(f"no space file at {path}")
     try:
