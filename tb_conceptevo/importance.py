@@ -43,7 +43,7 @@ from torch import nn
 
 from . import metadata
 from .probes.base import ProbeSet
-from .recording import model_device_dtype
+from .recording import hooks_on, model_device_dtype
 
 __all__ = [
     "LayerImportance",
@@ -312,18 +312,10 @@ def _evaluation_state(model: nn.Module):
             param.requires_grad_(flag)
 
 
-@contextlib.contextmanager
 def _forward_hooks(model: nn.Module, hooks: Mapping[str, Callable]):
     """Register ``{module name: hook}``; always removed when the block ends."""
     modules = dict(model.named_modules())
-    handles = []
-    try:
-        for name, hook in hooks.items():
-            handles.append(modules[name].register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return hooks_on([(name, modules[name]) for name in hooks], lambda name: hooks[name])
 
 
 def _as_logits(output, class_index: int) -> torch.Tensor:

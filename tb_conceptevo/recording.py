@@ -254,7 +254,8 @@ def _check_inputs(probe, k: int, batch_size: int, reduce: str) -> int:
     return n
 
 
-def _distributed():
+def rank_and_world() -> Tuple[int, int]:
+    """``(rank, world size)`` under ``torch.distributed``, ``(0, 1)`` without it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -368,7 +369,7 @@ def record(
     n = _check_inputs(probe, k, batch_size, reduce)
     chosen = resolve_layers(model, layers)
     device, dtype = model_device_dtype(model)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     unmergeable = [type(c).__name__ for c in consumers if world > 1 and not hasattr(c, "all_reduce")]
     if unmergeable:
         # Each rank would see only its shard: a silently partial result is worse than none.

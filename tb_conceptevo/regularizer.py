@@ -142,14 +142,16 @@ class ConceptDiversityLoss(nn.Module):
     def attach(self, model: nn.Module, layer: str):
         """Capture ``layer``'s output (with grad) at every forward pass of ``model``;
         returns the hook handle (``handle.remove()`` to stop)."""
-        modules = dict(model.named_modules())
-        if layer not in modules or not layer:
-            raise ValueError(f"unknown layer {layer!r}; tb_conceptevo.list_layers(model) lists them")
+        from .recording import resolve_layers
+
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"layer must be a module name, got {layer!r}; tb_conceptevo.list_layers(model) lists them")
+        ((_, module),) = resolve_layers(model, [layer])   # close-match suggestions on a typo
 
         def hook(_module, _inputs, output):
             self._captured = output
 
-        return modules[layer].register_forward_hook(hook)
+        return module.register_forward_hook(hook)
 
 
 class GroundTruthConcepts:

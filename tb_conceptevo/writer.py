@@ -27,7 +27,7 @@ from . import metadata
 from .observation import Observation
 from .metrics.snapshot import embedding_metrics, whole_model
 from .payloads import anchors_payload, detection_payload, embedding_payload, probe_payload, stimuli_payload
-from .recording import record
+from .recording import rank_and_world, record
 from .summary import payload_summary
 
 
@@ -52,12 +52,6 @@ def _use_native_crc() -> bool:
 
 
 NATIVE_CRC = _use_native_crc()
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 class _NullFileWriter:
@@ -122,7 +116,7 @@ class ConceptWriter(SummaryWriter):
                  keep_previous_weights: bool = False, progress: bool = True, **kwargs):
         for space in spaces:
             metadata.check_name(space.name, "space name")
-        self._is_writer_rank = _rank() == 0
+        self._is_writer_rank = rank_and_world()[0] == 0
         super().__init__(log_dir, **kwargs)
         _warn_unservable_run_name(self.log_dir)
         self.probe = probe

@@ -970,8 +970,9 @@ _USE_COMPILED = True
 
 
 def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    from ..recording import rank_and_world
+
+    return rank_and_world()[1]
 
 
 class _BilinearTable:
