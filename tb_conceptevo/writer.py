@@ -301,9 +301,10 @@ class ConceptWriter(SummaryWriter):
             self._anchors_written.add(space.name)
         return self._log_metrics(space, layer, (embedding.vectors, embedding.layout, embedding.placed), step)
 
-    def set_previous_embedding(self, space_name: str, layer: str, embedding) -> None:
+    def set_previous_embedding(self, space_name: str, layer: Optional[str], embedding) -> None:
         """The embedding evolution speed of the next ``add_space_embedding`` of ``layer``
-        is measured against (used when back-filling after already placed steps)."""
+        (``None``: the whole model, all layers concatenated in order) is measured against
+        (used when back-filling after already placed steps)."""
         self._previous_vectors[(space_name, layer)] = (embedding.vectors, embedding.placed)
 
     def add_detection(self, detector_name: str, detection, step: int) -> None:

@@ -427,6 +427,8 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
     with LogReader(logdir) as logs:
         assert logs.space_steps("base", "conceptevo", "a2") == [0, 10, 20, 30]
         assert [s for s, _ in logs.scalars("base")["concepts/speed/conceptevo/a2"]] == [10, 20, 30]
+        # the whole-model series too: the first back-filled step is measured against step 20
+        assert [s for s, _ in logs.scalars("base")["concepts/speed/conceptevo/all"]] == [10, 20, 30]
     # another probe set: clear error
     other_space = tmp_path / "other.npz"
     fitted.probe_hash = "1" * 64

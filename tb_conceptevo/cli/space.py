@@ -162,10 +162,20 @@ def _project_run(logs, logdir: str, run: str, space, plan: Dict[int, List[str]],
 def _seed_previous(logs, run: str, space, writer, first_step: int) -> None:
     """Give the writer the embeddings logged just before ``first_step`` so the
     evolution speed of the first back-filled step is measured against them."""
+    from types import SimpleNamespace
+
+    from ..metrics.snapshot import whole_model
+
+    previous = {}
     for layer in logs.layers(run):
         earlier = [s for s in logs.space_steps(run, space.name, layer) if s < first_step]
         if earlier:
-            writer.set_previous_embedding(space.name, layer, logs.embedding(run, space.name, layer, earlier[-1]))
+            previous[layer] = (earlier[-1], logs.embedding(run, space.name, layer, earlier[-1]))
+            writer.set_previous_embedding(space.name, layer, previous[layer][1])
+    # The whole-model series too, when every layer was placed at the same earlier step.
+    if previous and len(previous) == len(logs.layers(run)) and len({s for s, _ in previous.values()}) == 1:
+        vectors, _, placed = whole_model([e for _, e in previous.values()])
+        writer.set_previous_embedding(space.name, None, SimpleNamespace(vectors=vectors, placed=placed))
 
 
 # -------------------------------------------------------------------------- helpers
