@@ -282,13 +282,14 @@ class ConceptWriter(SummaryWriter):
 
     def add_observation(self, observation: Observation, step: int) -> None:
         """Write the stimuli of every layer of ``observation`` (e.g. recorded elsewhere)."""
-        self._write_probe_once(step)
-        n_invalid = 0
-        for name, layer_obs in observation.items():
-            header, arrays = stimuli_payload(layer_obs)
-            self.add_payload(metadata.stimuli_tag(name), header, arrays, step)
-            n_invalid += header["n_invalid"]
-        self._scalar(metadata.scalar_tag("invalid_neurons", "stimuli", "all"), n_invalid, step)
+        with self._all_or_nothing():
+            self._write_probe_once(step)
+            n_invalid = 0
+            for name, layer_obs in observation.items():
+                header, arrays = stimuli_payload(layer_obs)
+                self.add_payload(metadata.stimuli_tag(name), header, arrays, step)
+                n_invalid += header["n_invalid"]
+            self._scalar(metadata.scalar_tag("invalid_neurons", "stimuli", "all"), n_invalid, step)
 
     def add_space_embedding(self, space, layer: str, embedding, step: int, probe_hash: str = "") -> Dict[str, float]:
         """Write one layer's embedding in ``space`` and its per-layer metrics; returns them."""
