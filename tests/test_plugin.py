@@ -181,7 +181,7 @@ def _stores():
 
     from tb_conceptevo.plugin.store import Store
 
-    return [o for o in gc.get_objects() if isinstance(o, Store)]
+    return [o for o in gc.get_objects() if type(o) is Store]  # type(): isinstance would touch lazy modules
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
