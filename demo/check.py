@@ -7,10 +7,11 @@
 
 Every row is a measurement on the logs being checked that can come out either way;
 every number printed comes from those logs.  A relation's verdict is "reproduced" when
-it holds on every seed checked, "NOT reproduced" when it holds on none, "k of n runs"
-otherwise.  Rows marked (†) are measured on a run whose training is chaotic
-(:data:`CHAOTIC_RUNS`): their figures vary with the CPU code path.  The exit code is non-zero when a relation in :data:`CLAIMED` (the ones the
-README states as reproduced) is not reproduced on every seed.
+it holds on every logdir checked (one per seed, or per seed and CPU code path), "NOT
+reproduced" when it holds on none, "k of n runs" otherwise.  Rows marked (†) are
+measured on a run whose training is chaotic (:data:`CHAOTIC_RUNS`): their figures vary
+with the CPU code path.  The exit code is non-zero when a relation in :data:`CLAIMED`
+(the ones the README states as reproduced) does not hold on every logdir.
 
 Relations that depend on the ConceptEvo space (entropy, evolution speed) are also
 measured in spaces fitted on each of the last three baseline epochs: the logged space
