@@ -301,10 +301,11 @@ def layer_shapes(model: nn.Module, probe, layers, device=None, calls: Optional[D
     def make_hook(name):
         def hook(_module, _inputs, output):
             shape = tuple(_layer_output(name, output).shape[1:])
-            if name in shapes and shapes[name][0] != shape[0]:
+            if name in shapes and shapes[name] != shape:
+                # positions are cells of one map size: calls at other sizes cannot share them
                 raise ValueError(
-                    f"layer {name!r} runs several times per forward pass with different channel counts "
-                    f"({shapes[name][0]} and {shape[0]}); record distinct modules instead")
+                    f"layer {name!r} runs several times per forward pass with different output shapes "
+                    f"({shapes[name]} and {shape}); record the modules around it instead")
             shapes.setdefault(name, shape)
             counts[name] = counts.get(name, 0) + 1
         return hook

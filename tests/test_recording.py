@@ -278,3 +278,16 @@ def test_reused_relu_of_a_resnet_has_no_duplicate_stimuli():
         obs = record(model, random_probe(n=40, size=32), ["layer1.0.relu"], k=10, batch_size=16, progress=False)
     ids = obs["layer1.0.relu"].image_ids
     assert all(len(set(row)) == len(row) for row in ids.tolist())
+
+
+def test_module_called_at_two_sizes_is_refused_clearly():
+    class TwoScales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.shared(x).mean() + self.shared(x[..., ::2, ::2]).mean()
+
+    with pytest.raises(ValueError, match="different output shapes"):
+        record(TwoScales(), random_probe(n=6, size=8), ["shared"], k=2, progress=False)
