@@ -194,7 +194,7 @@ def test_list_layers():
 def test_distributed_refuses_consumers_that_cannot_merge(monkeypatch):
     from tb_conceptevo import recording
 
-    monkeypatch.setattr(recording, "_distributed", lambda: (0, 2))
+    monkeypatch.setattr(recording, "rank_and_world", lambda: (0, 2))
     with pytest.raises(ValueError, match="cannot merge results across torch.distributed"):
         record(Branchy(), random_probe(n=8, size=8), k=2, consumers=[recording.RecordingConsumer()], progress=False)
 
