@@ -24,10 +24,12 @@ Every epoch ``writer.add_concepts`` places all 176 neurons in a text-anchored sp
 a ConceptEvo space is fitted from the baseline's last snapshot and back-filled into
 every run, and the importance of concept evolutions for one class is logged.
 
-Same figures on every machine: the networks train and are recorded in float64, on a
-fixed number of threads.  In float32, rounding differences between CPU code paths
-(``ATEN_CPU_CAPABILITY``, thread counts, vendor BLAS kernels) of 1e-7 grow through
-training into different networks; in float64 they stay below the printed precision.
+The networks train and are recorded in float64, on a fixed number of threads.  In
+float32, rounding differences between CPU code paths (``ATEN_CPU_CAPABILITY``, thread
+counts, vendor BLAS kernels) of 1e-7 grow through training into different networks; in
+float64 they stay below the printed precision for ``baseline`` and ``overfit``.
+``lr_too_high`` and ``diverse`` train chaotically even in float64, so their figures vary
+with the CPU code path (``demo/check.py`` marks them).
 """
 
 from __future__ import annotations
@@ -82,13 +84,6 @@ def make_text_space(probe):
     # the vocabulary the layer's neurons cover (lower = more diverse).
     return TextSpace(detector, text_encoder=MiniLMTextEncoder(),
                      anchors=list(probe.vocabulary.names))
-
-
-def make_conceptevo_space(seed, progress=False):
-    """The ConceptEvo space the demo fits (also refitted by the check's robustness rows)."""
-    from tb_conceptevo.spaces import ConceptEvoSpace
-
-    return ConceptEvoSpace(random_state=seed, progress=progress)
 
 
 def make_model(n_classes, dropout, seed):
@@ -195,7 +190,10 @@ def log_everything(logdir, epochs, seed=SEED, progress=True):
     # ConceptEvo: fit the unified space on the baseline's last snapshot, back-fill all runs.
     with LogReader(logdir) as logs:
         base = logs.observation("baseline")
-    evo = make_conceptevo_space(seed, progress)
+    from tb_conceptevo.spaces import ConceptEvoSpace
+
+    # the check's robustness rows refit with this space's parameters, read from its file
+    evo = ConceptEvoSpace(random_state=seed, progress=progress)
     evo.fit(base)
     space_path = os.path.join(logdir, "conceptevo_space.npz")
     evo.save(space_path)

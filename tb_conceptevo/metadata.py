@@ -90,6 +90,13 @@ def parse_tag(tag: str):
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
+def rustboard_unreadable(name: str) -> bool:
+    """Whether TensorBoard's data server (rustboard, ``--load_fast``) cannot read a run
+    of this name: it fails to parse blob keys holding quotes, backslashes or control
+    characters (an upstream limitation)."""
+    return any(c in name for c in '"\\') or any(ord(c) < 32 for c in name)
+
+
 def check_name(name: str, what: str = "name") -> str:
     """Validate a space/detector/layer name used inside a tag (no ``/``, not empty)."""
     if not isinstance(name, str) or not name or not set(name) <= _NAME_OK or len(name) > 200:

@@ -114,8 +114,7 @@ def decode_array(spec: Mapping, blob: bytes) -> np.ndarray:
         raise PayloadError(f"bad array spec {spec!r}")
     dtype = spec.get("dtype")
     shape = spec.get("shape")
-    if dtype not in ALLOWED_DTYPES or not isinstance(shape, list) or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if dtype not in ALLOWED_DTYPES or not isinstance(shape, list) or not all(_int(d) for d in shape):
         raise PayloadError(f"bad array spec {spec!r}")
     expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(blob) != expected:

@@ -423,7 +423,7 @@ def _warn_unservable_run_name(log_dir) -> None:
     import warnings
 
     parts = [p for p in os.path.normpath(os.fspath(log_dir)).split(os.sep) if p][-3:]
-    bad = [p for p in parts if '"' in p or "\\" in p or any(ord(c) < 32 for c in p)]
+    bad = [p for p in parts if metadata.rustboard_unreadable(p)]
     if bad:
         warnings.warn(
             f"log_dir {os.fspath(log_dir)!r}: a run name with quotes, backslashes or control characters "

@@ -449,7 +449,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
 
 def _unreadable_run_message(run: str, exc: Exception) -> str:
     hint = ""
-    if any(c in run for c in '"\\') or any(ord(c) < 32 for c in run):
+    if metadata.rustboard_unreadable(run):
         hint = (" TensorBoard's data server (--load_fast, rustboard) cannot read runs whose names hold quotes, "
                 "backslashes or control characters: rename the run directory, or start tensorboard with "
                 "--load_fast=false.")

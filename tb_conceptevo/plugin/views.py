@@ -250,12 +250,16 @@ def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            if image.format != "PNG" or image.width * image.height > 64 * 2**20:
-                raise PayloadError(f"thumbnail atlas is not a PNG of sensible size ({image.format}, {image.size})")
-            return np.asarray(image.convert("RGB"))
+        image = Image.open(io.BytesIO(bytes(data)))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise PayloadError(f"thumbnail atlas is not a readable PNG: {exc}") from None
+    with image:
+        if image.format != "PNG" or image.width * image.height > 64 * 2**20:
+            raise PayloadError(f"thumbnail atlas is not a PNG of sensible size ({image.format}, {image.size})")
+        try:
+            return np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt PNG body
+            raise PayloadError(f"thumbnail atlas is not a readable PNG: {exc}") from None
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
