@@ -13,6 +13,8 @@ share the low-level functions here; :class:`LogReader` wraps them for scripts::
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -159,7 +161,109 @@ def open_provider(logdir: str, fast: bool = False, reload_interval: float = 0):
     )
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
-    return data_provider.MultiplexerDataProvider(multiplexer, str(logdir)), lambda: None
+    return newest_per_step(data_provider.MultiplexerDataProvider(multiplexer, str(logdir)), multiplexer), lambda: None
+
+
+class NewestPerStep:
+    """A Python-loader ``DataProvider`` whose blob sequences keep the *newest* datum per step.
+
+    TensorBoard's ``MultiplexerDataProvider`` answers with the first event it read for
+    a step, so after a restart that rewrites step 2 (with or without ``purge_step``:
+    the accumulator ignores the first ``SessionLog.START`` it sees) the old data would be
+    served until TensorBoard restarts.  rustboard keeps the newest; this wrapper makes
+    the Python loader agree.  It reads the multiplexer's in-memory events only (no file
+    is opened) and hands out its own blob keys, which name the datum's wall time, so a
+    key of the old datum never resolves to the new one.  Everything else is delegated.
+    """
+
+    _KEY_PREFIX = "n"
+
+    def __init__(self, provider, multiplexer):
+        self._inner = provider
+        self._multiplexer = multiplexer
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def read_blob_sequences(self, ctx=None, *, experiment_id, plugin_name, downsample=None, run_tag_filter=None):
+        from tensorboard.data import provider as tb_provider
+
+        listed = self._inner.list_blob_sequences(ctx, experiment_id=experiment_id, plugin_name=plugin_name,
+                                                 run_tag_filter=run_tag_filter)
+        result = {}
+        for run, tags in listed.items():
+            result[run] = {}
+            for tag in tags:
+                newest = {}
+                for event in self._multiplexer.Tensors(run, tag):
+                    newest[event.step] = event  # later events overwrite earlier ones
+                data = []
+                for step in sorted(newest):
+                    event = newest[step]
+                    dims = event.tensor_proto.tensor_shape.dim
+                    count = int(dims[0].size) if dims else 0
+                    keys = [self._key(experiment_id, plugin_name, run, tag, step, event.wall_time, i)
+                            for i in range(count)]
+                    data.append(tb_provider.BlobSequenceDatum(
+                        step=step, wall_time=event.wall_time,
+                        values=tuple(tb_provider.BlobReference(blob_key=k) for k in keys)))
+                result[run][tag] = data if downsample is None else _keep_evenly(data, downsample)
+        return result
+
+    def read_blob(self, ctx=None, *, blob_key):
+        from tensorboard import errors
+        from tensorboard.util import tensor_util
+
+        if not blob_key.startswith(self._KEY_PREFIX):
+            return self._inner.read_blob(ctx, blob_key=blob_key)
+        try:
+            _, _, run, tag, step, wall_time, index = json.loads(
+                base64.urlsafe_b64decode(blob_key[len(self._KEY_PREFIX):] + "=="))
+        except (ValueError, TypeError) as error:
+            raise errors.NotFoundError(f"malformed blob key {blob_key!r}") from error
+        try:
+            events = self._multiplexer.Tensors(run, tag)
+        except KeyError as error:
+            raise errors.NotFoundError(f"no run {run!r} / tag {tag!r}") from error
+        event = next((e for e in reversed(events) if e.step == step and e.wall_time == wall_time), None)
+        if event is None:
+            raise errors.NotFoundError(f"no datum of {run!r}/{tag!r} at step {step} written at {wall_time}")
+        return tensor_util.make_ndarray(event.tensor_proto)[index]
+
+    def _key(self, *fields) -> str:
+        text = json.dumps(list(fields), separators=(",", ":"))
+        return self._KEY_PREFIX + base64.urlsafe_b64encode(text.encode()).decode("ascii").rstrip("=")
+
+
+def _keep_evenly(data: List[object], count: int) -> List[object]:
+    """At most ``count`` items, evenly spaced, always with the last (like TensorBoard's downsampling)."""
+    if count <= 0:
+        return []
+    if len(data) <= count:
+        return data
+    picks = np.linspace(0, len(data) - 1, count).round().astype(int)
+    return [data[i] for i in np.unique(picks)]
+
+
+def newest_per_step(provider, multiplexer=None):
+    """``provider`` reading the newest datum per step (see :class:`NewestPerStep`).
+
+    Only TensorBoard's in-process Python loader needs it; any other provider (rustboard,
+    a remote one) is returned unchanged.
+    """
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+
+    if not isinstance(provider, MultiplexerDataProvider):
+        return provider
+    multiplexer = multiplexer if multiplexer is not None else getattr(provider, "_multiplexer", None)
+    return provider if multiplexer is None else NewestPerStep(provider, multiplexer)
+
+
+def is_in_process(provider) -> bool:
+    """Whether reads are CPU work in this process (Python loader) rather than round trips."""
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+
+    return isinstance(provider, (MultiplexerDataProvider, NewestPerStep))
 
 
 def _wait_for_rustboard(provider, timeout: float = 60.0) -> None:

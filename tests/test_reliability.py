@@ -250,3 +250,44 @@ def test_space_files_at_urls_go_through_the_file_layer(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot write nosuchfs://bucket/space.npz"):
         space_io.save_space_file("nosuchfs://bucket/space.npz", "k", 1, {}, arrays)
     assert os.listdir(tmp_path) == []   # nothing local, whatever the URL
+
+
+def _restart_and_rewrite_step(run_dir: str, step: int, seed: int, purge: bool) -> np.ndarray:
+    """A second writer on ``run_dir`` (a restarted job) that rewrites ``step``'s space payload."""
+    from tb_conceptevo.payloads import embedding_payload
+
+    kwargs = {"purge_step": step} if purge else {}
+    writer = ConceptWriter(run_dir, probe=random_probe(n=40, size=32, seed=0), layers=fx.LAYERS, k=5,
+                           progress=False, **kwargs)
+    try:
+        embedding = fx.embedding_for("features.2", step, seed, with_groups=True)
+        header, arrays = embedding_payload(fx.SPACE, "features.2", embedding, "")
+        writer.add_payload(metadata.space_tag(fx.SPACE, "features.2"), header, arrays, step)
+    finally:
+        writer.close()
+    return embedding.layout
+
+
+@pytest.mark.parametrize("purge", [False, True], ids=["no_purge_step", "purge_step"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_step_rewritten_after_a_restart_is_served_new(tmp_path, loader, purge):
+    from .plugin_checks import parse_map
+
+    root = str(tmp_path)
+    run_dir = os.path.join(root, "job")
+    fx.write_run(run_dir, steps=[0, 1, 2, 3], seed=0, extras=False)
+    route = "map?run=job&space=conceptevo&layer=features.2&step=2"
+    with serving(root, loader, "job") as fetch:
+        before = fetch(route)
+    assert before.status == 200
+    np.testing.assert_array_equal(parse_map(before.body)[0], fx.layout_for("features.2", 2, 0))
+
+    new_layout = _restart_and_rewrite_step(run_dir, step=2, seed=9, purge=purge)
+    assert not np.array_equal(new_layout, fx.layout_for("features.2", 2, 0), equal_nan=True)
+    with serving(root, loader, "job") as fetch:
+        def rewritten(f):
+            return np.array_equal(parse_map(f(route).body)[0], new_layout, equal_nan=True)
+        wait_until(fetch, rewritten, timeout=30)
+        again = fetch(route, headers={"If-None-Match": before.headers["etag"]})
+        assert again.status == 200, "an ETag of the old data must not match the rewritten step"
+        assert again.headers["etag"] != before.headers["etag"]

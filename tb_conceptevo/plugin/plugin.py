@@ -21,7 +21,7 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from .. import metadata
-from ..reading import DataNotFound
+from ..reading import DataNotFound, newest_per_step
 from ..summary import PayloadError
 from . import views, web
 from .web import BadRequest, route
@@ -47,7 +47,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
     plugin_name = metadata.PLUGIN_NAME
 
     def __init__(self, context, cache_bytes: Optional[int] = None):
-        self._provider = context.data_provider
+        # The Python loader serves the first datum of a rewritten step; read the newest.
+        self._provider = newest_per_step(context.data_provider, getattr(context, "multiplexer", None))
         self._store = Store(self._provider, **({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
 
     # ------------------------------------------------------------------ TensorBoard hooks

@@ -25,7 +25,7 @@ import numpy as np
 from tensorboard.data import provider as tb_provider
 
 from .. import metadata
-from ..reading import MAX_STEPS, DataNotFound, _summarise_steps
+from ..reading import MAX_STEPS, DataNotFound, _summarise_steps, is_in_process
 from ..summary import PayloadError, decode_array, unpack_header
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class Store:
         self._pool = None
         # Each read of rustboard / a remote provider is a round trip worth overlapping;
         # the in-process multiplexer's reads are CPU work under the GIL, where threads only add cost.
-        self.remote = data_provider is not None and not _is_in_process(data_provider)
+        self.remote = data_provider is not None and not is_in_process(data_provider)
         self._ahead_keys: set = set()
         self._ahead_pool = None
 
@@ -487,12 +487,6 @@ class Store:
     def memo(self, key: Hashable, compute: Callable[[], object]):
         """Cache a derived value (an encoded answer) under ``key``."""
         return self.cache.get_or_compute(("memo",) + tuple(key), compute)
-
-
-def _is_in_process(provider) -> bool:
-    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
-
-    return isinstance(provider, MultiplexerDataProvider)
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
