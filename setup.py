@@ -25,7 +25,8 @@ setup(
         "google-crc32c>=1.5",
         "numba>=0.57",  # compiled CPU loops of NetDissect (already required by umap-learn)
     ],
-    extras_require={"test": ["pytest>=7", "werkzeug>=2"]},
+    # moto + boto3: an S3-compatible server on loopback for the object-store tests.
+    extras_require={"test": ["pytest>=7", "werkzeug>=2", "moto[server]>=5", "boto3"]},
     entry_points={
         "tensorboard_plugins": ["conceptevo = tb_conceptevo.plugin.loader:ConceptEvoLoader"],
         "console_scripts": ["tb-conceptevo = tb_conceptevo.cli:main"],

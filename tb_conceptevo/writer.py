@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -28,7 +31,11 @@ from .observation import Observation
 from .metrics.snapshot import embedding_metrics, whole_model
 from .payloads import anchors_payload, detection_payload, embedding_payload, probe_payload, stimuli_payload
 from .recording import rank_and_world, record
+from .spaces.io import is_url
 from .summary import payload_summary
+
+#: Default ``rotate_bytes`` for logdirs at URLs (object stores re-upload a file at every flush).
+REMOTE_ROTATE_BYTES = 2**20
 
 
 def _use_native_crc() -> bool:
@@ -104,6 +111,11 @@ class ConceptWriter(SummaryWriter):
         keep_previous_weights: keep a CPU copy of the weights at the last snapshot so
             :meth:`add_concept_importance` can compare with "the last snapshot".
         progress: tqdm progress bars.
+        rotate_bytes: start a new event file after a snapshot once the current one holds
+            this many bytes of concept payloads.  Object stores (``s3://``) have no append:
+            every flush re-uploads the whole file, so without rotation a run's upload cost
+            grows with the square of its length.  Default: 1 MiB for URL logdirs, never
+            for local ones (``0`` or ``None`` turns it off).
         **kwargs: passed to ``SummaryWriter``.
 
     Under ``torch.distributed`` create the writer on every rank and call
@@ -113,7 +125,8 @@ class ConceptWriter(SummaryWriter):
     def __init__(self, log_dir: Optional[str] = None, probe=None, layers=None, k: int = 10, *,
                  spaces: Sequence = (), detectors: Sequence = (), batch_size: int = 64,
                  reduce: str = "max", thumbnail_size: Optional[int] = None,
-                 keep_previous_weights: bool = False, progress: bool = True, **kwargs):
+                 keep_previous_weights: bool = False, progress: bool = True,
+                 rotate_bytes="auto", **kwargs):
         for space in spaces:
             metadata.check_name(space.name, "space name")
         self._is_writer_rank = rank_and_world()[0] == 0
@@ -134,6 +147,10 @@ class ConceptWriter(SummaryWriter):
         self._anchors_written = set()
         self._previous_vectors: Dict[tuple, tuple] = {}
         self._staged: Optional[List] = None  # writes held back until a snapshot is complete
+        if rotate_bytes == "auto":
+            rotate_bytes = REMOTE_ROTATE_BYTES if is_url(self.log_dir) else None
+        self.rotate_bytes = int(rotate_bytes) if rotate_bytes else None
+        self._bytes_in_file = 0
 
     def _get_file_writer(self):
         if not getattr(self, "_is_writer_rank", True):
@@ -252,10 +269,15 @@ class ConceptWriter(SummaryWriter):
         """Write one plugin payload (see ``docs/FORMAT.md``)."""
         summary = payload_summary(tag, header, arrays)
         step = check_step(step)
-        if self._staged is not None:
-            self._staged.append(lambda: self._get_file_writer().add_summary(summary, step))
-        else:
+
+        def write():
             self._get_file_writer().add_summary(summary, step)
+            self._bytes_in_file += summary.ByteSize()
+
+        if self._staged is not None:
+            self._staged.append(write)
+        else:
+            write()
 
     @contextlib.contextmanager
     def _all_or_nothing(self):
@@ -278,7 +300,28 @@ class ConceptWriter(SummaryWriter):
             self._staged = None
         for write in staged:
             write()
-        self.flush()
+        if self.rotate_bytes and self._bytes_in_file >= self.rotate_bytes:
+            self._rotate_event_file()  # closing flushes
+        else:
+            self.flush()
+
+    def _rotate_event_file(self) -> None:
+        """Close the event file; the next write opens a new one in the same run.
+
+        Both loaders read a run's event files in name order, and the name starts with
+        the creation time in whole seconds: wait for the next second so the new file
+        sorts after the old one."""
+        if self.file_writer is None or not self._is_writer_rank:
+            return
+        name = os.path.basename(getattr(getattr(self.file_writer, "event_writer", None), "_file_name", "") or "")
+        self.file_writer.close()
+        self.file_writer = None
+        self.all_writers = None
+        self._bytes_in_file = 0
+        match = re.match(r"events\.out\.tfevents\.(\d+)\.", name)
+        if match:
+            while int(time.time()) <= int(match.group(1)):
+                time.sleep(0.05)
 
     def add_observation(self, observation: Observation, step: int) -> None:
         """Write the stimuli of every layer of ``observation`` (e.g. recorded elsewhere)."""

@@ -231,6 +231,7 @@ def test_malformed_payloads_answer_422_naming_the_problem(mangled_logdir, loader
         for path, named in cases.items():
             reply = fetch(path)
             assert reply.status == 422 and named in reply.json()["error"], (path, reply.status, reply.body[:300])
+            assert "'mangled'" in reply.json()["error"], reply.json()  # which run (and layer/step) is bad
         assert fetch(f"neuron?run=good&layer={fx.LAYERS[0]}&channel=0&step=0").status == 200
         assert fetch(f"neuron?run=mangled&layer={fx.LAYERS[1]}&channel=0&step=0").status == 200
 

@@ -181,7 +181,7 @@ def route(handler):
         except DataNotFound as exc:
             return error(request, 404, str(exc))
         except (PayloadError, Unprocessable) as exc:
-            return error(request, 422, f"logged data cannot be read: {exc}")
+            return error(request, 422, f"logged data{_naming(request)} cannot be read: {exc}")
         except tb_errors.PublicError as exc:  # from the data provider (e.g. unknown blob)
             code = exc.http_code if 400 <= exc.http_code < 500 else 503
             return error(request, code, str(exc))
@@ -190,3 +190,15 @@ def route(handler):
             return error(request, 500, "internal error of the conceptevo plugin; the TensorBoard log has details")
 
     return app
+
+
+#: Request parameters that name the logged series a route reads (its run and tag, and the step).
+_NAMING_PARAMETERS = ("run", "layer", "space", "detector", "class", "step")
+
+
+def _naming(request) -> str:
+    """`` of run 'a', layer 'b', step 2``: which logged data a 422 is about (handlers
+    validate these parameters before reading, so they are short and printable)."""
+    named = [f"{name} {request.args[name][:200]!r}" for name in _NAMING_PARAMETERS if name in request.args]
+    return f" of {', '.join(named)}" if named else ""
+
