@@ -14,6 +14,7 @@ share the low-level functions here; :class:`LogReader` wraps them for scripts::
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -39,40 +40,58 @@ class DataNotFound(KeyError):
 
 def list_series(provider, ctx, experiment_id: str, run: Optional[str] = None) -> Dict[str, Dict[str, object]]:
     """``{run: {tag: BlobSequenceTimeSeries}}`` of this plugin's tags (metadata only)."""
-    from tensorboard.data import provider as tb_provider
-
-    run_filter = tb_provider.RunTagFilter(runs=[run]) if run is not None else None
+    if provider is None:
+        return {}
     found = provider.list_blob_sequences(
-        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, run_tag_filter=run_filter
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, run_tag_filter=_run_filter(run)
     )
-    return {r: {t: s for t, s in tags.items() if metadata.parse_tag(t)} for r, tags in found.items()}
+    return {r: {t: s for t, s in tags.items() if metadata.parse_tag(t)} for r, tags in (found or {}).items()}
+
+
+def read_all(provider, ctx, experiment_id: str, run: Optional[str] = None,
+             tag: Optional[str] = None) -> Dict[str, Dict[str, List[object]]]:
+    """``{run: {tag: [BlobSequenceDatum sorted by step]}}`` of this plugin's tags (no blob
+    contents), for every run or one (and one tag)."""
+    if provider is None:
+        return {}
+    found = provider.read_blob_sequences(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+        downsample=MAX_STEPS, run_tag_filter=_run_filter(run, tag),
+    )
+    return {
+        r: {t: sorted(data, key=lambda d: d.step) for t, data in tags.items() if metadata.parse_tag(t) and data}
+        for r, tags in (found or {}).items()
+    }
 
 
 def read_series(provider, ctx, experiment_id: str, run: str, tag: str) -> List[object]:
     """All ``BlobSequenceDatum`` of one run/tag, sorted by step (one small read per tag)."""
+    data = read_all(provider, ctx, experiment_id, run, tag).get(run, {}).get(tag)
+    if not data:
+        raise DataNotFound(f"run {run!r} has no tag {tag!r}")
+    return data
+
+
+def _run_filter(run: Optional[str], tag: Optional[str] = None):
     from tensorboard.data import provider as tb_provider
 
-    found = provider.read_blob_sequences(
-        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-        downsample=MAX_STEPS, run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]),
-    )
-    data = found.get(run, {}).get(tag)
-    if data is None:
-        raise DataNotFound(f"run {run!r} has no tag {tag!r}")
-    return sorted(data, key=lambda d: d.step)
+    if run is None:
+        return None
+    return tb_provider.RunTagFilter(runs=[run], tags=None if tag is None else [tag])
 
 
 def datum_at(series: Sequence[object], step: Optional[int]):
-    """The datum at ``step`` (None = last); the last one wins if a step was written twice."""
+    """The datum at ``step`` (None = the last one) of a step-sorted series; the last
+    one wins if a step was written twice."""
     if not series:
         raise DataNotFound("no data")
     if step is None:
         return series[-1]
-    match = [d for d in series if d.step == step]
-    if not match:
-        steps = [d.step for d in series]
-        raise DataNotFound(f"no data at step {step}; logged steps: {_summarise_steps(steps)}")
-    return match[-1]
+    steps = [d.step for d in series]
+    index = bisect.bisect_right(steps, step) - 1
+    if index >= 0 and steps[index] == step:
+        return series[index]
+    raise DataNotFound(f"no data at step {step}; logged steps: {_summarise_steps(steps)}")
 
 
 def _summarise_steps(steps: Sequence[int]) -> str:
@@ -392,11 +411,14 @@ class LogReader:
         return self.payload(run, metadata.probe_tag(), None)
 
 
-def read_all_scalars(provider, ctx, experiment_id: str, run: str) -> Dict[str, List[Tuple[int, float]]]:
+def read_all_scalars(provider, ctx, experiment_id: str, run: str,
+                     downsample: int = MAX_STEPS) -> Dict[str, List[Tuple[int, float]]]:
     """Every scalar series of ``run`` (ours under ``concepts/`` and the user's own)."""
-    from tensorboard.data import provider as tb_provider
-
-    run_filter = tb_provider.RunTagFilter(runs=[run])
+    run_filter = _run_filter(run)
+    listed = provider.list_scalars(ctx, experiment_id=experiment_id, plugin_name="scalars",
+                                   run_tag_filter=run_filter).get(run, {})
+    if not listed:
+        return {}
     found = provider.read_scalars(ctx, experiment_id=experiment_id, plugin_name="scalars",
-                                  downsample=MAX_STEPS, run_tag_filter=run_filter)
+                                  downsample=downsample, run_tag_filter=run_filter)
     return {tag: [(d.step, d.value) for d in data] for tag, data in found.get(run, {}).items()}

@@ -134,12 +134,29 @@ def unpack(blobs: Sequence[bytes]) -> Tuple[Dict, Dict[str, np.ndarray]]:
     return header, arrays
 
 
+def plugin_content() -> bytes:
+    """The summary metadata's ``plugin_data.content``: the format version as JSON."""
+    return json.dumps({"version": metadata.FORMAT_VERSION}).encode("utf-8")
+
+
+def plugin_content_version(content: bytes) -> Optional[int]:
+    """The format version in a series' ``plugin_content`` (None when it names none).
+
+    >>> plugin_content_version(plugin_content()) == metadata.FORMAT_VERSION
+    True
+    >>> plugin_content_version(b"not json") is None
+    True
+    """
+    try:
+        value = json.loads(bytes(content or b"{}").decode("utf-8")).get("version")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def blob_sequence_summary(tag: str, blobs: Sequence[bytes], description: str = "") -> summary_pb2.Summary:
     """A ``Summary`` holding ``blobs`` as a string tensor with our plugin's metadata."""
-    plugin_data = summary_pb2.SummaryMetadata.PluginData(
-        plugin_name=metadata.PLUGIN_NAME,
-        content=json.dumps({"version": metadata.FORMAT_VERSION}).encode("utf-8"),
-    )
+    plugin_data = summary_pb2.SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=plugin_content())
     smd = summary_pb2.SummaryMetadata(
         plugin_data=plugin_data,
         summary_description=description,

@@ -16,13 +16,11 @@ from typing import Dict, List, Optional
 
 from tensorboard import errors as tb_errors
 from tensorboard import plugin_util
-from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
-from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from .. import metadata
-from ..reading import DataNotFound, newest_per_step
-from ..summary import PayloadError
+from ..reading import DataNotFound, newest_per_step, read_all_scalars
+from ..summary import PayloadError, plugin_content_version
 from . import views, web
 from .web import BadRequest, route
 from .store import READ_AHEAD_THREADS, Store, datum_key
@@ -88,6 +86,14 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
     def _datum(self, ctx, eid, run, tag, step, what):
         return self._store.datum_at(ctx, eid, run, tag, step, what)
 
+    def _cached_answer(self, request, key, content_type, encode):
+        """Answer immutable data named by ``key``: 304 when the client has it, else the
+        encoded answer, computed once and kept in the store's LRU."""
+        etag = web.etag_of(*key)
+        if web.not_modified(request, etag):
+            return web.respond(request, b"", content_type, etag=etag)
+        return web.respond(request, self._store.memo(key, encode), content_type, etag=etag)
+
     # ------------------------------------------------------------------ static
     @route
     def _serve_static(self, request):
@@ -114,7 +120,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         newer = set()
         for run, tags in listed.items():
             for tag, series in tags.items():
-                version = _content_version(getattr(series, "plugin_content", b""))
+                version = plugin_content_version(getattr(series, "plugin_content", b""))
                 if version is not None and version > metadata.FORMAT_VERSION:
                     newer.add((run, tag))
                     warnings.append(
@@ -174,12 +180,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         ctx, eid = self._ctx(request)
         run = web.run_param(request)
         datum, header, arrays = self._probe(ctx, eid, run, optional=["labels"])
-        etag = web.etag_of("probe", eid, run, datum_key(datum))
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.JSON, etag=etag)
-        body = self._store.memo(("probe", eid, run) + datum_key(datum),
-                                lambda: web.dumps(views.probe_answer(header, arrays)))
-        return web.respond(request, body, web.JSON, etag=etag)
+        return self._cached_answer(request, ("probe", eid, run) + datum_key(datum), web.JSON,
+                                   lambda: web.dumps(views.probe_answer(header, arrays)))
 
     @route
     def _serve_atlas(self, request):
@@ -190,11 +192,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         n_atlases = int(header.get("n_atlases", 0))
         if index >= n_atlases:
             raise DataNotFound(f"run {run!r} has {n_atlases} thumbnail atlases; index must be < {n_atlases}")
-        etag = web.etag_of("atlas", eid, run, index, datum_key(datum))
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.PNG, etag=etag)
-        _, arrays = self._store.payload(ctx, datum, [f"atlas_{index}"])
-        return web.respond(request, arrays[f"atlas_{index}"].tobytes(), web.PNG, etag=etag)
+        return self._cached_answer(request, ("atlas", eid, run, index) + datum_key(datum), web.PNG,
+                                   lambda: self._store.payload(ctx, datum, [f"atlas_{index}"])[1][f"atlas_{index}"].tobytes())
 
     @route
     def _serve_patch(self, request):
@@ -215,18 +214,17 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         atlas_index = image // (grid * grid)
         if atlas_index >= int(header.get("n_atlases", 0)):
             raise DataNotFound(f"run {run!r} logged no thumbnails for image {image}")
-        etag = web.etag_of("patch", eid, run, image, tuple(box), datum_key(datum))
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.PNG, etag=etag)
 
         def decoded_atlas():
             _, arrays = self._store.payload(ctx, datum, [f"atlas_{atlas_index}"])
             return views.decode_png(arrays[f"atlas_{atlas_index}"])
 
-        atlas = self._store.memo(("atlas-pixels", eid, run, atlas_index) + datum_key(datum), decoded_atlas)
-        thumbnail = views.patch_cell(atlas, image, grid, header["thumbnail_size"])
-        png = views.encode_png(views.crop_box(thumbnail, box, (height, width)))
-        return web.respond(request, png, web.PNG, etag=etag)
+        def encode():
+            atlas = self._store.memo(("atlas-pixels", eid, run, atlas_index) + datum_key(datum), decoded_atlas)
+            thumbnail = views.patch_cell(atlas, image, grid, header["thumbnail_size"])
+            return views.encode_png(views.crop_box(thumbnail, box, (height, width)))
+
+        return self._cached_answer(request, ("patch", eid, run, image, tuple(box)) + datum_key(datum), web.PNG, encode)
 
     # ------------------------------------------------------------------ /map
     @route
@@ -270,17 +268,13 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         step = web.int_param(request, "step")
         tag = metadata.detector_tag(detector, layer)
         datum = self._datum(ctx, eid, run, tag, step, f"detector {detector!r} for layer {layer!r}")
-        key = ("labels", eid, run, tag) + datum_key(datum)
-        etag = web.etag_of(*key)
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.JSON, etag=etag)
 
         def encode():
             header, arrays = self._store.payload(ctx, datum, ["top_concepts", "top_similarity"],
                                                  layout_key=(eid, run, tag))
             return web.dumps(views.labels_answer(header, arrays))
 
-        return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+        return self._cached_answer(request, ("labels", eid, run, tag) + datum_key(datum), web.JSON, encode)
 
     @route
     def _serve_categories(self, request):
@@ -343,34 +337,16 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         n_neurons = int(arrays["image_ids"].shape[0])
         if channel >= n_neurons:
             raise DataNotFound(f"layer {layer!r} of run {run!r} has {n_neurons} neurons; channel must be < {n_neurons}")
-        invalid = arrays.get("invalid")
-        story = {
-            "id": f"{layer}:{channel}",
-            "run": run,
-            "layer": layer,
-            "channel": channel,
-            "step": step,
-            "invalid": bool(invalid[channel]) if invalid is not None else False,
-            "stimuli": views.neuron_stimuli(header, arrays, channel),
-            "trajectory": [],
-            "labels": [],
-            "stimuli_by_step": [],
-        }
-        # Every step of each tag is read in one concurrent batch (cached afterwards).
-        stimuli_all = self._store.payloads(ctx, stimuli_series, stimuli_names, layout_key=(eid, run, stimuli_tag))
-        for other, (h, a) in zip(stimuli_series, stimuli_all):
-            if channel < a["image_ids"].shape[0]:
-                images, _, boxes = views.stimuli_entries(h, a, channel)
-                story["stimuli_by_step"].append({"step": int(other.step), "images": images, "boxes": boxes})
-        space_all = self._store.payloads(ctx, space_series, ["layout"], layout_key=(eid, run, space_tag))
-        for other, (_, a) in zip(space_series, space_all):
-            if channel < a["layout"].shape[0]:
-                story["trajectory"].append(views.trajectory_point(int(other.step), a["layout"], channel))
-        detector_all = self._store.payloads(ctx, detector_series, ["top_concepts", "top_similarity"],
-                                            layout_key=(eid, run, detector_tag))
-        for other, (h, a) in zip(detector_series, detector_all):
-            if channel < a["top_concepts"].shape[0]:
-                story["labels"].append(views.label_point(int(other.step), h, a, channel))
+
+        def every_step(series, names, tag):  # one concurrent batch per tag (cached afterwards)
+            read = self._store.payloads(ctx, series, names, layout_key=(eid, run, tag))
+            return [(int(d.step), h, a) for d, (h, a) in zip(series, read)]
+
+        story = views.neuron_story(
+            run, layer, channel, step, header, arrays,
+            stimuli_steps=every_step(stimuli_series, stimuli_names, stimuli_tag),
+            space_steps=every_step(space_series, ["layout"], space_tag),
+            label_steps=every_step(detector_series, ["top_concepts", "top_similarity"], detector_tag))
         return web.respond(request, story, web.JSON, etag=etag)
 
     # ------------------------------------------------------------------ /metrics
@@ -384,13 +360,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         if run not in runs:
             shown = ", ".join(repr(r) for r in sorted(runs)[:20])
             raise DataNotFound(f"unknown run {run!r}; runs: {shown or 'none'}")
-        run_filter = tb_provider.RunTagFilter(runs=[run])
-        listed = self._provider.list_scalars(ctx, experiment_id=eid, plugin_name=scalar_metadata.PLUGIN_NAME,
-                                             run_tag_filter=run_filter).get(run, {})
-        series = {}
-        if listed:
-            series = self._provider.read_scalars(ctx, experiment_id=eid, plugin_name=scalar_metadata.PLUGIN_NAME,
-                                                 downsample=MAX_SCALAR_POINTS, run_tag_filter=run_filter).get(run, {})
+        series = read_all_scalars(self._provider, ctx, eid, run, downsample=MAX_SCALAR_POINTS)
         return web.respond(request, views.scalars_answer(series), web.JSON)
 
     # ------------------------------------------------------------------ /anchors
@@ -401,16 +371,12 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         space = web.name_param(request, "space")
         tag = metadata.anchors_tag(space)
         datum = self._datum(ctx, eid, run, tag, None, f"anchors of space {space!r}")
-        key = ("anchors", eid, run, tag) + datum_key(datum)
-        etag = web.etag_of(*key)
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.JSON, etag=etag)
 
         def encode():
             header, arrays = self._store.payload(ctx, datum, ["layout"])
             return web.dumps(views.anchors_answer(header, arrays))
 
-        return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+        return self._cached_answer(request, ("anchors", eid, run, tag) + datum_key(datum), web.JSON, encode)
 
     # ------------------------------------------------------------------ /importance, /revert
     @route
@@ -436,16 +402,12 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
 
     def _table(self, request, ctx, eid, run, tag, step, shape, what):
         datum = self._datum(ctx, eid, run, tag, step, what)
-        key = ("table", eid, run, tag) + datum_key(datum)
-        etag = web.etag_of(*key)
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.JSON, etag=etag)
 
         def encode():
             header, arrays = self._store.payload(ctx, datum)
             return web.dumps(shape(header, arrays))
 
-        return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
+        return self._cached_answer(request, ("table", eid, run, tag) + datum_key(datum), web.JSON, encode)
 
 
 def _unreadable_run_message(run: str, exc: Exception) -> str:
@@ -455,16 +417,6 @@ def _unreadable_run_message(run: str, exc: Exception) -> str:
                 "backslashes or control characters: rename the run directory, or start tensorboard with "
                 "--load_fast=false.")
     return f"run {run!r} cannot be read and is not shown: {exc}.{hint}"
-
-
-def _content_version(content: bytes) -> Optional[int]:
-    import json
-
-    try:
-        value = json.loads(bytes(content or b"{}").decode("utf-8")).get("version")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, int) else None
 
 
 def _static_files() -> Dict[str, str]:

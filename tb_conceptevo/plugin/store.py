@@ -22,10 +22,10 @@ import time
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tensorboard.data import provider as tb_provider
 
 from .. import metadata
-from ..reading import MAX_STEPS, DataNotFound, _summarise_steps, is_in_process
+from .. import reading
+from ..reading import DataNotFound, is_in_process
 from ..summary import PayloadError, decode_array, unpack_header
 
 logger = logging.getLogger(__name__)
@@ -177,24 +177,11 @@ class Store:
     # -- listing
     def list_series(self, ctx, eid: str) -> Dict[str, Dict[str, object]]:
         """``{run: {tag: BlobSequenceTimeSeries}}`` for the plugin's tags (metadata only)."""
-        if self.provider is None:
-            return {}
-        found = self.provider.list_blob_sequences(ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME)
-        return {run: {t: s for t, s in tags.items() if metadata.parse_tag(t)} for run, tags in (found or {}).items()}
+        return reading.list_series(self.provider, ctx, eid)
 
     def read_all(self, ctx, eid: str, run: Optional[str] = None) -> Dict[str, Dict[str, List[object]]]:
         """``{run: {tag: [datum sorted by step]}}`` of every plugin tag, read now."""
-        if self.provider is None:
-            return {}
-        run_filter = tb_provider.RunTagFilter(runs=[run]) if run is not None else None
-        found = self.provider.read_blob_sequences(
-            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME,
-            downsample=MAX_STEPS, run_tag_filter=run_filter,
-        )
-        return {
-            r: {t: sorted(data, key=lambda d: d.step) for t, data in tags.items() if metadata.parse_tag(t) and data}
-            for r, tags in (found or {}).items()
-        }
+        return reading.read_all(self.provider, ctx, eid, run)
 
     def _experiment(self, eid: str, create: bool = False):
         """The cached index of ``eid`` (call with ``_index_lock`` held), marked as most
@@ -325,21 +312,7 @@ class Store:
         shown = ", ".join(similar[:20]) + (", ..." if len(similar) > 20 else "")
         return f"run {run!r} has no {what or kind} data ({tag}); its {kind} tags: {shown or 'none'}"
 
-    @staticmethod
-    def datum(series: Sequence[object], step: Optional[int]):
-        """The datum at ``step`` (None = the last one) of a step-sorted series."""
-        if not series:
-            raise DataNotFound("no data")
-        if step is None:
-            return series[-1]
-        # series is sorted by step: bisect instead of scanning every step.
-        steps = [d.step for d in series]
-        index = int(np.searchsorted(steps, step))
-        if index < len(steps) and steps[index] == step:
-            while index + 1 < len(steps) and steps[index + 1] == step:
-                index += 1  # the last one wins if a step was written twice
-            return series[index]
-        raise DataNotFound(f"no data at step {step}; logged steps: {_summarise_steps(steps)}")
+    datum = staticmethod(reading.datum_at)
 
     # -- payloads
     def _fetch(self, ctx, refs: Sequence[object], threads: Optional[int] = None) -> List[bytes]:

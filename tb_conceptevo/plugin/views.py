@@ -188,6 +188,35 @@ def label_point(step: int, header: Mapping, arrays: Mapping[str, np.ndarray], ch
     }
 
 
+def neuron_story(run: str, layer: str, channel: int, step: int, header: Mapping, arrays: Mapping[str, np.ndarray],
+                 stimuli_steps: Sequence[Tuple[int, Mapping, Mapping]],
+                 space_steps: Sequence[Tuple[int, Mapping, Mapping]],
+                 label_steps: Sequence[Tuple[int, Mapping, Mapping]]) -> Dict:
+    """The ``/neuron`` answer: the neuron's stimuli at ``step`` (``header``/``arrays``),
+    and across every logged ``(step, header, arrays)`` its stimuli, place and label
+    (steps where the layer had fewer neurons are left out)."""
+    invalid = arrays.get("invalid")
+    return {
+        "id": f"{layer}:{channel}",
+        "run": run,
+        "layer": layer,
+        "channel": channel,
+        "step": step,
+        "invalid": bool(invalid[channel]) if invalid is not None else False,
+        "stimuli": neuron_stimuli(header, arrays, channel),
+        "trajectory": [trajectory_point(s, a["layout"], channel)
+                       for s, _, a in space_steps if channel < a["layout"].shape[0]],
+        "labels": [label_point(s, h, a, channel) for s, h, a in label_steps if channel < a["top_concepts"].shape[0]],
+        "stimuli_by_step": [_images_and_boxes(s, h, a, channel)
+                            for s, h, a in stimuli_steps if channel < a["image_ids"].shape[0]],
+    }
+
+
+def _images_and_boxes(step: int, header: Mapping, arrays: Mapping[str, np.ndarray], channel: int) -> Dict:
+    images, _activations, boxes = stimuli_entries(header, arrays, channel)
+    return {"step": step, "images": images, "boxes": boxes}
+
+
 # ----------------------------------------------------------------------------- importance / revert
 
 def importance_answer(header: Mapping, arrays: Mapping[str, np.ndarray]) -> Dict:
@@ -303,5 +332,6 @@ def anchors_answer(header: Mapping, arrays: Mapping[str, np.ndarray]) -> Dict:
     }
 
 
-def scalars_answer(series: Mapping[str, Iterable[object]]) -> Dict:
-    return {"scalars": {tag: [[int(d.step), d.value] for d in data] for tag, data in sorted(series.items())}}
+def scalars_answer(series: Mapping[str, Iterable[Tuple[int, float]]]) -> Dict:
+    """``{"scalars": {tag: [[step, value], ...]}}`` from ``reading.read_all_scalars``."""
+    return {"scalars": {tag: [[int(step), value] for step, value in data] for tag, data in sorted(series.items())}}

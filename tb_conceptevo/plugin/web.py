@@ -44,10 +44,6 @@ class BadRequest(ValueError):
     """A missing or malformed request parameter (answers 400)."""
 
 
-class Unprocessable(ValueError):
-    """The logged data exists but cannot be read (e.g. newer format; answers 422)."""
-
-
 # ----------------------------------------------------------------------------- parameters
 
 def _single(request, name: str, required: bool) -> Optional[str]:
@@ -180,7 +176,7 @@ def route(handler):
             return error(request, 400, str(exc))
         except DataNotFound as exc:
             return error(request, 404, str(exc))
-        except (PayloadError, Unprocessable) as exc:
+        except PayloadError as exc:
             return error(request, 422, f"logged data{_naming(request)} cannot be read: {exc}")
         except tb_errors.PublicError as exc:  # from the data provider (e.g. unknown blob)
             code = exc.http_code if 400 <= exc.http_code < 500 else 503
