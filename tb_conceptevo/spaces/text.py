@@ -195,12 +195,6 @@ class TextSpace(Space):
         words, kinds = self._point_words_kinds()
         return Anchors(words=words, vectors=self._point_vectors(), layout=self._point_layout.copy(), kind=kinds)
 
-    def d_anchor(self, embedding: Embedding) -> float:
-        """Anchor distance of an embedding produced by this space."""
-        from ..metrics.anchors import d_anchor
-
-        return d_anchor(embedding.vectors[embedding.placed], self.anchor_vectors)
-
     # ------------------------------------------------------------- save/load
     def save(self, path) -> None:
         """Write the space (vectors, layout, encoder and detector description) to one file."""
