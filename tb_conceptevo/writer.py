@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import re
+import struct
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -38,27 +39,44 @@ from .summary import payload_summary
 REMOTE_ROTATE_BYTES = 2**20
 
 
-def _use_native_crc() -> bool:
-    """Swap TensorBoard's pure-Python CRC32C (~0.7 s per 5 MB) for google-crc32c's C one.
-
-    Only when the package is installed; the checksum is the same function, so files
-    stay identical (``tests/test_writer.py`` checks it).
-    """
+def _native_masked_crc32c():
+    """google-crc32c's C CRC32C, masked as TensorBoard's records need (None when the
+    package is missing).  TensorBoard's own is pure Python: ~0.7 s per 5 MB written."""
     try:
         import google_crc32c
     except ImportError:  # pragma: no cover - optional speed-up
-        return False
-    from tensorboard.summary.writer import record_writer
+        return None
 
     def masked_crc32c(data: bytes) -> int:
         crc = google_crc32c.value(bytes(data))
         return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
-    record_writer.masked_crc32c = masked_crc32c
+    return masked_crc32c
+
+
+NATIVE_MASKED_CRC32C = _native_masked_crc32c()
+
+
+def _use_native_crc(file_writer) -> bool:
+    """Make this one event file's record writer checksum with the C CRC32C.
+
+    Scoped to the files a ``ConceptWriter`` opens (other writers in the process keep
+    TensorBoard's code); the records are byte-identical (``tests/test_writer.py``).
+    Returns False, changing nothing, when the package is missing or TensorBoard's
+    writer internals are not the expected ones.
+    """
+    record = getattr(getattr(getattr(file_writer, "event_writer", None), "_async_writer", None), "_writer", None)
+    sink = getattr(record, "_writer", None)
+    if NATIVE_MASKED_CRC32C is None or sink is None or not callable(getattr(record, "write", None)):
+        return False
+    crc = NATIVE_MASKED_CRC32C
+
+    def write(data: bytes) -> None:  # TensorBoard's RecordWriter.write, with the C checksum
+        header = struct.pack("<Q", len(data))
+        sink.write(header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data)))
+
+    record.write = write
     return True
-
-
-NATIVE_CRC = _use_native_crc()
 
 
 class _NullFileWriter:
@@ -157,7 +175,11 @@ class ConceptWriter(SummaryWriter):
             if self.file_writer is None:
                 self.file_writer = _NullFileWriter(self.log_dir)
             return self.file_writer
-        return super()._get_file_writer()
+        opened = self.file_writer
+        file_writer = super()._get_file_writer()
+        if file_writer is not opened:  # a new event file
+            _use_native_crc(file_writer)
+        return file_writer
 
     # ------------------------------------------------------------------ public
     def all_detectors(self) -> List:

@@ -1,6 +1,7 @@
 """ConceptWriter writes TF-free events that both TensorBoard loaders read back."""
 
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -55,11 +56,53 @@ def test_reader_returns_what_was_written(logdir, fast):
         assert arrays["atlas_0"][:8].tobytes() == b"\x89PNG\r\n\x1a\n"
 
 
-def test_native_crc_matches_tensorboard():
+def test_native_crc_matches_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tb_conceptevo.writer import NATIVE_MASKED_CRC32C
+
+    if NATIVE_MASKED_CRC32C is not None:
+        for data in (b"", b"abc", os.urandom(10_000)):
+            assert NATIVE_MASKED_CRC32C(data) == stub_crc(data)
+    # Same events through a ConceptWriter and a plain SummaryWriter: identical bytes after
+    # the file-version record (whose wall time differs), and the plain one is untouched.
     from tensorboard.summary.writer import record_writer
 
-    for data in (b"", b"abc", os.urandom(10_000)):
-        assert record_writer.masked_crc32c(data) == stub_crc(data)
+    files = {}
+    for name, cls in (("ours", ConceptWriter), ("plain", SummaryWriter)):
+        with cls(str(tmp_path / name)) as writer:
+            record = writer._get_file_writer().event_writer._async_writer._writer
+            swapped = "write" in vars(record)
+            assert swapped == (name == "ours" and NATIVE_MASKED_CRC32C is not None), name
+            for step in range(3):
+                writer.add_scalar("loss", 1.0 / (step + 1), step)
+                writer.add_text("note", "x" * 5000, step)
+        (path,) = (tmp_path / name).iterdir()
+        files[name] = path.read_bytes()
+    assert _records_without_wall_time(files["ours"]) == _records_without_wall_time(files["plain"])
+    assert record_writer.masked_crc32c is stub_crc  # nothing patched process-wide
+
+
+def _events(raw: bytes):
+    from tensorboard.compat.proto import event_pb2
+
+    offset, events = 0, []
+    while offset < len(raw):
+        (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+        data = raw[offset + 12:offset + 12 + length]
+        (stored,) = struct.unpack("<I", raw[offset + 12 + length:offset + 16 + length])
+        assert stored == stub_crc(data), "record checksum differs from TensorBoard's CRC32C"
+        events.append(event_pb2.Event.FromString(data))
+        offset += 16 + length
+    return events
+
+
+def _records_without_wall_time(raw: bytes):
+    out = []
+    for event in _events(raw):
+        event.wall_time = 0
+        out.append(event.SerializeToString())
+    return out
 
 
 def test_payload_roundtrip_and_errors():
