@@ -3,6 +3,7 @@ default choice, real HTTP): every documented route answers, junk gets 4xx."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -48,9 +49,9 @@ def start_tensorboard(logdir: str, *extra: str):
 
 def stop(process) -> None:
     process.terminate()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
+    if process.poll() is None:  # did not stop on SIGTERM
         process.kill()
         process.wait()
 

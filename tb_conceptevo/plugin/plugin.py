@@ -88,11 +88,33 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
 
     def _cached_answer(self, request, key, content_type, encode):
         """Answer immutable data named by ``key``: 304 when the client has it, else the
-        encoded answer, computed once and kept in the store's LRU."""
+        encoded answer, computed once and kept in the store's LRU.  ``encode`` returns
+        the body, or ``(body, extra headers)``."""
         etag = web.etag_of(*key)
         if web.not_modified(request, etag):
             return web.respond(request, b"", content_type, etag=etag)
-        return web.respond(request, self._store.memo(key, encode), content_type, etag=etag)
+        answer = self._store.memo(key, encode)
+        body, headers = answer if isinstance(answer, tuple) else (answer, ())
+        return web.respond(request, body, content_type, etag=etag, headers=headers)
+
+    def _json_answer(self, request, ctx, eid, run, tag, datum, shape, names=None, **read):
+        """The cached JSON answer ``shape(header, arrays)`` of one datum (arrays ``names``,
+        all when None; ``read``: the store's ``optional`` / ``layout_key``)."""
+        def encode():
+            header, arrays = self._store.payload(ctx, datum, names, **read)
+            return web.dumps(shape(header, arrays))
+
+        return self._cached_answer(request, (shape.__name__, eid, run, tag) + datum_key(datum), web.JSON, encode)
+
+    def _layer_datum(self, request, ctx, eid, qualifier: str, make_tag):
+        """``(run, tag, datum)`` of a per-layer route: ``run``, ``<qualifier>`` (a space or
+        detector name), ``layer`` and ``step`` parameters."""
+        run = web.run_param(request)
+        name = web.name_param(request, qualifier)
+        layer = web.name_param(request, "layer")
+        step = web.int_param(request, "step")
+        tag = make_tag(name, layer)
+        return run, tag, self._datum(ctx, eid, run, tag, step, f"{qualifier} {name!r} for layer {layer!r}")
 
     # ------------------------------------------------------------------ static
     @route
@@ -230,51 +252,31 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
     @route
     def _serve_map(self, request):
         ctx, eid = self._ctx(request)
-        run = web.run_param(request)
-        space = web.name_param(request, "space")
-        layer = web.name_param(request, "layer")
-        step = web.int_param(request, "step")
-        tag = metadata.space_tag(space, layer)
-        datum = self._datum(ctx, eid, run, tag, step, f"space {space!r} for layer {layer!r}")
-        key = ("map", eid, run, tag) + datum_key(datum)
-        etag = web.etag_of(*key)
+        run, tag, datum = self._layer_datum(request, ctx, eid, "space", metadata.space_tag)
 
         def encode():
             _, arrays = self._store.payload(ctx, datum, ["layout"], optional=["groups"], layout_key=(eid, run, tag))
             layout = arrays["layout"]
-            return views.map_bytes(layout, arrays.get("groups")), views.unplaced_count(layout)
+            try:
+                body = views.map_bytes(layout, arrays.get("groups"))
+            except ValueError as exc:
+                raise PayloadError(str(exc)) from None
+            return body, [("X-Conceptevo-Unplaced", str(views.unplaced_count(layout)))]
 
-        if web.not_modified(request, etag):
-            return web.respond(request, b"", web.BINARY, etag=etag)
         series = self._store.series(ctx, eid, run, tag)
         # Whoever opens a layer's map usually scrubs through its steps next.
         self._store.read_ahead(("map", eid, run, tag, len(series), series[-1].wall_time),
                                lambda: self._store.payloads(ctx, series, ["layout"], optional=["groups"],
                                                             layout_key=(eid, run, tag), threads=READ_AHEAD_THREADS))
-        try:
-            body, unplaced = self._store.memo(key, encode)
-        except ValueError as exc:
-            raise PayloadError(str(exc)) from None
-        return web.respond(request, body, web.BINARY, etag=etag,
-                            headers=[("X-Conceptevo-Unplaced", str(unplaced))])
+        return self._cached_answer(request, ("map", eid, run, tag) + datum_key(datum), web.BINARY, encode)
 
     # ------------------------------------------------------------------ /labels, /categories
     @route
     def _serve_labels(self, request):
         ctx, eid = self._ctx(request)
-        run = web.run_param(request)
-        detector = web.name_param(request, "detector")
-        layer = web.name_param(request, "layer")
-        step = web.int_param(request, "step")
-        tag = metadata.detector_tag(detector, layer)
-        datum = self._datum(ctx, eid, run, tag, step, f"detector {detector!r} for layer {layer!r}")
-
-        def encode():
-            header, arrays = self._store.payload(ctx, datum, ["top_concepts", "top_similarity"],
-                                                 layout_key=(eid, run, tag))
-            return web.dumps(views.labels_answer(header, arrays))
-
-        return self._cached_answer(request, ("labels", eid, run, tag) + datum_key(datum), web.JSON, encode)
+        run, tag, datum = self._layer_datum(request, ctx, eid, "detector", metadata.detector_tag)
+        return self._json_answer(request, ctx, eid, run, tag, datum, views.labels_answer,
+                                 ["top_concepts", "top_similarity"], layout_key=(eid, run, tag))
 
     @route
     def _serve_categories(self, request):
@@ -371,12 +373,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         space = web.name_param(request, "space")
         tag = metadata.anchors_tag(space)
         datum = self._datum(ctx, eid, run, tag, None, f"anchors of space {space!r}")
-
-        def encode():
-            header, arrays = self._store.payload(ctx, datum, ["layout"])
-            return web.dumps(views.anchors_answer(header, arrays))
-
-        return self._cached_answer(request, ("anchors", eid, run, tag) + datum_key(datum), web.JSON, encode)
+        return self._json_answer(request, ctx, eid, run, tag, datum, views.anchors_answer, ["layout"])
 
     # ------------------------------------------------------------------ /importance, /revert
     @route
@@ -402,12 +399,7 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
 
     def _table(self, request, ctx, eid, run, tag, step, shape, what):
         datum = self._datum(ctx, eid, run, tag, step, what)
-
-        def encode():
-            header, arrays = self._store.payload(ctx, datum)
-            return web.dumps(shape(header, arrays))
-
-        return self._cached_answer(request, ("table", eid, run, tag) + datum_key(datum), web.JSON, encode)
+        return self._json_answer(request, ctx, eid, run, tag, datum, shape)
 
 
 def _unreadable_run_message(run: str, exc: Exception) -> str:
