@@ -385,6 +385,11 @@ class ImageFolderProbe(_ArrayProbe):
         cache: keep decoded uint8 images in memory after the first read.
         channels: channels the model takes: 3 (RGB, default) or 1 (grayscale).
         background: ``(r, g, b)`` transparent pixels are composited on (default white).
+        class_names: the model's class names in its output order; every first-level
+            folder must be one of them and its images get that class index.  Without
+            it, classes are the sorted folder names (:attr:`class_order` ``"folders"``),
+            the model's order only if it was trained on these folders with
+            torchvision's ``ImageFolder``.
 
     Example:
         >>> probe = ImageFolderProbe("my_images/", size=64)   # doctest: +SKIP
@@ -403,6 +408,7 @@ class ImageFolderProbe(_ArrayProbe):
         cache: bool = True,
         channels: int = 3,
         background: Tuple[int, int, int] = DEFAULT_BACKGROUND,
+        class_names: Optional[Sequence[str]] = None,
     ):
         self.channels = _check_channels(channels)
         self.background = _check_background(background)
@@ -438,10 +444,25 @@ class ImageFolderProbe(_ArrayProbe):
         self._check_headers(root, relative)
         self.files: List[str] = relative
         folders = [path.split("/")[0] if "/" in path else None for path in relative]
-        if all(folder is not None for folder in folders):
-            self._class_names: Optional[List[str]] = sorted(set(folders))
+        self.class_order: Optional[str] = None
+        if class_names is not None:
+            self._class_names: Optional[List[str]] = [str(name) for name in class_names]
+            if len(set(self._class_names)) != len(self._class_names):
+                raise ValueError(f"ImageFolderProbe: class_names has duplicates: {self._class_names}")
+            lookup = {name: i for i, name in enumerate(self._class_names)}
+            unknown = sorted({str(f) for f in folders if f not in lookup})
+            if unknown:
+                raise ValueError(
+                    f"ImageFolderProbe: folders {unknown} of {str(root)!r} are not in class_names "
+                    f"{self._class_names}; every image must lie in a folder named after its class"
+                )
+            self._labels = np.array([lookup[f] for f in folders], np.int64)
+            self.class_order = "model"
+        elif all(folder is not None for folder in folders):
+            self._class_names = sorted(set(folders))
             lookup = {name: i for i, name in enumerate(self._class_names)}
             self._labels = np.array([lookup[f] for f in folders], np.int64)
+            self.class_order = "folders"
         else:
             self._class_names = None
             self._labels = np.full(len(relative), -1, np.int64)
