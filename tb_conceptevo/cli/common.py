@@ -152,9 +152,9 @@ def load_probe(spec: str, image_size: int = 64, option: str = "--probe", class_n
                          f"class_names= itself")
     name, _, options = spec.partition(":")
     if name not in PROBE_NAMES:
-        if ":" not in spec:
+        if ":" not in spec or "=" in options:  # 'name:key=value' is a shortcut with options
             raise ValueError(
-                f"{option} {spec!r} is neither a folder, a probe set ({', '.join(PROBE_NAMES)}) nor "
+                f"{option} {spec!r} is neither a folder nor a probe set ({', '.join(PROBE_NAMES)}), nor "
                 f"'module:function'; e.g. {option} myprobes.py:make_probe, {option} "
                 f"concept_shapes:n=1024,seed=0 or {option} path/to/images/"
             )
