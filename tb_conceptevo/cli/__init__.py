@@ -19,6 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tb-conceptevo",
         description="Record, fit, back-fill and inspect concept-evolution data for TensorBoard.",
+        epilog="example (train first, look later; 'tb-conceptevo COMMAND --help' for each command):\n"
+               "  tb-conceptevo record --factory train.py:make_model --checkpoints ckpts/ --logdir runs \\\n"
+               "      --run baseline --probe train.py:make_probe\n"
+               "  tb-conceptevo fit-space --logdir runs --run baseline --out space.npz\n"
+               "  tb-conceptevo project --logdir runs --space space.npz\n"
+               "  tensorboard --logdir runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -179,18 +179,21 @@ def load_probe(spec: str, image_size: int = 64, option: str = "--probe", class_n
 
 
 def logged_run(logdir: str, run: str):
-    """``(probe header, logged snapshot steps)`` of a run; ``(None, [])`` for a new run."""
+    """``(probe header, logged snapshot steps)`` of a run; ``(None, [])`` for a new run.
+
+    Reads the run's own folder only (not the whole logdir)."""
     from tb_conceptevo import metadata
     from tb_conceptevo.reading import LogReader
 
-    if "://" not in logdir and not os.path.isdir(os.path.join(logdir, run)):
+    run_dir = os.path.join(logdir, run)
+    if "://" not in run_dir and not os.path.isdir(run_dir):
         return None, []
-    with LogReader(logdir) as logs:
-        tags = logs.series(run).get(run) or {}
+    with LogReader(run_dir) as logs:
+        tags = logs.series(".").get(".") or {}
         if not tags:
             return None, []
-        header = logs.probe(run)[0] if metadata.probe_tag() in tags else None
-        return header, logs.steps(run)
+        header = logs.probe(".")[0] if metadata.probe_tag() in tags else None
+        return header, logs.steps(".")
 
 
 def check_probe_matches(probe, header, run: str, option: str = "--probe") -> None:
