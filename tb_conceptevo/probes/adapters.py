@@ -356,7 +356,8 @@ class DatasetProbe(_ArrayProbe):
         return list(self._class_names) if self._class_names is not None else None
 
     def __repr__(self) -> str:
-        return f"DatasetProbe({type(self.dataset).__name__}, n={self.n}, image_size={self._expected_size})"
+        return (f"DatasetProbe({type(self.dataset).__name__}, n={self.n}, image_size={self._expected_size}, "
+                f"channels={self.channels})")
 
 
 class ImageFolderProbe(_ArrayProbe):
@@ -392,9 +393,17 @@ class ImageFolderProbe(_ArrayProbe):
             torchvision's ``ImageFolder``.
 
     Example:
-        >>> probe = ImageFolderProbe("my_images/", size=64)   # doctest: +SKIP
-        >>> probe.class_names                                   # doctest: +SKIP
-        ['cats', 'dogs']
+        >>> import pathlib, tempfile
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())            # my_images/cats/*.png, my_images/dogs/*.png
+        >>> for name in ("dogs", "cats"):
+        ...     (root / name).mkdir()
+        ...     Image.new("RGBA", (80, 60), (200, 50, 0, 128)).save(root / name / "a.png")
+        >>> probe = ImageFolderProbe(root, size=64)
+        >>> probe.class_names, probe.class_order, probe.image_size
+        (['cats', 'dogs'], 'folders', (64, 64))
+        >>> ImageFolderProbe(root, size=64, class_names=["dogs", "cats"]).labels  # the model's order
+        array([1, 0])
     """
 
     def __init__(
