@@ -150,11 +150,14 @@ def test_importance_by_class_name_scores_the_models_class(workflow, capsys):
     code = main(folder_base + ["--class", "Bag"])  # sorted folders make Bag index 1: refused, mapping listed
     err = capsys.readouterr().err
     assert code == 2 and "sorted folder names" in err and "1='Bag'" in err and "--class-names" in err
-    # the folder probe takes 3 channels: give the model's class order and it still needs 1 channel
+    # 3 channels into the 1-channel model: a clear error, nothing written
     names = ",".join(n.replace("/", "-") for n in FASHION_CLASSES)
     code = main(folder_base + ["--class", "Bag", "--class-names", names])
     assert code == 2 and "channels" in capsys.readouterr().err
     assert not (logdir / "other").exists()
+    # the model's class order and channel count: the model's Bag, on the same images as the Dataset
+    assert main(folder_base + ["--class", "Bag", "--class-names", names, "--channels", "1"]) == 0
+    assert f"class {BAG} (Bag): {N_IMAGES // 10} images" in capsys.readouterr().out
 
     # a probe whose names are not the logged ones cannot resolve a name against the run
     code = main(base + ["--class", "Coat", "--probe", "concept_shapes:n=30,size=28"])

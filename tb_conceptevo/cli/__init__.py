@@ -42,7 +42,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         # User errors: one clear line, no stack trace.
-        print(f"tb-conceptevo {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if "expected input" in message and "channels" in message:  # torch's conv message for a wrong probe
+            message += (" -- the probe's images do not have the channels the model takes: give the probe the "
+                        "training script uses (--probe module:function), or --channels 1 for an image folder")
+        print(f"tb-conceptevo {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

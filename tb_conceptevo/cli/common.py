@@ -133,23 +133,26 @@ def _parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+#: help text of ``--channels`` (image-folder shortcut)
+CHANNELS_HELP = "for an image-folder --probe: channels the model takes, 3 (RGB, default) or 1 (grayscale)"
+
 #: help text of every ``--probe`` option
 PROBE_HELP = ("the probe set, as the training script builds it: 'module:function' or 'file.py:function' "
               "returning a ProbeSet (e.g. 'myprobes.py:make_probe'); or the shortcuts "
               "'concept_shapes[:n=1024,seed=0,size=64]' and an image folder (sized by --image-size)")
 
 
-def load_probe(spec: str, image_size: int = 64, option: str = "--probe", class_names=None):
+def load_probe(spec: str, image_size: int = 64, option: str = "--probe", class_names=None, channels: int = 3):
     """A ProbeSet from ``spec``: an image folder, ``'concept_shapes:n=1024,seed=0'``, or
     ``'module:function'`` / ``'file.py:function'`` returning a ProbeSet (the same function
     the training script calls, so transforms, channels and sizes match by construction)."""
     from tb_conceptevo import probes
 
     if os.path.isdir(spec):
-        return probes.ImageFolderProbe(spec, size=image_size, class_names=class_names)
-    if class_names is not None:
-        raise ValueError(f"--class-names applies to an image-folder {option} only; a probe function sets "
-                         f"class_names= itself")
+        return probes.ImageFolderProbe(spec, size=image_size, class_names=class_names, channels=channels)
+    if class_names is not None or channels != 3:
+        raise ValueError(f"--class-names and --channels apply to an image-folder {option} only; a probe "
+                         f"function sets class_names= and channels= itself")
     name, _, options = spec.partition(":")
     if name not in PROBE_NAMES:
         if ":" not in spec or "=" in options:  # 'name:key=value' is a shortcut with options

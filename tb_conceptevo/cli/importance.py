@@ -31,6 +31,7 @@ from typing import Dict
 import torch
 
 from .common import (  # noqa: F401 (re-exported)
+    CHANNELS_HELP,
     PROBE_HELP,
     build_model,
     check_probe_matches,
@@ -62,6 +63,7 @@ def register(subparsers) -> None:
                         help="class images with labels: " + PROBE_HELP + "; a folder has one subfolder per class")
     parser.add_argument("--image-size", type=int, default=64,
                         help="side in pixels of images loaded from a folder (default 64)")
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3), help=CHANNELS_HELP)
     parser.add_argument("--class-names", default=None, metavar="A,B,...",
                         help="for an image-folder --probe: the model's class names in output order "
                              "(folder NAME holds class index class-names.index(NAME))")
@@ -147,7 +149,7 @@ def run(args) -> int:
     model_from = load_checkpoint(build_model(factory, args.factory), args.checkpoint_from).to(device)
     model_to = load_checkpoint(build_model(factory, args.factory), args.checkpoint_to).to(device)
     class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-    probe = load_probe(args.probe, args.image_size, class_names=class_names)
+    probe = load_probe(args.probe, args.image_size, class_names=class_names, channels=args.channels)
     header, _ = logged_run(args.logdir, args.run)
     if not args.other_probe:
         check_probe_matches(probe, header, args.run)

@@ -26,7 +26,7 @@ import os
 import re
 from typing import List, Tuple
 
-from .common import PROBE_HELP, help_text
+from .common import CHANNELS_HELP, PROBE_HELP, help_text
 
 CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--probe", default="concept_shapes:n=1024,seed=0", metavar="SPEC",
                         help=PROBE_HELP + " (default concept_shapes:n=1024,seed=0)")
     parser.add_argument("--image-size", type=int, default=64, help="image side for an image-folder --probe (default 64)")
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3), help=CHANNELS_HELP)
     parser.add_argument("--layers", default=None, help="comma-separated layer names (default: every Conv2d)")
     parser.add_argument("--k", type=int, default=10, help="stimuli per neuron (default 10)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -79,7 +80,7 @@ def run(args) -> int:
 
     checkpoints = checkpoint_steps(args.checkpoints)
     factory = load_factory(args.factory)
-    probe = load_probe(args.probe, args.image_size)
+    probe = load_probe(args.probe, args.image_size, channels=args.channels)
     header, logged_steps = logged_run(args.logdir, args.run)
     check_probe_matches(probe, header, args.run)
     spaces = [load_space(path) for path in args.space]
