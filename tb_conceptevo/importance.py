@@ -22,12 +22,21 @@ quartile bins (most important first), replaces the binned channels' activations 
 epoch-t' model by the epoch-t ones, and measures the class accuracy change; a random bin
 of the same size (one per seed) is the baseline.
 
-Example::
+Example:
 
-    >>> result = concept_evolution_importance(model_epoch3, model_epoch9, images, class_index=2)
-    >>> result["features.3"].importance          # fraction of class images with S_n > 0
-    >>> table = revert_evaluation(model_epoch3, model_epoch9, images, 2, result)
-    >>> table.mean_change, table.random_mean      # per bin / random baseline
+    >>> import torch
+    >>> from tb_conceptevo.probes import ConceptShapes
+    >>> def small_cnn():  # two "snapshots" of one architecture (untrained here)
+    ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+    ...                                torch.nn.Flatten(), torch.nn.Linear(8, 6))
+    >>> model_epoch3, model_epoch9 = small_cnn(), small_cnn()
+    >>> probe = ConceptShapes(n=64, size=16)        # labels: the shape (class 2 = triangle)
+    >>> result = concept_evolution_importance(model_epoch3, model_epoch9, probe, class_index=2, progress=False)
+    >>> result["0"].importance.shape              # per channel of layer "0": fraction of images with S_n > 0
+    (8,)
+    >>> table = revert_evaluation(model_epoch3, model_epoch9, probe, 2, result, progress=False)
+    >>> table.mean_change.shape, table.bin_labels  # accuracy change per bin (random baseline: random_mean)
+    ((4,), ['0-25%', '25-50%', '50-75%', '75-100%'])
 """
 
 from __future__ import annotations
@@ -437,8 +446,9 @@ def class_indices(dataset: torch.utils.data.Dataset, class_index: int, n: Option
     """Sorted indices of up to ``n`` images of class ``class_index`` (a deterministic random
     sample for ``seed``; ``n=None`` = all of them).
 
-    >>> class_indices(probe, 3, n=4)
-    array([ 17,  80, 411, 902])
+    >>> from tb_conceptevo.probes import ConceptShapes
+    >>> class_indices(ConceptShapes(n=64, size=16), 3, n=4)
+    array([17, 30, 33, 55])
     """
     class_index = _check_class_index(class_index)
     labels = _dataset_labels(dataset)
@@ -453,7 +463,9 @@ def class_images(probe_or_dataset: torch.utils.data.Dataset, class_index: int, n
     """Up to ``n`` images ``[n, 3, H, W]`` of one class from a ProbeSet or any dataset
     returning ``(image, label)``, sampled deterministically with ``seed``.
 
-    >>> images = class_images(ConceptShapes(n=1024), class_index=2, n=128, seed=0)
+    >>> from tb_conceptevo.probes import ConceptShapes
+    >>> class_images(ConceptShapes(n=1024, size=32), class_index=2, n=128, seed=0).shape
+    torch.Size([128, 3, 32, 32])
     """
     indices = class_indices(probe_or_dataset, class_index, n=n, seed=seed)
     if isinstance(probe_or_dataset, ProbeSet) and callable(getattr(probe_or_dataset, "images", None)):
@@ -640,8 +652,12 @@ def evolution_sensitivity(model_from: nn.Module, model_to: nn.Module, images: to
     activations), so pass a modest batch; :func:`concept_evolution_importance` batches
     for you and aggregates.
 
-    >>> s = evolution_sensitivity(model_t, model_t2, images[:16], class_index=0)
-    >>> s["features.0"].shape
+    >>> import torch
+    >>> def small_cnn():
+    ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+    ...                                torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    >>> s = evolution_sensitivity(small_cnn(), small_cnn(), torch.rand(16, 3, 12, 12), class_index=0)
+    >>> s["0"].shape
     torch.Size([16, 64])
     """
     class_index = _check_class_index(class_index)
@@ -687,12 +703,19 @@ def concept_evolution_importance(
         :class:`ImportanceResult` with per layer ``importance``, ``mean_sensitivity``,
         ``positive_count`` and ``flagged`` (non-finite) arrays.
 
-    Example::
+    Example:
 
-        >>> result = concept_evolution_importance(snap3, snap9, probe, class_index=2,
-        ...                                       max_images=128, from_step=3, to_step=9)
-        >>> result.top(5)
-        [('features.6', 41, 0.96), ...]
+        >>> import torch
+        >>> from tb_conceptevo.probes import ConceptShapes
+        >>> def small_cnn():  # two "snapshots" of one architecture (untrained here)
+        ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        ...                                torch.nn.Flatten(), torch.nn.Linear(8, 6))
+        >>> model_epoch3, model_epoch9 = small_cnn(), small_cnn()
+        >>> probe = ConceptShapes(n=64, size=16)        # labels: the shape (class 2 = triangle)
+        >>> result = concept_evolution_importance(model_epoch3, model_epoch9, probe, class_index=2,
+        ...                                       max_images=128, from_step=3, to_step=9, progress=False)
+        >>> result.n_images, len(result.top(5))    # (layer, channel, importance) of the top 5
+        (12, 5)
     """
     class_index = _check_class_index(class_index)
     layer_names = _layer_names(model_from, layers)
@@ -779,10 +802,20 @@ def revert_evaluation(
     the bins.  ``model_from`` runs once per batch; ``model_to`` runs
     ``1 + layers x (n_bins + len(seeds))`` times per batch.
 
-    Example::
+    Example:
 
-        >>> table = revert_evaluation(snap3, snap9, images, 2, result)
-        >>> print(table.table())
+        >>> import torch
+        >>> from tb_conceptevo.probes import ConceptShapes
+        >>> def small_cnn():  # two "snapshots" of one architecture (untrained here)
+        ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        ...                                torch.nn.Flatten(), torch.nn.Linear(8, 6))
+        >>> model_epoch3, model_epoch9 = small_cnn(), small_cnn()
+        >>> probe = ConceptShapes(n=64, size=16)        # labels: the shape (class 2 = triangle)
+        >>> table = revert_evaluation(model_epoch3, model_epoch9, probe, 2, progress=False)
+        >>> print(table.table())                   # doctest: +ELLIPSIS
+        class 2: baseline accuracy ... (12 images, 1 layers)
+               bin   mean change       std
+             0-25%  ...
     """
     class_index = _check_class_index(class_index)
     if not isinstance(n_bins, int) or n_bins < 1:

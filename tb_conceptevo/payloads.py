@@ -122,6 +122,7 @@ def probe_payload(probe, thumbnail_size: Optional[int] = None, batch: int = 256)
         "kind": "probe", "probe_hash": probe.hash, "n_images": n, "image_size": [height, width],
         "thumbnail_size": [th, tw], "atlas_grid": ATLAS_GRID, "n_atlases": sum(k.startswith("atlas_") for k in arrays),
         "class_names": list(probe.class_names) if probe.class_names is not None else None,
+        "class_order": getattr(probe, "class_order", "model") if probe.class_names is not None else None,
         "vocabulary": None if vocabulary is None else {
             "names": list(vocabulary.names), "categories": list(vocabulary.categories)},
         "probe_type": type(probe).__name__,

@@ -246,9 +246,20 @@ class ConceptWriter(SummaryWriter):
         Returns ``(ImportanceResult, RevertResult or None)``.
 
         Example:
-            >>> writer = ConceptWriter("runs/a", probe=probe, keep_previous_weights=True)
-            >>> writer.add_concepts(model, step=1); train(model)
-            >>> writer.add_concept_importance(model, class_index=3, images=probe, step=2, revert=True)
+            >>> import tempfile, torch
+            >>> from tb_conceptevo import probes
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            ...                             torch.nn.Flatten(), torch.nn.Linear(8, 6))
+            >>> probe = probes.ConceptShapes(n=64, size=16)
+            >>> writer = ConceptWriter(tempfile.mkdtemp(), probe=probe, keep_previous_weights=True, progress=False)
+            >>> _ = writer.add_concepts(model, step=1)
+            >>> with torch.no_grad():                  # "training" between the snapshots
+            ...     _ = model[0].weight.mul_(2)
+            >>> result, revert = writer.add_concept_importance(model, class_index=3, images=probe, step=2,
+            ...                                                revert=True)
+            >>> list(result.layers), revert.bin_labels
+            (['0'], ['0-25%', '25-50%', '50-75%', '75-100%'])
+            >>> writer.close()
         """
         import copy
 

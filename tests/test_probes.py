@@ -1,5 +1,6 @@
 """Tests of the probe sets: ConceptShapes, the Dataset/folder adapters and hashing."""
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -336,9 +337,72 @@ def test_image_folder_probe_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolderProbe(tmp_path / "missing")
     (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    _write_png(tmp_path / "fine.png", (1, 2, 3), (8, 8))
+    with pytest.raises(ValueError, match=r"(?s)2 of 3 files .*not readable.*broken\.png.*empty\.jpg") as error:
+        ImageFolderProbe(tmp_path)
+    assert "fine.png" not in str(error.value)
+    # a file whose header is fine but whose pixels are cut off is named when decoded
+    (tmp_path / "broken.png").unlink()
+    (tmp_path / "empty.jpg").unlink()
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (5, 6, 7)).save(buffer, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:60])
     probe = ImageFolderProbe(tmp_path)
-    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+    with pytest.raises(ValueError, match="cannot read image .*cut.png"):
         probe[0]
+
+
+def test_image_modes_are_converted_as_a_viewer_shows_them(tmp_path):
+    """16-bit scaled (not white), palette, transparency on the stated background, CMYK."""
+    gray16 = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535 steps of 257
+    Image.fromarray(gray16).save(tmp_path / "a_gray16.png")
+    assert Image.open(tmp_path / "a_gray16.png").mode.startswith("I")
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.paste(1, (0, 0, 8, 16))
+    palette.save(tmp_path / "b_palette.png")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :8, 3] = 255  # left half opaque red, right half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c_alpha.png")
+    transparent_palette = palette.copy()
+    transparent_palette.info["transparency"] = 0
+    transparent_palette.save(tmp_path / "d_palette_transparent.png", transparency=0)
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "e_cmyk.tif")  # pure red in CMYK
+    Image.fromarray(np.full((16, 16), 77, np.uint8), "L").convert("LA").save(tmp_path / "f_la.png")
+
+    probe = ImageFolderProbe(tmp_path, size=16)
+    assert probe.files == ["a_gray16.png", "b_palette.png", "c_alpha.png", "d_palette_transparent.png",
+                           "e_cmyk.tif", "f_la.png"]
+    raw = probe.raw_images(range(6)).astype(np.int64)
+    expected_gray = (gray16.astype(np.int64) * 255 + 32767) // 65535
+    assert np.array_equal(expected_gray, np.arange(256).reshape(16, 16))
+    assert all(np.array_equal(raw[0][..., c], expected_gray) for c in range(3))  # 16 bit: mean 127.5, not 255
+    assert (raw[1][:, :8] == (200, 100, 50)).all() and (raw[1][:, 8:] == (10, 20, 30)).all()
+    assert (raw[2][:, :8] == (200, 0, 0)).all() and (raw[2][:, 8:] == 255).all()  # white background
+    assert (raw[3][:, :8] == (200, 100, 50)).all() and (raw[3][:, 8:] == 255).all()
+    assert (raw[4] == (255, 0, 0)).all()
+    assert (raw[5] == 77).all()
+    black = ImageFolderProbe(tmp_path, size=16, background=(0, 0, 0)).raw_images([2]).astype(np.int64)[0]
+    assert (black[:, :8] == (200, 0, 0)).all() and (black[:, 8:] == 0).all()
+    with pytest.raises(ValueError, match="background must be"):
+        ImageFolderProbe(tmp_path, background=(0, 0, 256))
+
+
+def test_grayscale_model_input_and_16_bit_arrays():
+    gray = torch.arange(64, dtype=torch.uint8).reshape(1, 8, 8)
+    probe = DatasetProbe([gray, gray.flip(-1)], channels=1)
+    image, _ = probe[0]
+    assert image.shape == (1, 8, 8) and torch.equal(image, gray.float() / 255)
+    assert probe.raw_images([0]).shape == (1, 8, 8, 3)  # thumbnails stay RGB
+    assert probe.hash == DatasetProbe([gray, gray.flip(-1)]).hash  # same images, same hash
+    colour = DatasetProbe([np.full((5, 5, 3), (255, 0, 0), np.uint8)], channels=1)[0][0]
+    assert torch.allclose(colour, torch.full((1, 5, 5), 0.299))
+    wide = np.full((4, 4), 65535, np.uint16)
+    assert torch.equal(DatasetProbe([wide])[0][0], torch.ones(3, 4, 4))
+    with pytest.raises(ValueError, match="channels must be 1"):
+        DatasetProbe([gray], channels=2)
 
 
 def test_probe_grid_png_is_written(tmp_path):

@@ -19,6 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tb-conceptevo",
         description="Record, fit, back-fill and inspect concept-evolution data for TensorBoard.",
+        epilog="example (train first, look later; 'tb-conceptevo COMMAND --help' for each command):\n"
+               "  tb-conceptevo record --factory train.py:make_model --checkpoints ckpts/ --logdir runs \\\n"
+               "      --run baseline --probe train.py:make_probe\n"
+               "  tb-conceptevo fit-space --logdir runs --run baseline --out space.npz\n"
+               "  tb-conceptevo project --logdir runs --space space.npz\n"
+               "  tensorboard --logdir runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -35,7 +42,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         # User errors: one clear line, no stack trace.
-        print(f"tb-conceptevo {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if "expected input" in message and "channels" in message:  # torch's conv message for a wrong probe
+            message += (" -- the probe's images do not have the channels the model takes: give the probe the "
+                        "training script uses (--probe module:function), or --channels 1 for an image folder")
+        print(f"tb-conceptevo {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

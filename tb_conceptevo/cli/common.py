@@ -14,24 +14,30 @@ import torch
 PROBE_NAMES = ("concept_shapes",)
 
 
-def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
+def help_text(doc: str) -> str:
+    """A module docstring as ``--help`` text: the whole of it, rst markup removed."""
+    return doc.replace("``", "").replace("::\n", ":\n").replace("\\\n", "\\\n").strip()
+
+
+def load_callable(spec: str, option: str = "--factory", example: str = "mymodels:make_cnn") -> Callable:
     """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
     if not isinstance(spec, str) or spec.count(":") < 1 or spec.endswith(":") or spec.startswith(":"):
+        module, _, function = example.partition(":")
         raise ValueError(
-            f"--factory {spec!r} must look like 'module:function' (e.g. 'mymodels:make_cnn' or "
-            f"'path/to/models.py:make_cnn')"
+            f"{option} {spec!r} must look like 'module:function' (e.g. '{example}' or "
+            f"'path/to/{module}.py:{function}')"
         )
     module_name, _, function_name = spec.rpartition(":")
     if module_name.endswith(".py"):
         if not os.path.isfile(module_name):
-            raise FileNotFoundError(f"--factory: file {module_name!r} does not exist")
+            raise FileNotFoundError(f"{option}: file {module_name!r} does not exist")
         module_spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(module_name))[0], module_name)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as error:
-            raise ValueError(f"--factory: importing {module_name!r} failed: {error!r}") from error
+            raise ValueError(f"{option}: importing {module_name!r} failed: {error!r}") from error
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # like `python -m`: local modules are importable
@@ -39,19 +45,24 @@ def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
             module = importlib.import_module(module_name)
         except ImportError as error:
             raise ValueError(
-                f"--factory: cannot import module {module_name!r} ({error}); run from the folder "
+                f"{option}: cannot import module {module_name!r} ({error}); run from the folder "
                 f"that contains it or give a path to the .py file"
             ) from error
     function = getattr(module, function_name, None)
     if function is None:
         public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
         raise ValueError(
-            f"--factory: module {module_name!r} has no attribute {function_name!r}; callables in it: "
+            f"{option}: module {module_name!r} has no attribute {function_name!r}; callables in it: "
             f"{public[:20]}"
         )
     if not callable(function):
-        raise ValueError(f"--factory: {spec!r} is not callable")
+        raise ValueError(f"{option}: {spec!r} is not callable")
     return function
+
+
+def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
+    """``--factory module:function`` -> the model-building function."""
+    return load_callable(spec, "--factory")
 
 
 def build_model(factory: Callable[[], torch.nn.Module], spec: str) -> torch.nn.Module:
@@ -122,25 +133,81 @@ def _parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def load_probe(spec: str, image_size: int = 64):
-    """``'concept_shapes:n=1024,seed=0'`` or an image folder -> a ProbeSet."""
+#: help text of ``--channels`` (image-folder shortcut)
+CHANNELS_HELP = "for an image-folder --probe: channels the model takes, 3 (RGB, default) or 1 (grayscale)"
+
+#: help text of every ``--probe`` option
+PROBE_HELP = ("the probe set, as the training script builds it: 'module:function' or 'file.py:function' "
+              "returning a ProbeSet (e.g. 'myprobes.py:make_probe'); or the shortcuts "
+              "'concept_shapes[:n=1024,seed=0,size=64]' and an image folder (sized by --image-size)")
+
+
+def load_probe(spec: str, image_size: int = 64, option: str = "--probe", class_names=None, channels: int = 3):
+    """A ProbeSet from ``spec``: an image folder, ``'concept_shapes:n=1024,seed=0'``, or
+    ``'module:function'`` / ``'file.py:function'`` returning a ProbeSet (the same function
+    the training script calls, so transforms, channels and sizes match by construction)."""
     from tb_conceptevo import probes
 
     if os.path.isdir(spec):
-        return probes.ImageFolderProbe(spec, size=image_size)
+        return probes.ImageFolderProbe(spec, size=image_size, class_names=class_names, channels=channels)
+    if class_names is not None or channels != 3:
+        raise ValueError(f"--class-names and --channels apply to an image-folder {option} only; a probe "
+                         f"function sets class_names= and channels= itself")
     name, _, options = spec.partition(":")
     if name not in PROBE_NAMES:
-        raise ValueError(
-            f"--images {spec!r} is neither a folder nor a probe set; use one of {list(PROBE_NAMES)} "
-            f"(e.g. 'concept_shapes:n=1024,seed=0') or an existing folder"
-        )
+        if ":" not in spec or "=" in options:  # 'name:key=value' is a shortcut with options
+            raise ValueError(
+                f"{option} {spec!r} is neither a folder nor a probe set ({', '.join(PROBE_NAMES)}), nor "
+                f"'module:function'; e.g. {option} myprobes.py:make_probe, {option} "
+                f"concept_shapes:n=1024,seed=0 or {option} path/to/images/"
+            )
+        function = load_callable(spec, option, example="myprobes:make_probe")
+        probe = function()
+        if not isinstance(probe, probes.ProbeSet):
+            raise ValueError(
+                f"{option} {spec!r} returned {type(probe).__name__}, not a tb_conceptevo ProbeSet; wrap a "
+                f"dataset with probes.DatasetProbe(dataset, ...) or a folder with probes.ImageFolderProbe(...)"
+            )
+        return probe
     kwargs = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
-            raise ValueError(f"--images: option {item!r} must be key=value (e.g. n=1024)")
+            raise ValueError(f"{option}: option {item!r} must be key=value (e.g. n=1024)")
         kwargs[key.strip()] = _parse_value(value.strip())
     try:
         return probes.ConceptShapes(**kwargs)
     except TypeError as error:
-        raise ValueError(f"--images {spec!r}: {error}") from error
+        raise ValueError(f"{option} {spec!r}: {error}") from error
+
+
+def logged_run(logdir: str, run: str):
+    """``(probe header, logged snapshot steps)`` of a run; ``(None, [])`` for a new run.
+
+    Reads the run's own folder only (not the whole logdir)."""
+    from tb_conceptevo import metadata
+    from tb_conceptevo.reading import LogReader
+
+    run_dir = os.path.join(logdir, run)
+    if "://" not in run_dir and not os.path.isdir(run_dir):
+        return None, []
+    with LogReader(run_dir) as logs:
+        tags = logs.series(".").get(".") or {}
+        if not tags:
+            return None, []
+        header = logs.probe(".")[0] if metadata.probe_tag() in tags else None
+        return header, logs.steps(".")
+
+
+def check_probe_matches(probe, header, run: str, option: str = "--probe") -> None:
+    """Raise before any work when ``probe`` is not the probe set ``run`` was logged with."""
+    if header is None:
+        return
+    logged = str(header.get("probe_hash", ""))
+    if logged and probe.hash != logged:
+        raise ValueError(
+            f"{option} is not the probe set run {run!r} was logged with: its hash is {probe.hash[:12]}... "
+            f"({type(probe).__name__}, {len(probe)} images) but the run's is {logged[:12]}... "
+            f"({header.get('probe_type', '?')}, {header.get('n_images', '?')} images); pass the probe the "
+            f"training script used, e.g. {option} train.py:make_probe (a function returning it)"
+        )

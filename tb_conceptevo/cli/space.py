@@ -6,20 +6,30 @@ best run), then back-fill embeddings and layouts into every run and step::
     tb-conceptevo fit-space --logdir runs --run baseline --out space.npz
     tb-conceptevo project --logdir runs --space space.npz
 
+    # a refit (other seed or dim) goes next to the first, under its own name:
+    tb-conceptevo fit-space --logdir runs --run baseline --out space_dim10.npz --dim 10
+    tb-conceptevo project --logdir runs --space space_dim10.npz --name conceptevo_dim10
+
 ``project`` writes under ``conceptevo/space/<space>/<layer>`` (new tags), in ascending
 step order, only for the steps and layers not back-filled yet: running it twice
-changes nothing.
+changes nothing.  A space whose content differs from the one already logged under
+its name (it places a logged step elsewhere) is refused before anything is written;
+give it its own name with ``--name``.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Dict, List, Optional
 
 
 def register(subparsers) -> None:
     fit = subparsers.add_parser(
         "fit-space", help="fit a ConceptEvo space from logged observations",
-        description="Fit a ConceptEvo space (Steps 1 and 2.1) on the observations of one logged run and step.",
+        description="Fit a ConceptEvo space (Steps 1 and 2.1) on the observations of one logged run and "
+                    "step; no probe is needed (the logged stimuli carry the probe hash).\n\nexample:\n\n"
+                    "    tb-conceptevo fit-space --logdir runs --run baseline --out space.npz --dim 30 --seed 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument("--logdir", required=True, help="TensorBoard logdir")
     fit.add_argument("--run", default=None, help="base run (default: the only run with observations)")
@@ -42,10 +52,17 @@ def register(subparsers) -> None:
     project = subparsers.add_parser(
         "project", help="back-fill embeddings and layouts of a saved space into every logged run and step",
         description="Place every logged observation in a saved space and write the embeddings, layouts "
-                    "and metrics as new tags (only steps and layers not written yet).",
+                    "and metrics as new tags (only steps and layers not written yet). A space whose "
+                    "content differs from the one logged under its name is refused; name it with --name."
+                    "\n\nexample:\n\n    tb-conceptevo project --logdir runs --space space.npz\n"
+                    "    tb-conceptevo project --logdir runs --space refit.npz --name conceptevo_refit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     project.add_argument("--logdir", required=True, help="TensorBoard logdir")
     project.add_argument("--space", required=True, help="space file written by fit-space")
+    project.add_argument("--name", default=None,
+                         help="name to log the space under (default: its kind, e.g. 'conceptevo'); "
+                              "needed when another space is already logged under that name")
     project.add_argument("--runs", default=None, help="comma-separated runs (default: every run with observations)")
     project.add_argument("--layers", default=None, help="comma-separated layers (default: all logged layers)")
     project.add_argument("--fast", action="store_true", help="read the logdir with rustboard")
@@ -87,24 +104,30 @@ def run_fit_space(args) -> int:
 
 # -------------------------------------------------------------------------- project
 def run_project(args) -> int:
+    from .. import metadata
     from ..spaces import load_space
 
     space = load_space(args.space)
+    if args.name:
+        space.name = metadata.check_name(args.name, "--name")
     written, n_runs = project_logdir(args.logdir, space, runs=_layer_list(args.runs),
                                      layers=_layer_list(args.layers), fast=args.fast,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, source=args.space)
     if written:
-        print(f"back-filled {written} step(s) of {n_runs} run(s) into space {space.name!r}")
+        print(f"back-filled {written} step(s) of {n_runs} run(s) into space {space.name!r} from {args.space}")
     else:
-        print(f"nothing to do: every logged step is already placed in space {space.name!r}")
+        print(f"nothing to do: every logged step is already placed in space {space.name!r}, and "
+              f"{args.space} is that space (it places the first logged step of each run as logged)")
     return 0
 
 
 def project_logdir(logdir: str, space, runs: Optional[List[str]] = None, layers: Optional[List[str]] = None,
-                   fast: bool = False, progress: bool = True):
+                   fast: bool = False, progress: bool = True, source: str = "the space"):
     """Back-fill ``space``'s embeddings, layouts and metrics into every run and step of
     ``logdir`` that lacks them (new tags, ascending steps; a second call writes nothing).
 
+    Refuses (ValueError, before writing anything) a space that places an already
+    logged step of a run differently from the space logged under ``space.name``.
     Returns ``(steps written, runs touched)``.
     """
     from tqdm.auto import tqdm
@@ -114,6 +137,17 @@ def project_logdir(logdir: str, space, runs: Optional[List[str]] = None, layers:
     written = 0
     with LogReader(logdir, fast=fast) as logs:
         chosen = _runs(logs, ",".join(runs) if runs else None, logdir)
+        differing = [(run, found) for run in chosen
+                     for found in [_differs_from_logged(logs, run, space, layers)] if found]
+        if differing:
+            where = "; ".join(f"run {run!r}, layer {layer!r}, step {step}" for run, (layer, step) in differing[:5])
+            taken = set(_logged_space_names(logs, chosen))
+            suggestion = next(f"{space.name}_{i}" for i in range(2, 10_000) if f"{space.name}_{i}" not in taken)
+            raise ValueError(
+                f"{source} is not the space already logged as {space.name!r}: it places logged steps elsewhere "
+                f"({where}), e.g. a refit with another seed or dim. Nothing was written. Log it next to the "
+                f"first under its own name: --name {suggestion}"
+            )
         plans = {run: _missing(logs, run, space.name, layers) for run in chosen}
         total = sum(len(plan) for plan in plans.values())
         bar = tqdm(total=total, desc="projecting", unit="step", disable=not progress)
@@ -122,6 +156,45 @@ def project_logdir(logdir: str, space, runs: Optional[List[str]] = None, layers:
                 written += _project_run(logs, logdir, run, space, plan, bar)
         bar.close()
     return written, sum(bool(p) for p in plans.values())
+
+
+def _logged_space_names(logs, runs: List[str]) -> List[str]:
+    """Names of the spaces logged in ``runs``."""
+    from .. import metadata
+
+    names = set()
+    for run in runs:
+        for tag in logs.series(run).get(run, {}):
+            parsed = metadata.parse_tag(tag)
+            if parsed and parsed[0] == metadata.SPACE:
+                names.add(parsed[1][0])
+    return sorted(names)
+
+
+def _differs_from_logged(logs, run: str, space, layers: Optional[List[str]]):
+    """``(layer, step)`` where ``space`` places a logged observation differently from the
+    embedding logged under ``space.name`` (the first such step of the first such layer
+    is checked), or None when nothing is logged under that name or they agree.
+
+    Logged vectors are float16, so agreement is judged to float16 precision."""
+    import numpy as np
+
+    for layer in layers or logs.layers(run):
+        done = logs.space_steps(run, space.name, layer)
+        if not done:
+            continue
+        step = done[0]
+        logged = logs.embedding(run, space.name, layer, step)
+        fresh = space.embed(logs.observation(run, step, [layer])[layer])
+        fresh_vectors = np.asarray(fresh.vectors, np.float32).astype(np.float16).astype(np.float32)
+        # float16 keeps 11 bits (relative error <= 4.9e-4); a refit differs by O(1)
+        scale = float(np.abs(logged.vectors[logged.placed]).max()) if logged.placed.any() else 1.0
+        same = (np.array_equal(np.asarray(fresh.placed, bool), logged.placed)
+                and fresh_vectors.shape == logged.vectors.shape
+                and np.allclose(fresh_vectors[logged.placed], logged.vectors[logged.placed],
+                                rtol=4e-3, atol=4e-3 * scale))
+        return None if same else (layer, step)
+    return None
 
 
 def _missing(logs, run: str, space_name: str, layers: Optional[List[str]]) -> Dict[int, List[str]]:

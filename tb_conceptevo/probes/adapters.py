@@ -47,14 +47,59 @@ def _is_label(value: Any) -> bool:
     return False
 
 
-def _to_array(image: Any, index: int) -> np.ndarray:
+#: default colour transparent pixels are composited on (``background=``)
+DEFAULT_BACKGROUND: Tuple[int, int, int] = (255, 255, 255)
+
+
+def _check_background(background) -> Tuple[int, int, int]:
+    values = tuple(background) if isinstance(background, (tuple, list)) else None
+    if values is None or len(values) != 3 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"background must be an (r, g, b) tuple of ints in 0..255, got {background!r}")
+    return tuple(int(v) for v in values)
+
+
+def pil_to_rgb(image, background: Tuple[int, int, int] = DEFAULT_BACKGROUND):
+    """An 8-bit RGB PIL image from any PIL mode, as a viewer shows it.
+
+    * 16-bit and 32-bit integer grayscale (``I;16*``, ``I``: PNG/TIFF 16-bit) are scaled
+      from 0..65535 to 0..255 (PIL's own ``convert`` clips them, so they turn white);
+      float (``F``) images are taken as 0..1.
+    * Transparency (alpha, ``LA``/``RGBA``/``PA``, or a palette's transparent index) is
+      composited on ``background`` (default white), not dropped.
+    * Palette, bilevel, CMYK, YCbCr, LAB and HSV images are converted to RGB.
+    * The EXIF orientation tag is applied (photos appear upright, as in a viewer).
+    """
+    from PIL import Image, ImageOps
+
+    if image.getexif().get(0x0112, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image)
+        if mode == "F":
+            gray = np.round(np.clip(np.nan_to_num(array.astype(np.float64)), 0.0, 1.0) * 255.0)
+        else:  # 65535 -> 255 exactly, rounding to nearest
+            gray = (np.clip(array.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
+        return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("LA", "La", "PA", "RGBa"):
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode == "RGBA":
+        canvas = Image.new("RGBA", image.size, tuple(background) + (255,))
+        return Image.alpha_composite(canvas, image).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def _to_array(image: Any, index: int, background: Tuple[int, int, int] = DEFAULT_BACKGROUND) -> np.ndarray:
     """Untransformed image as uint8 ``[H, W, 3]`` (8-bit sources) or float32 ``[3, H, W]``."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow ships with torchvision
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"), dtype=np.uint8)  # writable copy
+        return np.array(pil_to_rgb(image, background), dtype=np.uint8)  # writable copy
     if isinstance(image, torch.Tensor):
         # torchvision convention: channels first
         array = image.detach().cpu().numpy()
@@ -85,10 +130,12 @@ def _to_array(image: Any, index: int) -> np.ndarray:
         )
     if array.dtype == np.uint8:
         return np.ascontiguousarray(np.moveaxis(array, 0, -1))
+    if array.dtype == np.uint16:  # 16-bit images: 0..65535 -> [0, 1]
+        return np.ascontiguousarray(array, dtype=np.float32) / np.float32(65535.0)
     if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
         raise TypeError(
-            f"probe item {index}: integer images must be uint8, got {array.dtype}; convert to "
-            "uint8 or to float in [0, 1]"
+            f"probe item {index}: integer images must be uint8 or uint16, got {array.dtype}; convert "
+            "to uint8 or to float in [0, 1]"
         )
     return np.ascontiguousarray(array, dtype=np.float32)
 
@@ -107,6 +154,22 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.moveaxis(array, 0, -1), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _check_channels(channels) -> int:
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"channels must be 1 (grayscale model input) or 3 (RGB), got {channels!r}")
+    return int(channels)
+
+
+def _as_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[3, H, W]`` -> ``[channels, H, W]``: 1 channel is the gray value where the three
+    are equal (grayscale sources come back exactly), else ITU-R 601 luma as PIL's ``L``."""
+    if channels == 3:
+        return image
+    red, green, blue = image[0:1], image[1:2], image[2:3]
+    luma = 0.299 * red + 0.587 * green + 0.114 * blue
+    return torch.where((red == green) & (green == blue), red, luma)
+
+
 def _size_of(array: np.ndarray) -> Tuple[int, int]:
     return tuple(array.shape[:2]) if array.dtype == np.uint8 else tuple(array.shape[1:])
 
@@ -116,6 +179,8 @@ class _ArrayProbe(ProbeSet):
 
     _expected_size: Tuple[int, int]
     _warned_range = False
+    #: channels of the model input (1: grayscale, 3: RGB); thumbnails and hash stay RGB
+    channels = 3
 
     def _load(self, index: int) -> Tuple[np.ndarray, int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -147,7 +212,7 @@ class _ArrayProbe(ProbeSet):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         array, label = self._checked(index)
-        image = _to_tensor(array)
+        image = _as_channels(_to_tensor(array), self.channels)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(label)
@@ -179,10 +244,12 @@ class DatasetProbe(_ArrayProbe):
     """A probe set over any map-style ``torch.utils.data.Dataset`` of images.
 
     Items may be ``(image, label, ...)`` tuples, dicts (``image_key`` / ``label_key``)
-    or bare images; images may be PIL images, tensors ``[C, H, W]`` (uint8, or float
-    in [0, 1]) or ndarrays (``[H, W, C]`` or ``[C, H, W]``); grayscale is repeated to 3
-    channels and alpha dropped.  Put normalisation in ``transform``, not in the
-    dataset, so thumbnails and the hash see the real images.
+    or bare images; images may be PIL images (any mode, converted as :func:`pil_to_rgb`
+    says: 16-bit scaled, transparency composited on ``background``, palette and CMYK
+    converted), tensors ``[C, H, W]`` (uint8, or float in [0, 1]) or ndarrays
+    (``[H, W, C]`` or ``[C, H, W]``; uint16 is scaled from 0..65535); grayscale is
+    repeated to 3 channels and an array's alpha channel dropped.  Put normalisation in
+    ``transform``, not in the dataset, so thumbnails and the hash see the real images.
 
     Args:
         dataset: the dataset (must have ``len``).
@@ -192,6 +259,10 @@ class DatasetProbe(_ArrayProbe):
             ``img``, ``pixel_values``, ``input`` / ``label``, ``labels``, ``target``,
             ``class`` that is present).
         class_names: names of the label values (default: ``dataset.classes``).
+        channels: channels the model takes: 3 (RGB, default) or 1 (grayscale: the
+            gray value of grayscale images, luma of colour ones); applied before
+            ``transform``.
+        background: ``(r, g, b)`` transparent PIL images are composited on (default white).
 
     Example:
         >>> import torchvision
@@ -209,7 +280,11 @@ class DatasetProbe(_ArrayProbe):
         image_key: Optional[str] = None,
         label_key: Optional[str] = None,
         class_names: Optional[Sequence[str]] = None,
+        channels: int = 3,
+        background: Tuple[int, int, int] = DEFAULT_BACKGROUND,
     ):
+        self.channels = _check_channels(channels)
+        self.background = _check_background(background)
         try:
             available = len(dataset)
         except TypeError as error:
@@ -258,7 +333,7 @@ class DatasetProbe(_ArrayProbe):
 
     def _load(self, index: int) -> Tuple[np.ndarray, int]:
         image, label = self._split(self.dataset[index], index)
-        return _to_array(image, index), label
+        return _to_array(image, index, self.background), label
 
     @property
     def labels(self) -> Optional[np.ndarray]:
@@ -281,7 +356,8 @@ class DatasetProbe(_ArrayProbe):
         return list(self._class_names) if self._class_names is not None else None
 
     def __repr__(self) -> str:
-        return f"DatasetProbe({type(self.dataset).__name__}, n={self.n}, image_size={self._expected_size})"
+        return (f"DatasetProbe({type(self.dataset).__name__}, n={self.n}, image_size={self._expected_size}, "
+                f"channels={self.channels})")
 
 
 class ImageFolderProbe(_ArrayProbe):
@@ -290,9 +366,15 @@ class ImageFolderProbe(_ArrayProbe):
     Files are found recursively (or only at the top level with ``recursive=False``),
     filtered by extension (case-insensitive; hidden files skipped) and sorted by their
     relative POSIX path, so the order and hash are the same on every machine.  Each
-    image is converted to RGB, scaled so its shorter side is ``size`` and centre-cropped
-    to ``size x size``.  When every file lies in a subfolder, the first-level folder
-    names are the classes (as in torchvision's ``ImageFolder``); otherwise labels are -1.
+    image is converted to RGB as :func:`pil_to_rgb` says (16-bit scaled, transparency
+    composited on ``background``, palette and CMYK converted, EXIF orientation applied),
+    scaled so its shorter side is ``size`` and centre-cropped to ``size x size``.  When
+    every file lies in a subfolder, the first-level folder names are the classes (as in
+    torchvision's ``ImageFolder``; sorted, so class ``i`` is the ``i``-th name, which need
+    not be your model's class ``i``); otherwise labels are -1.
+
+    Building the probe opens every file's header (fast, no decoding) and reports all
+    unreadable files at once; pixels are decoded on first use.
 
     Args:
         root: the folder.
@@ -302,11 +384,26 @@ class ImageFolderProbe(_ArrayProbe):
         recursive: descend into subfolders.
         n: use only the first ``n`` files (sorted order).
         cache: keep decoded uint8 images in memory after the first read.
+        channels: channels the model takes: 3 (RGB, default) or 1 (grayscale).
+        background: ``(r, g, b)`` transparent pixels are composited on (default white).
+        class_names: the model's class names in its output order; every first-level
+            folder must be one of them and its images get that class index.  Without
+            it, classes are the sorted folder names (:attr:`class_order` ``"folders"``),
+            the model's order only if it was trained on these folders with
+            torchvision's ``ImageFolder``.
 
     Example:
-        >>> probe = ImageFolderProbe("my_images/", size=64)   # doctest: +SKIP
-        >>> probe.class_names                                   # doctest: +SKIP
-        ['cats', 'dogs']
+        >>> import pathlib, tempfile
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())            # my_images/cats/*.png, my_images/dogs/*.png
+        >>> for name in ("dogs", "cats"):
+        ...     (root / name).mkdir()
+        ...     Image.new("RGBA", (80, 60), (200, 50, 0, 128)).save(root / name / "a.png")
+        >>> probe = ImageFolderProbe(root, size=64)
+        >>> probe.class_names, probe.class_order, probe.image_size
+        (['cats', 'dogs'], 'folders', (64, 64))
+        >>> ImageFolderProbe(root, size=64, class_names=["dogs", "cats"]).labels  # the model's order
+        array([1, 0])
     """
 
     def __init__(
@@ -318,7 +415,12 @@ class ImageFolderProbe(_ArrayProbe):
         recursive: bool = True,
         n: Optional[int] = None,
         cache: bool = True,
+        channels: int = 3,
+        background: Tuple[int, int, int] = DEFAULT_BACKGROUND,
+        class_names: Optional[Sequence[str]] = None,
     ):
+        self.channels = _check_channels(channels)
+        self.background = _check_background(background)
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"ImageFolderProbe: folder {str(root)!r} does not exist")
@@ -348,12 +450,28 @@ class ImageFolderProbe(_ArrayProbe):
             )
         if n is not None:
             relative = relative[:n]
+        self._check_headers(root, relative)
         self.files: List[str] = relative
         folders = [path.split("/")[0] if "/" in path else None for path in relative]
-        if all(folder is not None for folder in folders):
-            self._class_names: Optional[List[str]] = sorted(set(folders))
+        self.class_order: Optional[str] = None
+        if class_names is not None:
+            self._class_names: Optional[List[str]] = [str(name) for name in class_names]
+            if len(set(self._class_names)) != len(self._class_names):
+                raise ValueError(f"ImageFolderProbe: class_names has duplicates: {self._class_names}")
+            lookup = {name: i for i, name in enumerate(self._class_names)}
+            unknown = sorted({str(f) for f in folders if f not in lookup})
+            if unknown:
+                raise ValueError(
+                    f"ImageFolderProbe: folders {unknown} of {str(root)!r} are not in class_names "
+                    f"{self._class_names}; every image must lie in a folder named after its class"
+                )
+            self._labels = np.array([lookup[f] for f in folders], np.int64)
+            self.class_order = "model"
+        elif all(folder is not None for folder in folders):
+            self._class_names = sorted(set(folders))
             lookup = {name: i for i, name in enumerate(self._class_names)}
             self._labels = np.array([lookup[f] for f in folders], np.int64)
+            self.class_order = "folders"
         else:
             self._class_names = None
             self._labels = np.full(len(relative), -1, np.int64)
@@ -371,13 +489,34 @@ class ImageFolderProbe(_ArrayProbe):
                 self._cache[index] = cached
         return cached, int(self._labels[index])
 
+    @staticmethod
+    def _check_headers(root: Path, relative: Sequence[str]) -> None:
+        """Open every file's header (PIL reads no pixels here) and raise once, naming
+        every file that is not a readable image."""
+        from PIL import Image
+
+        bad = []
+        for name in relative:
+            try:
+                with Image.open(root / name) as image:
+                    if min(image.size) < 1:
+                        raise ValueError(f"empty image {image.size}")
+            except Exception as error:  # any unreadable file: collect, report all at once
+                bad.append(f"{name} ({type(error).__name__}: {error})")
+        if bad:
+            shown = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+            raise ValueError(
+                f"ImageFolderProbe: {len(bad)} of {len(relative)} files in {str(root)!r} are not readable "
+                f"images; remove or fix them (or pass extensions= to skip them):\n  {shown}"
+            )
+
     def _decode(self, index: int) -> np.ndarray:
         from PIL import Image, ImageOps
 
         path = self.root / self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = pil_to_rgb(image, self.background)
                 # scale the shorter side to `size`, then centre-crop the longer one
                 fitted = ImageOps.fit(image, (self.size, self.size), method=Image.BILINEAR, centering=(0.5, 0.5))
         except Exception as error:  # unreadable/corrupt file: name it

@@ -79,6 +79,10 @@ class ProbeSet(torch.utils.data.Dataset, abc.ABC):
     def class_names(self) -> Optional[List[str]]:
         return None
 
+    #: ``"model"``: ``class_names[i]`` is the model's class ``i`` (labels are model class
+    #: indices); ``"folders"``: names are sorted folder names, maybe not the model's order
+    class_order: Optional[str] = "model"
+
     @property
     def labels(self) -> Optional[np.ndarray]:
         """int64 ``[n]`` class labels, or None."""
