@@ -31,26 +31,24 @@ export interface LineSeries {
   name: string;
   points: [number, number][];
   colour?: string;
+  /** line dash (runs are told apart by dash, layers by hue) */
+  dash?: number[];
 }
 
-/** Line chart with x = step; `marker` draws the current step as an orange rule. */
+/**
+ * Line chart with x = step; `marker` draws the current step as an orange rule.  `xRange`
+ * aligns the x-axes of charts shown together; `hint` says which direction is better.
+ * Hovering shows each series' value at the nearest step; clicking calls `onStep`.
+ */
 export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts: {
-  width: number; height: number; title: string; marker?: number | null; yLabel?: string;
+  width: number; height: number; title: string; marker?: number | null; yLabel?: string; xRange?: [number, number] | null;
+  hint?: string; onStep?: (step: number) => void;
 }): void {
   const { width, height } = opts;
-  const ctx = setup(canvas, width, height);
-  const m = { l: 44, r: 10, t: 22, b: 20 };
-  ctx.fillStyle = "#212121";
-  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
-  ctx.fillText(ellipsis(ctx, opts.title, width - 12), m.l - 36, 14);
-  ctx.font = FONT;
+  const m = { l: 44, r: 10, t: opts.hint ? 34 : 22, b: 20 };
   const all = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
-  if (!all.length) {
-    ctx.fillStyle = TEXT;
-    ctx.fillText("no data logged", m.l, height / 2);
-    return;
-  }
   let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+  if (opts.xRange) { x0 = Math.min(x0, opts.xRange[0]); x1 = Math.max(x1, opts.xRange[1]); }
   let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
   if (opts.marker !== null && opts.marker !== undefined) { x0 = Math.min(x0, opts.marker); x1 = Math.max(x1, opts.marker); }
   if (x1 === x0) { x0 -= 1; x1 += 1; }
@@ -58,49 +56,98 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
   const sx = (x: number) => m.l + ((x - x0) / (x1 - x0)) * pw;
   const sy = (y: number) => m.t + ph - ((y - y0) / (y1 - y0)) * ph;
-  ctx.strokeStyle = "#eeeeee";
-  ctx.fillStyle = TEXT;
-  ctx.lineWidth = 1;
-  ctx.textAlign = "right";
-  for (const t of niceTicks(y0, y1, 4)) {
+  const sorted = series.map((s) => s.points.filter((p) => Number.isFinite(p[1])).sort((a, b) => a[0] - b[0]));
+  const steps = [...new Set(sorted.flatMap((pts) => pts.map((p) => p[0])))].sort((a, b) => a - b);
+  const paint = (hover: number | null) => {
+    const ctx = setup(canvas, width, height);
+    ctx.fillStyle = "#212121";
+    ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+    ctx.fillText(ellipsis(ctx, opts.title, width - 12), m.l - 36, 14);
+    ctx.font = FONT;
+    if (opts.hint) { ctx.fillStyle = TEXT; ctx.fillText(ellipsis(ctx, opts.hint, width - 12), m.l - 36, 27); }
+    if (!all.length) {
+      ctx.fillStyle = TEXT;
+      ctx.fillText("no data logged", m.l, height / 2);
+      return;
+    }
+    ctx.strokeStyle = "#eeeeee";
+    ctx.fillStyle = TEXT;
+    ctx.lineWidth = 1;
+    ctx.textAlign = "right";
+    for (const t of niceTicks(y0, y1, 4)) {
+      ctx.beginPath();
+      ctx.moveTo(m.l, sy(t) + 0.5);
+      ctx.lineTo(width - m.r, sy(t) + 0.5);
+      ctx.stroke();
+      ctx.fillText(tickLabel(t), m.l - 4, sy(t) + 4);
+    }
+    ctx.textAlign = "center";
+    for (const t of niceTicks(x0, x1, 4)) ctx.fillText(tickLabel(t), sx(t), height - 5);
+    ctx.textAlign = "left";
+    ctx.strokeStyle = AXIS;
     ctx.beginPath();
-    ctx.moveTo(m.l, sy(t) + 0.5);
-    ctx.lineTo(width - m.r, sy(t) + 0.5);
+    ctx.moveTo(m.l, m.t + ph + 0.5);
+    ctx.lineTo(width - m.r, m.t + ph + 0.5);
     ctx.stroke();
-    ctx.fillText(tickLabel(t), m.l - 4, sy(t) + 4);
+    if (opts.marker !== null && opts.marker !== undefined) {
+      ctx.strokeStyle = "#f57c00";
+      ctx.lineWidth = 1.5;
+      ctx.beginPath();
+      ctx.moveTo(sx(opts.marker), m.t);
+      ctx.lineTo(sx(opts.marker), m.t + ph);
+      ctx.stroke();
+    }
+    series.forEach((s, i) => {
+      const colour = s.colour ?? PALETTE[i % PALETTE.length];
+      const pts = sorted[i];
+      ctx.strokeStyle = colour;
+      ctx.fillStyle = colour;
+      ctx.lineWidth = 1.6;
+      ctx.setLineDash(s.dash ?? []);
+      ctx.beginPath();
+      pts.forEach(([x, y], j) => (j ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
+      ctx.stroke();
+      ctx.setLineDash([]);
+      if (pts.length <= 40) for (const [x, y] of pts) { ctx.beginPath(); ctx.arc(sx(x), sy(y), 2, 0, Math.PI * 2); ctx.fill(); }
+    });
+    if (hover !== null) {
+      ctx.strokeStyle = "#9e9e9e";
+      ctx.lineWidth = 1;
+      ctx.beginPath(); ctx.moveTo(sx(hover) + 0.5, m.t); ctx.lineTo(sx(hover) + 0.5, m.t + ph); ctx.stroke();
+      const lines = [`step ${hover}`, ...series.map((s, i) => {
+        const p = sorted[i].find((q) => q[0] === hover);
+        return p ? `${s.name}: ${formatNumber(p[1])}` : null;
+      }).filter((t): t is string => !!t)].slice(0, 6);
+      const w = Math.max(...lines.map((t) => ctx.measureText(t).width)) + 10;
+      const bx = sx(hover) + 6 + w > width ? sx(hover) - 6 - w : sx(hover) + 6;
+      ctx.fillStyle = "rgba(33,33,33,0.88)";
+      ctx.fillRect(bx, m.t, w, 14 * lines.length + 4);
+      ctx.fillStyle = "#ffffff";
+      lines.forEach((t, k) => ctx.fillText(t, bx + 5, m.t + 13 + 14 * k));
+    }
+  };
+  paint(null);
+  if (!all.length) return;
+  const nearest = (e: MouseEvent): number | null => {
+    const r = canvas.getBoundingClientRect();
+    const x = x0 + ((e.clientX - r.left - m.l) / pw) * (x1 - x0);
+    let best: number | null = null;
+    for (const s of steps) if (best === null || Math.abs(s - x) < Math.abs(best - x)) best = s;
+    return best;
+  };
+  let shown: number | null = null;
+  canvas.addEventListener("mousemove", (e) => { const s = nearest(e); if (s !== shown) { shown = s; paint(s); } });
+  canvas.addEventListener("mouseleave", () => { shown = null; paint(null); });
+  if (opts.onStep) {
+    canvas.style.cursor = "pointer";
+    canvas.title = "Click to move the step slider here";
+    canvas.addEventListener("click", (e) => { const s = nearest(e); if (s !== null) opts.onStep!(s); });
   }
-  ctx.textAlign = "center";
-  for (const t of niceTicks(x0, x1, 4)) ctx.fillText(tickLabel(t), sx(t), height - 5);
-  ctx.textAlign = "left";
-  ctx.strokeStyle = AXIS;
-  ctx.beginPath();
-  ctx.moveTo(m.l, m.t + ph + 0.5);
-  ctx.lineTo(width - m.r, m.t + ph + 0.5);
-  ctx.stroke();
-  if (opts.marker !== null && opts.marker !== undefined) {
-    ctx.strokeStyle = "#f57c00";
-    ctx.lineWidth = 1.5;
-    ctx.beginPath();
-    ctx.moveTo(sx(opts.marker), m.t);
-    ctx.lineTo(sx(opts.marker), m.t + ph);
-    ctx.stroke();
-  }
-  series.forEach((s, i) => {
-    const colour = s.colour ?? PALETTE[i % PALETTE.length];
-    const pts = s.points.filter((p) => Number.isFinite(p[1])).sort((a, b) => a[0] - b[0]);
-    ctx.strokeStyle = colour;
-    ctx.fillStyle = colour;
-    ctx.lineWidth = 1.6;
-    ctx.beginPath();
-    pts.forEach(([x, y], j) => (j ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
-    ctx.stroke();
-    if (pts.length <= 40) for (const [x, y] of pts) { ctx.beginPath(); ctx.arc(sx(x), sy(y), 2, 0, Math.PI * 2); ctx.fill(); }
-  });
 }
 
 /** Grouped bars: one group per `groups` entry, one bar per `keys` entry. */
 export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], keys: string[],
-  value: (group: string, key: string) => number, opts: { width: number; height: number; title: string }): void {
+  value: (group: string, key: string) => number, opts: { width: number; height: number; title: string; max?: number }): void {
   const { width, height } = opts;
   const ctx = setup(canvas, width, height);
   const m = { l: 36, r: 8, t: 22, b: 34 };
@@ -115,7 +162,8 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
   }
   const colours = categoryColours(keys);
   const colour = (k: string) => colours.get(k) ?? "#9e9e9e";
-  const max = Math.max(1, ...groups.flatMap((g) => keys.map((k) => value(g, k))));
+  // `max` shares the y-scale across small multiples (so equal bars mean equal counts)
+  const max = opts.max ?? Math.max(1, ...groups.flatMap((g) => keys.map((k) => value(g, k))));
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
   const gw = pw / groups.length;
   const bw = Math.max(2, (gw * 0.8) / keys.length);
