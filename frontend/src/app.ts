@@ -6,22 +6,19 @@
  * export.ts; theme.ts follows TensorBoard's dark mode.
  */
 import { Api, ApiError, RunInfo, RunsResponse } from "./api";
-import {
-  Bounds, ProbeInfo, bounds, colourPoints, combineLayers, keepStepIndex, naturalCompare, neuronId, parseNeuronId,
-  stepAtOrBefore, stepTransition, unionBounds, unionSteps,
-} from "./data";
+import { ProbeInfo, keepStepIndex, naturalCompare, neuronId, parseNeuronId, unionSteps } from "./data";
 import { Detail } from "./detail";
+import { Maps, PLAY_MS } from "./maps";
 import { h, status } from "./dom";
 import { Panel } from "./panel";
 import { Camera, ScatterView } from "./scatter";
-import { renderLegend, renderSidebar } from "./sidebar";
+import { renderSidebar } from "./sidebar";
 import { Persisted, loadState, normaliseState, saveState } from "./state";
 import { Tabs } from "./tabs/tabs";
 import { followTheme } from "./theme";
 
 const POLL_MS = 5000;
-/** time per step at speed 1 while playing; a transition takes at most 45 % of it (and 300-450 ms at speed 1) */
-const PLAY_MS = 1200;
+/** length of a step's glide (300-500 ms reads as motion without slowing the slider down) */
 export const TRANSITION_MS = 450;
 
 export interface Neuron {
@@ -45,9 +42,6 @@ export class App {
   hovered: (Neuron & { run: string }) | null = null;
   selection: Set<string> | null = null;
   importanceByRun = new Map<string, Map<string, number>>();
-  private firstDrawMarked = false;
-  /** refit once every panel has loaded (the first panel fits alone to draw at once) */
-  private fullFitPending = true;
   /** transition length override (tests slow it down to look at a frame) */
   transitionMs = TRANSITION_MS;
 
@@ -64,6 +58,7 @@ export class App {
   readonly searchInput = h("input", { class: "ce-search", attrs: { type: "search", placeholder: "neuron id or concept word", "aria-label": "search neurons" } });
   readonly detail: Detail;
   readonly tabs: Tabs;
+  readonly maps: Maps;
 
   constructor(root: HTMLElement, api: Api, options: { forceCanvas?: boolean } = {}) {
     this.root = root;
@@ -72,6 +67,7 @@ export class App {
     this.state = loadState();
     this.detail = new Detail(this);
     this.tabs = new Tabs(this);
+    this.maps = new Maps(this);
     followTheme(root, () => { for (const p of this.panels) p.view.requestDraw(); });
     (window as unknown as { __conceptevo: unknown }).__conceptevo = this.debugHooks();
   }
@@ -105,7 +101,7 @@ export class App {
     this.requestInitialMaps(); // network first, then build the page while the answers travel
     this.buildLayout();
     renderSidebar(this);
-    this.rebuildPanels();
+    this.maps.rebuildPanels();
     this.detail.restorePinned();
     this.schedulePoll();
   }
@@ -113,15 +109,7 @@ export class App {
   private requestInitialMaps(): void {
     const step = this.step;
     if (step === null) return;
-    for (const run of this.selectedRuns()) this.requestMaps(run, step);
-  }
-
-  private requestMaps(run: RunInfo, step: number): void {
-    const space = this.state.space ?? "";
-    for (const layer of this.layersOf(run)) {
-      const s = stepAtOrBefore(run.spaces[space]?.[layer] ?? [], step);
-      if (s !== null) this.api.map(run.run, space, layer, s).catch(() => undefined);
-    }
+    for (const run of this.selectedRuns()) this.maps.requestMaps(run, step);
   }
 
   private buildLayout(): void {
@@ -143,7 +131,7 @@ export class App {
     };
     const stepbar = h("div", { class: "ce-stepbar" }, [this.playButton, speed, this.slider, this.stepLabel,
       toggle("loop", "loop", "Start again at the first step"), toggle("trails", "trails", "Fading lines to each neuron's last three places",
-        () => this.applyTrails()), this.liveBadge]);
+        () => this.maps.applyTrails()), this.liveBadge]);
     this.main.append(stepbar, this.bannerBox, this.mapBar, this.mapsBox, this.tabs.element);
     this.root.replaceChildren(h("div", { class: "ce-app" }, [this.sidebar, this.main, this.detail.element]), this.detail.tooltip);
     document.addEventListener("keydown", (e) => { if (e.key === "Escape") this.detail.close(); });
@@ -228,7 +216,7 @@ export class App {
     this.state.step = this.step ?? undefined;
     this.save();
     this.updateStepLabel();
-    void this.loadAllPanels(true);
+    void this.maps.loadAllPanels(true);
   }
 
   /** Jump to the logged step nearest `step` (charts' click-to-step). */
@@ -256,211 +244,10 @@ export class App {
         this.stepIndex = -1; // wraps to the first step below
       }
       this.setStepIndex(this.stepIndex + 1, false);
-      await this.loadAllPanels(true);
+      await this.maps.loadAllPanels(true);
       if (this.playing) this.playing = window.setTimeout(tick, interval());
     };
     this.playing = window.setTimeout(tick, interval() / 2);
-  }
-
-  /** Length of a step transition now: shorter when playing fast, none when the user prefers reduced motion. */
-  private transitionLength(): number {
-    if (window.matchMedia?.("(prefers-reduced-motion: reduce)").matches) return 0;
-    const playing = this.playing ? (0.45 * PLAY_MS) / (this.state.speed || 1) : Infinity;
-    return Math.min(this.transitionMs, playing);
-  }
-
-  // ------------------------------------------------------------------ panels
-  rebuildPanels(): void {
-    for (const p of this.panels) p.destroy();
-    this.panels = [];
-    const runs = this.selectedRuns();
-    this.mapsBox.dataset.count = String(runs.length);
-    this.mapsBox.replaceChildren();
-    if (!runs.length) {
-      this.mapsBox.append(status("empty", "No run selected: tick a run in the sidebar to see its concept map."));
-      renderLegend(this, null);
-      return;
-    }
-    for (const run of runs) {
-      const panel: Panel = new Panel(run.run, this.runIndex(run.run), this.camera, {
-        hover: (i, x, y) => this.detail.onHover(panel, i, x, y),
-        click: (i) => this.detail.onClick(panel, i),
-        select: (indices) => this.onSelect(panel, indices),
-        key: (e) => this.onMapKey(e),
-      }, this.forceCanvas);
-      panel.view.tool = this.state.tool ?? "pan";
-      panel.view.overlay.showAnchors = !!this.state.anchors;
-      if (!this.firstDrawMarked) {
-        panel.view.onFirstPoints = () => {
-          if (this.firstDrawMarked) return;
-          this.firstDrawMarked = true;
-          performance.mark("conceptevo-first-draw");
-          document.body.dataset.conceptevoReady = "true";
-        };
-      }
-      this.panels.push(panel);
-      this.mapsBox.append(panel.element);
-    }
-    this.camera.fitted = false;
-    this.fullFitPending = true;
-    for (const p of this.panels) p.anchorsLoading = this.loadAnchors(p);
-    void this.loadAllPanels(false);
-  }
-
-  reloadAll(refit: boolean): void {
-    if (refit) { this.camera.fitted = false; this.fullFitPending = true; }
-    for (const p of this.panels) { p.points = null; p.history = []; p.anchors = null; p.anchorsLoading = this.loadAnchors(p); }
-    renderSidebar(this);
-    void this.loadAllPanels(false);
-  }
-
-  private async loadAnchors(panel: Panel): Promise<void> {
-    const run = this.runInfo(panel.run);
-    const space = this.state.space ?? "";
-    panel.view.overlay.anchors = [];
-    if (!run || !run.anchors.includes(space)) { panel.view.requestDraw(); return; }
-    try {
-      const a = await this.api.anchors(panel.run, space);
-      panel.anchors = a;
-      panel.view.overlay.anchors = a.words.map((w, i) => ({ label: w, kind: a.kind[i] ?? "anchor",
-        x: a.layout[i]?.[0] ?? NaN, y: a.layout[i]?.[1] ?? NaN })).filter((p) => Number.isFinite(p.x) && Number.isFinite(p.y));
-      panel.view.requestDraw();
-    } catch {
-      panel.view.overlay.anchors = []; // anchors are decoration: the map stands without them
-    }
-  }
-
-  async loadAllPanels(animate = false): Promise<void> {
-    const step = this.step;
-    await Promise.all(this.panels.map((p) => this.loadPanel(p, step, animate)));
-    this.afterLoad();
-  }
-
-  private async loadPanel(panel: Panel, step: number | null, animate: boolean): Promise<void> {
-    const version = ++panel.version;
-    const run = this.runInfo(panel.run);
-    const space = this.state.space ?? "";
-    if (!run) return;
-    const layers = this.layersOf(run);
-    if (step === null || !layers.length) {
-      panel.view.setData(new Float32Array(0), new Uint8Array(0));
-      panel.points = null;
-      panel.setStatus(status("empty", space ? `Run ${panel.run} has no layout in space "${space}" yet.` : `Run ${panel.run} has no concept map yet.`));
-      panel.meta.textContent = "";
-      return;
-    }
-    const pending = setTimeout(() => { if (panel.version === version) panel.setStatus(status("loading", "Loading map…")); }, 150);
-    try {
-      const wanted = layers.map((layer) => ({ layer, step: stepAtOrBefore(run.spaces[space]?.[layer] ?? [], step) }));
-      const detector = this.state.detector;
-      // Labels travel with the map so a step lands in its final colours (no recolouring flash mid-glide).
-      const labelsP = detector ? this.loadLabels(panel, detector, step, layers) : Promise.resolve({});
-      const maps = await Promise.all(wanted.filter((w) => w.step !== null).map(async (w) => ({
-        layer: w.layer, map: await this.api.map(panel.run, space, w.layer, w.step!) })));
-      if (version !== panel.version) return;
-      if (!this.firstDrawMarked) performance.mark("conceptevo-maps");
-      const points = combineLayers(maps);
-      const first = !panel.points;
-      const labels = first && this.state.colourBy !== "category" ? {} : await labelsP;
-      if (version !== panel.version) return;
-      const prev = panel.points, prevColours = panel.view.colourBytes;
-      panel.remember(points);
-      panel.points = points;
-      panel.labels = labels;
-      panel.bounds = bounds(points.positions);
-      const shown = Math.max(...wanted.map((w) => w.step ?? -1));
-      const moved = panel.shownStep !== shown;
-      panel.shownStep = shown;
-      panel.element.dataset.step = String(shown);
-      panel.element.dataset.points = String(points.channel.length);
-      panel.meta.textContent = `${shown === step ? "" : `showing step ${shown} · `}${points.channel.length.toLocaleString()} neurons` +
-        (points.unplaced.length ? ` · ${points.unplaced.length} unplaced` : "");
-      panel.renderUnplaced();
-      const duration = animate && prev && moved ? this.transitionLength() : 0;
-      this.colourPanel(panel, duration ? { t: stepTransition(prev!, points), colours: prevColours, duration } : undefined);
-      // Announced after this frame's draw (rAF callbacks run in order): benchmarks and tests listen.
-      requestAnimationFrame(() => document.dispatchEvent(new CustomEvent("conceptevo:drawn", { detail: { run: panel.run, step: shown } })));
-      panel.setStatus(null);
-      if (!this.camera.fitted) {
-        await panel.anchorsLoading;
-        if (version !== panel.version) return;
-        this.fit(false);
-      }
-      this.applyHighlights(panel);
-      if (first) {
-        const l = await labelsP;
-        if (version !== panel.version) return;
-        panel.labels = l;
-        if (this.state.colourBy === "category") this.colourPanel(panel);
-      }
-      if (this.searchInput.value.trim() && panel === this.panels[0]) this.detail.runSearch();
-      this.prefetch(panel, run);
-    } catch (e) {
-      if (version !== panel.version) return;
-      panel.setStatus(status("error", (e as Error).message, { label: "Retry", run: () => void this.loadPanel(panel, this.step, false) }));
-    } finally {
-      clearTimeout(pending);
-    }
-  }
-
-  /** Warm the cache with the neighbouring steps so the slider and play move without waiting. */
-  private prefetch(panel: Panel, run: RunInfo): void {
-    for (const neighbour of [this.steps[this.stepIndex + 1], this.steps[this.stepIndex - 1], this.state.loop ? this.steps[0] : undefined]) {
-      if (neighbour !== undefined) this.requestMaps(run, neighbour);
-    }
-  }
-
-  private async loadLabels(panel: Panel, detector: string, step: number, layers: string[]): Promise<Panel["labels"]> {
-    const run = this.runInfo(panel.run)!;
-    const entries = await Promise.all(layers.map(async (layer) => {
-      const s = stepAtOrBefore(run.detectors[detector]?.[layer] ?? [], step);
-      if (s === null) return [layer, undefined] as const;
-      try {
-        return [layer, await this.api.labels(panel.run, detector, layer, s)] as const;
-      } catch {
-        return [layer, undefined] as const;
-      }
-    }));
-    return Object.fromEntries(entries);
-  }
-
-  colourPanel(panel: Panel, transition?: Parameters<ScatterView["setData"]>[2]): void {
-    if (!panel.points) return;
-    const { rgba, legend } = colourPoints(panel.points, this.state.colourBy ?? "layer", panel.labels);
-    panel.view.setData(panel.points.positions, rgba, transition);
-    panel.view.overlay.trails = this.state.trails ? panel.trails() : null;
-    if (panel === this.panels[0]) renderLegend(this, legend);
-  }
-
-  applyTrails(): void {
-    for (const p of this.panels) { p.view.overlay.trails = this.state.trails ? p.trails() : null; p.view.requestDraw(); }
-  }
-
-  recolourAll(): void {
-    for (const p of this.panels) { this.colourPanel(p); this.applyHighlights(p); }
-  }
-
-  /** Frame the neurons (and the anchor stars too with `withAnchors`). */
-  fit(withAnchors: boolean): void {
-    const all = this.panels.map((p) => p.bounds).filter((b): b is Bounds => !!b);
-    if (withAnchors || !all.length) {
-      for (const p of this.panels) {
-        if (p.view.overlay.showAnchors && p.view.overlay.anchors.length) all.push(bounds(p.view.overlay.anchors.flatMap((a) => [a.x, a.y]), 0.08));
-      }
-    }
-    if (!all.length || !this.panels.length) return;
-    for (const p of this.panels) p.view.resize();
-    const { width, height } = this.panels[0].view.size;
-    this.camera.fit(unionBounds(all), Math.max(width, 50), Math.max(height, 50));
-  }
-
-  private afterLoad(): void {
-    if (this.fullFitPending && this.panels.every((p) => p.points)) {
-      this.fullFitPending = false;
-      this.fit(false);
-    }
-    this.detail.followStep();
-    this.tabs.renderContent();
   }
 
   // ------------------------------------------------------------------ selection, keys
@@ -493,7 +280,7 @@ export class App {
   }
 
   /** Keys on a focused map: arrows / Home / End step the slider, Enter opens the hovered neuron's story, Esc closes it. */
-  private onMapKey(e: KeyboardEvent): void {
+  onMapKey(e: KeyboardEvent): void {
     const moves: Record<string, number> = { ArrowLeft: -1, ArrowDown: -1, ArrowRight: 1, ArrowUp: 1 };
     if (e.key in moves) this.setStepIndex(this.stepIndex + moves[e.key], true);
     else if (e.key === "Home") this.setStepIndex(0, true);
@@ -536,7 +323,7 @@ export class App {
       normaliseState(this.state, runs);
       this.recomputeSteps(atEnd && !this.playing);
       if (runs.runs.map((r) => r.run).join("\n") !== oldNames) renderSidebar(this);
-      if (this.step !== oldStep || this.panels.some((p) => !p.points)) await this.loadAllPanels(true);
+      if (this.step !== oldStep || this.panels.some((p) => !p.points)) await this.maps.loadAllPanels(true);
       else this.tabs.renderContent();
     } catch {
       this.liveBadge.dataset.live = "false"; // transient: keep showing what we have, try again later

@@ -35,15 +35,15 @@ export function renderSidebar(app: App): void {
   const view = h("div", { class: "ce-section" }, [
     h("h3", { text: "Map" }),
     field("Space", select(spaces.map((s) => ({ value: s, label: anchored(s) ? `${s} (anchors)` : s })), state.space ?? "", (v) => {
-      state.space = v; app.save(); app.recomputeSteps(false); app.reloadAll(true);
+      state.space = v; app.save(); app.recomputeSteps(false); app.maps.reloadAll(true);
     }, "space")),
     field("Layer", select([{ value: "all", label: "all layers" }, ...layers.map((l) => ({ value: l, label: l }))],
-      state.layer ?? "all", (v) => { state.layer = v; app.save(); app.recomputeSteps(false); app.reloadAll(true); }, "layer")),
+      state.layer ?? "all", (v) => { state.layer = v; app.save(); app.recomputeSteps(false); app.maps.reloadAll(true); }, "layer")),
     field("Detector", select([...detectors.map((d) => ({ value: d, label: d })), { value: "", label: "none" }],
-      state.detector ?? "", (v) => { state.detector = v; app.save(); app.reloadAll(false); app.tabs.render(); }, "detector")),
+      state.detector ?? "", (v) => { state.detector = v; app.save(); app.maps.reloadAll(false); app.tabs.render(); }, "detector")),
     field("Colour by", select([
       { value: "layer", label: "layer" }, { value: "category", label: "concept category" }, { value: "group", label: "concept group" },
-    ], state.colourBy ?? "layer", (v) => { state.colourBy = v as ColourBy; app.save(); app.recolourAll(); }, "colour by")),
+    ], state.colourBy ?? "layer", (v) => { state.colourBy = v as ColourBy; app.save(); app.maps.recolourAll(); }, "colour by")),
   ]);
   const toolButtons = (["pan", "box", "lasso"] as Tool[]).map((t) => {
     const b = h("button", { text: t[0].toUpperCase() + t.slice(1), attrs: { "aria-pressed": String(state.tool === t), "data-tool": t } });
@@ -65,9 +65,9 @@ export function renderSidebar(app: App): void {
   const tools = h("div", { class: "ce-section" }, [
     h("h3", { text: "Tools" }),
     h("div", { class: "ce-row" }, [h("div", { class: "ce-seg", attrs: { role: "group", "aria-label": "drag tool" } }, toolButtons),
-      h("button", { class: "ce-button", text: "Fit", title: "Frame the neurons", attrs: { "data-fit": "neurons" }, on: { click: () => app.fit(false) } }),
+      h("button", { class: "ce-button", text: "Fit", title: "Frame the neurons", attrs: { "data-fit": "neurons" }, on: { click: () => app.maps.fit(false) } }),
       hasAnchors ? h("button", { class: "ce-button", text: "Fit + anchors", title: "Frame the neurons and the anchor words",
-        on: { click: () => app.fit(true) } }) : null]),
+        on: { click: () => app.maps.fit(true) } }) : null]),
     h("div", { class: "ce-muted", text: "Wheel zooms; shift-drag selects a box, alt-drag a lasso; click a neuron for its story. " +
       "On a focused map: arrows step, Enter opens the hovered neuron, Esc closes." }),
     h("label", { class: "ce-run", title: hasAnchors ? "" : "This space has no anchor words (the text space has)" }, [anchorsBox,
@@ -127,6 +127,6 @@ function toggleRun(app: App, run: string, on: boolean): void {
   app.save();
   app.normalise();
   renderSidebar(app);
-  app.rebuildPanels();
+  app.maps.rebuildPanels();
   app.tabs.render();
 }

@@ -145,13 +145,13 @@ export function normaliseState(state: Persisted, info: RunsResponse): void {
 
 /** One line under the legend: what a point and its position mean in this space. */
 export function spaceCaption(space: string, hasAnchors: boolean): string {
-  if (hasAnchors) {
-    return "Each dot is a neuron, placed by the text embedding of what it detects; stars are anchor words. " +
-      "Near a star means similar in meaning, not proof the neuron detects that word.";
-  }
+  const stars = hasAnchors ? " Stars are anchor words placed in the same space: near a star means similar, not proof the neuron detects that word." : "";
   if (/conceptevo/i.test(space)) {
-    return "Each dot is a neuron; neurons close together respond to the same probe images " +
-      "(ConceptEvo's shared embedding, aligned across steps, so a moving dot is a changing concept).";
+    return "Each dot is a neuron; dots close together respond to the same probe images (ConceptEvo's shared embedding, " +
+      `aligned across steps, so a moving dot is a changing concept).${stars}`;
+  }
+  if (hasAnchors || /text|clip/i.test(space)) {
+    return `Each dot is a neuron, placed by the text embedding of what it detects.${stars}`;
   }
   return `Each dot is a neuron, placed by space "${space}"; nearby dots behave alike.`;
 }

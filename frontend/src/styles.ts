@@ -106,8 +106,9 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-toggle { display: inline-flex; align-items: center; gap: 4px; color: var(--muted); font-size: 12px; cursor: pointer; white-space: nowrap; }
 .ce-toggle input { accent-color: var(--accent); margin: 0; }
 .ce-speed { min-height: 24px; padding: 1px 4px; }
-.ce-imp-grid { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 12px; align-items: start; }
-@media (max-width: 1400px) { .ce-imp-grid { grid-template-columns: 1fr; } }
+.ce-imp-grid { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+.ce-imp-grid > .ce-table { flex: 1 1 480px; width: auto; }
+.ce-imp-grid > .ce-revert { flex: 0 1 430px; margin: 0; }
 .ce-dash { display: inline-block; width: 18px; height: 0; flex: none; }
 .ce-tablist { display: flex; border-bottom: 1px solid var(--line); padding: 0 8px; }
 .ce-tab { border: 0; background: none; padding: 10px 14px; cursor: pointer; color: var(--muted); font-weight: 500;

@@ -283,6 +283,15 @@ try {
     await page.screenshot({ path: join(SHOTS, "10_story_compare.png") });
     await frame.click("button[data-compare=story]");
     await page.keyboard.press("End");
+    // trails: each neuron's last places as fading lines
+    await frame.locator('input[aria-label="trails"]').check();
+    await slider.focus();
+    await page.keyboard.press("Home");
+    for (let i = 1; i < fixture.steps.length; i++) { await page.keyboard.press("ArrowRight"); await page.waitForTimeout(600); }
+    await page.mouse.move(2, 2);
+    await settle();
+    await page.screenshot({ path: join(SHOTS, "13_trails.png") });
+    await frame.locator('input[aria-label="trails"]').uncheck();
   });
 
   await check("URL state (runs, layer, space, step, neuron) is written and restored on load", async () => {
