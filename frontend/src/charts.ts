@@ -42,7 +42,7 @@ export interface LineSeries {
  */
 export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts: {
   width: number; height: number; title: string; marker?: number | null; yLabel?: string; xRange?: [number, number] | null;
-  hint?: string; onStep?: (step: number) => void;
+  hint?: string; onStep?: (step: number) => void; yRange?: [number, number] | null;
 }): void {
   const { width, height } = opts;
   const m = { l: 44, r: 10, t: opts.hint ? 34 : 22, b: 20 };
@@ -50,6 +50,7 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
   let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
   if (opts.xRange) { x0 = Math.min(x0, opts.xRange[0]); x1 = Math.max(x1, opts.xRange[1]); }
   let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
+  if (opts.yRange) { y0 = Math.min(y0, opts.yRange[0]); y1 = Math.max(y1, opts.yRange[1]); } // shared across small multiples
   if (opts.marker !== null && opts.marker !== undefined) { x0 = Math.min(x0, opts.marker); x1 = Math.max(x1, opts.marker); }
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }

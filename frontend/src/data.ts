@@ -856,5 +856,5 @@ export const METRIC_HINTS: Record<string, string> = {
 /** Dash pattern of run `i` in line charts: runs are told apart by line style and letter, never by hue. */
 export const RUN_DASHES: number[][] = [[], [6, 3], [2, 2], [8, 3, 2, 3], [1, 3], [10, 4]];
 /** Neutral ink of run `i` (layers and categories own the hues). */
-export const RUN_INKS = ["#212121", "#546e7a", "#795548", "#37474f", "#616161", "#4e342e"];
+export const RUN_INKS = ["#212121", "#5c5c5c", "#3a3a3a", "#7a7a7a", "#2b2b2b", "#6a6a6a"];
 export const runLetter = (i: number): string => String.fromCharCode(65 + (i % 26));

@@ -217,7 +217,7 @@ export class Detail {
       const ok = verdict(current);
       parts.push(h("div", { class: ok ? "ce-concept" : "ce-concept ce-weak", attrs: { "data-interpretable": String(ok) } }, [
         h("span", { text: describeLabel({ ...current, interpretable: ok, threshold: tau(current) }) })]));
-      parts.push(h("div", { class: "ce-muted ce-note", text: `score at step ${story.step}; the timeline shows each span's best score` }));
+      parts.push(h("div", { class: "ce-muted ce-small", text: `score at step ${story.step}; the timeline shows each span's best score` }));
     }
     if (story.invalid) parts.push(h("div", { class: "ce-status-error ce-status", text: "NaN/Inf activations seen at this step" }));
     parts.push(h("h3", { text: `Top stimuli at step ${story.step}` }));

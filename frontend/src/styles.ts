@@ -156,6 +156,7 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-story-cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 14px; }
 .ce-story-col { min-width: 0; }
 .ce-hint { font-size: 11px; margin-top: 4px; }
+.ce-small { font-size: 11px; }
 .ce-tooltip { position: fixed; z-index: 10; pointer-events: none; background: rgba(33,33,33,.94); color: #fff; border-radius: 4px;
   padding: 8px 10px; max-width: 290px; box-shadow: 0 2px 8px rgba(0,0,0,.3); }
 .ce-tooltip .ce-tip-id { font-weight: 500; }

@@ -146,11 +146,18 @@ export async function takeReadmeScreenshots(page, frame, { out, runs, space = "t
   }
 
   // (c) metrics strip beside loss/accuracy, with the category bar charts under it
+  await page.keyboard.press("Escape"); // the story closes: the maps and charts get its room
   await frame.click("button[data-tab=categories]");
   await frame.click("button[data-tab=metrics]");
   await frame.waitForSelector(".ce-strip canvas", { timeout: 30000 });
   await showTabs(frame);
   await frame.waitForSelector('.ce-tabpanel canvas[aria-label^="interpretable neurons"]', { timeout: 30000 }).catch(() => undefined);
+  // the tab shares the screen with the maps: scroll it to the concept metrics (d_anchor onwards) and the category bars
+  await frame.evaluate(() => {
+    const panel = document.querySelector(".ce-tabpanel");
+    const chart = panel.querySelector('canvas[aria-label^="d_anchor"]') ?? panel.querySelector(".ce-strip canvas");
+    if (chart) panel.scrollTo(0, chart.getBoundingClientRect().top - panel.getBoundingClientRect().top + panel.scrollTop - 6);
+  });
   await shoot("metrics");
 
   // (d) importance for a class, with the revert chart

@@ -10,7 +10,7 @@ import { LineSeries, lineChart } from "../charts";
 import { METRIC_HINTS, PALETTE, RUN_DASHES, RUN_INKS, groupMetrics, orderTrainingTags, runLetter, wholeModel } from "../data";
 import { h, select, status } from "../dom";
 import { categoryBoxes } from "./categories";
-import type { Tabs } from "./tabs";
+import { type Tabs, optionToggle } from "./tabs";
 
 const CONCEPT_METRICS = ["entropy", "d_anchor", "speed", "interpretable_fraction"];
 let linesMode: "runs" | "layers" = "runs";
@@ -48,14 +48,15 @@ export async function renderMetrics(app: App, tabs: Tabs, seq: number): Promise<
   const width = Math.floor((available - (perRow - 1) * gap) / perRow) - 2, height = 132;
   const step = app.step;
   const xRange: [number, number] | null = app.steps.length ? [app.steps[0], app.steps[app.steps.length - 1]] : null;
-  const chart = (title: string, series: LineSeries[], label: string, hint?: string) => {
+  const chart = (title: string, series: LineSeries[], label: string, hint?: string, yRange?: [number, number] | null) => {
     const canvas = h("canvas", { attrs: { "aria-label": label, role: "img" } });
-    lineChart(canvas, series, { width, height, title, marker: step, xRange, hint, onStep: (s) => app.goToStep(s) });
+    lineChart(canvas, series, { width, height, title, marker: step, xRange, hint, yRange, onStep: (s) => app.goToStep(s) });
     return canvas;
   };
   const linesChoice = rows.length > 1 ? h("div", { class: "ce-row" }, [h("span", { class: "ce-muted", text: "Lines" }),
     select([{ value: "runs", label: "one per run (whole model)" }, { value: "layers", label: "one per layer, a strip per run" }],
-      linesMode, (v) => { linesMode = v as "runs" | "layers"; tabs.renderContent(); }, "metric lines")]) : null;
+      linesMode, (v) => { linesMode = v as "runs" | "layers"; tabs.renderContent(); }, "metric lines"),
+    linesMode === "layers" ? optionToggle("same y-scale in every strip", !!app.state.sharedY, (on) => { app.state.sharedY = on; app.save(); tabs.renderContent(); }) : null]) : null;
   if (compare) {
     const grouped = rows.map(({ run, data, error }) => ({ run, error, g: data ? groupMetrics(data.scalars, app.state.space) : null }));
     const tags = orderTrainingTags(grouped.flatMap((x) => x.g?.training.map((t) => t.tag) ?? [])).slice(0, 3);
@@ -84,6 +85,23 @@ export async function renderMetrics(app: App, tabs: Tabs, seq: number): Promise<
     h("div", { class: "ce-muted", text: `Concept metrics of the whole model in space "${app.state.space}" beside the runs' own scalars; orange rule = current step; click a chart to move there.` }));
     return;
   }
+  // One strip per run: the same metric gets the same y-scale in every strip (toggle), so strips compare at a glance.
+  const yRanges = new Map<string, [number, number]>();
+  if (app.state.sharedY) {
+    for (const { data } of rows) {
+      if (!data) continue;
+      const { concept, training } = groupMetrics(data.scalars, app.state.space);
+      const add = (key: string, pts: [number, number][]) => {
+        for (const [, v] of pts) {
+          if (!Number.isFinite(v)) continue;
+          const r = yRanges.get(key) ?? [v, v];
+          yRanges.set(key, [Math.min(r[0], v), Math.max(r[1], v)]);
+        }
+      };
+      for (const t of training) add(`t:${t.tag}`, t.points);
+      for (const [metric, list] of Object.entries(concept)) for (const x of list) add(`c:${metric}`, x.points);
+    }
+  }
   const layerColour = (run: { layers: string[] }, l: string) => l === "all" ? "#424242" : PALETTE[Math.max(0, run.layers.indexOf(l)) % PALETTE.length];
   const out = rows.map(({ run, data, error }) => {
     const strip = h("div", { class: "ce-strip" });
@@ -93,14 +111,15 @@ export async function renderMetrics(app: App, tabs: Tabs, seq: number): Promise<
       const { concept, training } = groupMetrics(data.scalars, app.state.space);
       let drawn = 0;
       for (const tag of orderTrainingTags(training.map((t) => t.tag)).slice(0, 3)) {
-        strip.append(chart(tag, [{ name: tag, points: training.find((t) => t.tag === tag)!.points, colour: "#455a64" }], `${tag} of run ${run.run}`));
+        strip.append(chart(tag, [{ name: tag, points: training.find((t) => t.tag === tag)!.points, colour: "#455a64" }], `${tag} of run ${run.run}`,
+          undefined, yRanges.get(`t:${tag}`)));
         drawn++;
       }
       for (const metric of CONCEPT_METRICS) {
         const list = concept[metric];
         if (!list?.length) continue;
         strip.append(chart(metricTitle(metric), list.map((x) => ({ name: x.layer, points: x.points, colour: layerColour(run, x.layer) })),
-          `${metricTitle(metric)} of run ${run.run}`, METRIC_HINTS[metric]));
+          `${metricTitle(metric)} of run ${run.run}`, METRIC_HINTS[metric], yRanges.get(`c:${metric}`)));
         drawn++;
       }
       if (!drawn) strip.append(status("empty", "No scalars logged for this run yet."));
