@@ -121,7 +121,7 @@ export class ScatterView {
     alpha: WebGLUniformLocation; round: WebGLUniformLocation } | null = null;
   /** running step transition: points glide from `from`; `extra` vanishing points drawn after the n live ones */
   private anim: { from: Float32Array; fade: Uint8Array; start: number; duration: number; extra: number;
-    vanish: Float32Array; vanishColours: Uint8Array } | null = null;
+    vanish: Float32Array; vanishColours: Uint8Array; fades: boolean } | null = null;
   /** tests hold a transition at a fixed progress to look at an intermediate frame */
   static holdAt: number | null = null;
   private positions: Float32Array = new Float32Array(0);
@@ -253,7 +253,7 @@ export class ScatterView {
       const vanishColours = new Uint8Array(extra * 4);
       t.vanishIndex.forEach((j, k) => vanishColours.set(transition.colours.subarray(4 * j, 4 * j + 4), 4 * k));
       this.anim = { from: t.from, fade: t.fade, start: performance.now(), duration: transition.duration, extra,
-        vanish: t.vanishPositions, vanishColours };
+        vanish: t.vanishPositions, vanishColours, fades: t.fade.some((f) => f !== 0) };
     } else if (!samePositions) {
       this.anim = null;
     }
@@ -396,7 +396,7 @@ export class ScatterView {
         const pixels = size * this.dpr;
         const round = pixels > 4.5;
         // Blending only when something is translucent (round edges, dimmed points).
-        if (round || this.emphasis || this.anim) {
+        if (round || this.emphasis || this.anim?.fades) {
           gl.enable(gl.BLEND);
           gl.blendFunc(gl.ONE, gl.ONE_MINUS_SRC_ALPHA);
         } else {
