@@ -124,6 +124,17 @@ try {
       return max - min;
     }));
     assert.ok(patchVariance.length >= 3 && patchVariance.every((v) => v > 10), `patches have content: ${patchVariance}`);
+    // hover-to-card-with-patches time on a second neuron (warm caches), reported for the record
+    const other = await frame.evaluate((id) => window.__conceptevo.pointClient("baseline", id), `${fixture.layers[0]}:4`);
+    await page.mouse.move(ox + other[0] + 40, oy + other[1] + 40);
+    await page.waitForTimeout(200);
+    const t0 = Date.now();
+    await page.mouse.move(ox + other[0], oy + other[1]);
+    await frame.waitForFunction((id) => document.querySelector(".ce-tooltip .ce-tip-id")?.textContent === id &&
+      Number(document.querySelector(".ce-tooltip")?.dataset.patches) > 0, `${fixture.layers[0]}:4`, { timeout: 15000 });
+    console.log(`  hover to card with patches (second neuron, warm): ${Date.now() - t0} ms`);
+    await page.mouse.move(ox + pt[0], oy + pt[1]);
+    await frame.waitForFunction(() => Number(document.querySelector(".ce-tooltip")?.dataset.patches) > 0);
     await page.screenshot({ path: join(SHOTS, "03_hover.png") });
   });
 
@@ -331,6 +342,20 @@ try {
     const closed = await frame.locator(".ce-detail").boundingBox();
     assert.ok(!closed || closed.x >= vw - 1, `drawer closed: ${JSON.stringify(closed)}`);
     await page.setViewportSize({ width: 1500, height: 1000 });
+  });
+
+  await check("Clear selection clears the count; unticking every run shows none (no silent re-tick)", async () => {
+    await frame.evaluate(() => { const a = window.__conceptevo.app; a.onSelect(a.panels[0], [0, 1, 2]); });
+    assert.match(await frame.locator(".ce-hits").textContent(), /3 neurons selected/);
+    await frame.click("text=Clear selection");
+    assert.equal(await frame.locator(".ce-hits li").count(), 0);
+    for (const run of fixture.runs) await frame.locator(`.ce-run[title="${run}"] input`).uncheck();
+    await settle();
+    assert.equal((await frame.evaluate(() => window.__conceptevo.panels())).length, 0);
+    assert.match(await frame.locator(".ce-maps").textContent(), /No run selected/);
+    for (const run of fixture.runs) assert.equal(await frame.locator(`.ce-run[title="${run}"] input`).isChecked(), false);
+    for (const run of fixture.runs) await frame.locator(`.ce-run[title="${run}"] input`).check();
+    await frame.waitForFunction((n) => window.__conceptevo.panels().length === n && window.__conceptevo.panels().every((p) => p.points > 0), fixture.runs.length);
   });
 
   await check("exports download non-empty PNG, SVG and CSV files", async () => {
