@@ -344,6 +344,30 @@ try {
     await page.setViewportSize({ width: 1500, height: 1000 });
   });
 
+  await check("play at 4x with loop wraps from the last step to the first, then pauses on click", async () => {
+    await frame.locator('select[aria-label="play speed"]').selectOption("4");
+    await frame.locator('input[aria-label="loop"]').check();
+    const seen = await frame.evaluate(async () => {
+      const app = window.__conceptevo.app;
+      const steps = [];
+      const t0 = performance.now();
+      document.querySelector(".ce-play").click();
+      while (performance.now() - t0 < 4000) {
+        const s = app.step;
+        if (steps[steps.length - 1] !== s) steps.push(s);
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      document.querySelector(".ce-play").click();
+      return steps;
+    });
+    const first = fixture.steps[0], last = fixture.steps[fixture.steps.length - 1];
+    const wrapped = seen.some((s, i) => i > 0 && s === first && seen[i - 1] === last);
+    assert.ok(wrapped, `steps seen while playing: ${seen.join(" ")}`);
+    assert.equal(await frame.locator(".ce-play").getAttribute("aria-pressed"), "false");
+    await frame.locator('input[aria-label="loop"]').uncheck();
+    await frame.locator('select[aria-label="play speed"]').selectOption("1");
+  });
+
   await check("Clear selection clears the count; unticking every run shows none (no silent re-tick)", async () => {
     await frame.evaluate(() => { const a = window.__conceptevo.app; a.onSelect(a.panels[0], [0, 1, 2]); });
     assert.match(await frame.locator(".ce-hits").textContent(), /3 neurons selected/);
