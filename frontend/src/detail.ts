@@ -19,6 +19,9 @@ export class Detail {
   private hoverSeq = 0;
   private pinSeq = 0;
   private hoverPanel: Panel | null = null;
+  /** the story now on screen: neuron and runs, and each run's column */
+  private shownKey = "";
+  private readonly columns = new Map<string, { body: HTMLElement; head: HTMLElement }>();
 
   constructor(private readonly app: App) {}
 
@@ -176,6 +179,8 @@ export class Detail {
     this.element.dataset.open = String(!!pin);
     this.element.classList.remove("ce-detail-wide");
     if (!pin) {
+      this.shownKey = "";
+      this.columns.clear();
       this.element.replaceChildren(
         h("h3", { text: "Neuron" }),
         h("div", { class: "ce-empty-detail", text: "Hover a point to see what the neuron responds to; click it to follow its story through training: its path on the map, its label timeline and its example patches step by step." }),
@@ -187,23 +192,36 @@ export class Detail {
     const compare = this.app.panels.length > 1 ? h("button", { class: "ce-button", attrs: { "data-compare": "story" },
       text: runs.length > 1 ? "One run" : "Compare runs", title: "The same neuron's story in every shown run, side by side",
       on: { click: () => { this.app.state.compareStory = runs.length === 1; this.app.save(); this.render(); } } }) : null;
-    const columns = runs.map((run) => {
-      const body = h("div", { class: "ce-story", attrs: { "data-run": run } }, [status("loading", "Loading the neuron's story…")]);
+    // Same neuron, same runs (a step change): the stories update in place, without a loading flash.
+    const key = `${id}|${runs.join("\n")}`;
+    if (key !== this.shownKey || !this.columns.size) {
+      this.shownKey = key;
+      this.columns.clear();
+      const columns = runs.map((run) => {
+        const body = h("div", { class: "ce-story", attrs: { "data-run": run } }, [status("loading", "Loading the neuron's story…")]);
+        const head = h("span");
+        this.columns.set(run, { body, head });
+        return h("div", { class: "ce-story-col" }, [h("div", { class: "ce-muted" }, [
+          h("span", { class: "ce-run-letter", text: runLetter(this.app.runIndex(run)) }), head]), body]);
+      });
+      if (runs.length > 1) this.element.classList.add("ce-detail-wide");
+      this.element.replaceChildren(
+        h("div", { class: "ce-row ce-spread" }, [h("h2", { text: id }), h("div", { class: "ce-row" }, [compare,
+          h("button", { class: "ce-link", text: "close", attrs: { "aria-label": "close the story (Esc)" }, on: { click: () => this.pin(null) } })])]),
+        h("div", { class: runs.length > 1 ? "ce-story-cols" : "" }, columns),
+      );
+    } else if (runs.length > 1) {
+      this.element.classList.add("ce-detail-wide");
+    }
+    const seq = this.pinSeq;
+    for (const [run, { body, head }] of this.columns) {
       const panel = this.app.panels.find((p) => p.run === run);
       const step = panel?.shownStep ?? this.app.step ?? 0;
-      const seq = this.pinSeq;
+      head.textContent = ` run ${run} · step ${step}`;
       this.app.api.neuron(run, pin.layer, pin.channel, step, this.app.state.space || undefined, this.app.state.detector || undefined)
         .then((story) => { if (seq === this.pinSeq) this.renderStory(body, run, story, panel); })
         .catch((e: Error) => { if (seq === this.pinSeq) body.replaceChildren(status("error", e.message)); });
-      return h("div", { class: "ce-story-col" }, [h("div", { class: "ce-muted" }, [
-        h("span", { class: "ce-run-letter", text: runLetter(this.app.runIndex(run)) }), ` run ${run} · step ${step}`]), body]);
-    });
-    if (runs.length > 1) this.element.classList.add("ce-detail-wide");
-    this.element.replaceChildren(
-      h("div", { class: "ce-row ce-spread" }, [h("h2", { text: id }), h("div", { class: "ce-row" }, [compare,
-        h("button", { class: "ce-link", text: "close", attrs: { "aria-label": "close the story (Esc)" }, on: { click: () => this.pin(null) } })])]),
-      h("div", { class: runs.length > 1 ? "ce-story-cols" : "" }, columns),
-    );
+    }
   }
 
   private renderStory(body: HTMLElement, run: string, story: NeuronStory, panel: Panel | undefined): void {

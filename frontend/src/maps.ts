@@ -171,8 +171,13 @@ export class Maps {
 
   /** Warm the cache with the neighbouring steps so the slider and play move without waiting. */
   private prefetch(panel: Panel, run: RunInfo): void {
-    for (const neighbour of [this.app.steps[this.app.stepIndex + 1], this.app.steps[this.app.stepIndex - 1], this.app.state.loop ? this.app.steps[0] : undefined]) {
-      if (neighbour !== undefined) this.requestMaps(run, neighbour);
+    const detector = this.app.state.detector;
+    const app = this.app;
+    for (const neighbour of [app.steps[app.stepIndex + 1], app.steps[app.stepIndex - 1], app.state.loop ? app.steps[0] : undefined]) {
+      if (neighbour === undefined) continue;
+      this.requestMaps(run, neighbour);
+      // labels too: a step lands in its final colours, so its labels are on the critical path
+      if (detector) void this.loadLabels(panel, detector, neighbour, app.layersOf(run));
     }
   }
 
