@@ -68,7 +68,10 @@ export class App {
     this.detail = new Detail(this);
     this.tabs = new Tabs(this);
     this.maps = new Maps(this);
-    followTheme(root, () => { for (const p of this.panels) p.view.requestDraw(); });
+    followTheme(root, () => {
+      for (const p of this.panels) p.view.requestDraw();
+      if (this.runsInfo) this.tabs.renderContent(); // charts draw their inks for the theme
+    });
     (window as unknown as { __conceptevo: unknown }).__conceptevo = this.debugHooks();
   }
 

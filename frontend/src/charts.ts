@@ -4,10 +4,22 @@
  * logs are safe.
  */
 import { PALETTE, categoryColours, formatNumber, niceTicks } from "./data";
+import { MAP_THEME } from "./scatter";
 
 const FONT = "11px Roboto, 'Helvetica Neue', Arial, sans-serif";
-const AXIS = "#9e9e9e";
-const TEXT = "#616161";
+
+/** In dark mode neutral inks (greys: text, axes, run lines) flip their lightness; hues stay as they are. */
+export function neutralInk(colour: string): string {
+  const m = /^#([0-9a-f]{6})$/i.exec(colour);
+  if (!MAP_THEME.dark || !m) return colour;
+  const v = parseInt(m[1], 16);
+  const rgb = [(v >> 16) & 255, (v >> 8) & 255, v & 255];
+  if (Math.max(...rgb) - Math.min(...rgb) > 40) return colour;
+  return `#${rgb.map((x) => (255 - x).toString(16).padStart(2, "0")).join("")}`;
+}
+const axis = () => neutralInk("#9e9e9e");
+const text = () => neutralInk("#616161");
+const grid = () => (MAP_THEME.dark ? "#505050" : "#eeeeee");
 
 function setup(canvas: HTMLCanvasElement, width: number, height: number): CanvasRenderingContext2D {
   const dpr = window.devicePixelRatio || 1;
@@ -61,18 +73,18 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
   const steps = [...new Set(sorted.flatMap((pts) => pts.map((p) => p[0])))].sort((a, b) => a - b);
   const paint = (hover: number | null) => {
     const ctx = setup(canvas, width, height);
-    ctx.fillStyle = "#212121";
+    ctx.fillStyle = neutralInk("#212121");
     ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
     ctx.fillText(ellipsis(ctx, opts.title, width - 12), m.l - 36, 14);
     ctx.font = FONT;
-    if (opts.hint) { ctx.fillStyle = TEXT; ctx.fillText(ellipsis(ctx, opts.hint, width - 12), m.l - 36, 27); }
+    if (opts.hint) { ctx.fillStyle = text(); ctx.fillText(ellipsis(ctx, opts.hint, width - 12), m.l - 36, 27); }
     if (!all.length) {
-      ctx.fillStyle = TEXT;
+      ctx.fillStyle = text();
       ctx.fillText("no data logged", m.l, height / 2);
       return;
     }
-    ctx.strokeStyle = "#eeeeee";
-    ctx.fillStyle = TEXT;
+    ctx.strokeStyle = grid();
+    ctx.fillStyle = text();
     ctx.lineWidth = 1;
     ctx.textAlign = "right";
     for (const t of niceTicks(y0, y1, 4)) {
@@ -85,7 +97,7 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
     ctx.textAlign = "center";
     for (const t of niceTicks(x0, x1, 4)) ctx.fillText(tickLabel(t), sx(t), height - 5);
     ctx.textAlign = "left";
-    ctx.strokeStyle = AXIS;
+    ctx.strokeStyle = axis();
     ctx.beginPath();
     ctx.moveTo(m.l, m.t + ph + 0.5);
     ctx.lineTo(width - m.r, m.t + ph + 0.5);
@@ -99,7 +111,7 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
       ctx.stroke();
     }
     series.forEach((s, i) => {
-      const colour = s.colour ?? PALETTE[i % PALETTE.length];
+      const colour = neutralInk(s.colour ?? PALETTE[i % PALETTE.length]);
       const pts = sorted[i];
       ctx.strokeStyle = colour;
       ctx.fillStyle = colour;
@@ -152,12 +164,12 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
   const { width, height } = opts;
   const ctx = setup(canvas, width, height);
   const m = { l: 36, r: 8, t: 22, b: 34 };
-  ctx.fillStyle = "#212121";
+  ctx.fillStyle = neutralInk("#212121");
   ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
   ctx.fillText(opts.title, 8, 14);
   ctx.font = FONT;
   if (!groups.length || !keys.length) {
-    ctx.fillStyle = TEXT;
+    ctx.fillStyle = text();
     ctx.fillText("no labels at this step", m.l, height / 2);
     return;
   }
@@ -169,8 +181,8 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
   const gw = pw / groups.length;
   const bw = Math.max(2, (gw * 0.8) / keys.length);
   ctx.textAlign = "right";
-  ctx.fillStyle = TEXT;
-  ctx.strokeStyle = "#eeeeee";
+  ctx.fillStyle = text();
+  ctx.strokeStyle = grid();
   for (const t of niceTicks(0, max, 3)) {
     const y = m.t + ph - (t / max) * ph;
     ctx.beginPath(); ctx.moveTo(m.l, y + 0.5); ctx.lineTo(width - m.r, y + 0.5); ctx.stroke();
@@ -184,7 +196,7 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
       ctx.fillStyle = colour(k);
       ctx.fillRect(m.l + gi * gw + gw * 0.1 + ki * bw, m.t + ph - h, bw - 1, h);
     });
-    ctx.fillStyle = TEXT;
+    ctx.fillStyle = text();
     ctx.fillText(ellipsis(ctx, g, gw - 4), m.l + gi * gw + gw / 2, m.t + ph + 14);
   });
   // legend
@@ -193,7 +205,7 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
   keys.forEach((k, ki) => {
     ctx.fillStyle = colour(k);
     ctx.fillRect(x, height - 11, 9, 9);
-    ctx.fillStyle = TEXT;
+    ctx.fillStyle = text();
     ctx.fillText(k, x + 12, height - 3);
     x += ctx.measureText(k).width + 24;
   });
@@ -205,7 +217,7 @@ export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: num
   const { width, height } = opts;
   const ctx = setup(canvas, width, height);
   const m = { l: 48, r: 10, t: 22, b: 22 };
-  ctx.fillStyle = "#212121";
+  ctx.fillStyle = neutralInk("#212121");
   ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
   ctx.fillText(opts.title, 8, 14);
   ctx.font = FONT;
@@ -216,8 +228,8 @@ export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: num
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
   const sy = (v: number) => m.t + ph - ((v - lo) / (hi - lo)) * ph;
   ctx.textAlign = "right";
-  ctx.fillStyle = TEXT;
-  ctx.strokeStyle = "#eeeeee";
+  ctx.fillStyle = text();
+  ctx.strokeStyle = grid();
   for (const t of niceTicks(lo, hi, 4)) {
     ctx.beginPath(); ctx.moveTo(m.l, sy(t) + 0.5); ctx.lineTo(width - m.r, sy(t) + 0.5); ctx.stroke();
     const pct = Math.abs(t) < 1e-9 ? 0 : t * 100;
@@ -226,7 +238,7 @@ export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: num
   // random baseline band
   ctx.fillStyle = "rgba(158,158,158,0.25)";
   ctx.fillRect(m.l, sy(random + randomStd), pw, Math.max(1, sy(random - randomStd) - sy(random + randomStd)));
-  ctx.strokeStyle = "#757575";
+  ctx.strokeStyle = neutralInk("#757575");
   ctx.setLineDash([4, 3]);
   ctx.beginPath(); ctx.moveTo(m.l, sy(random)); ctx.lineTo(width - m.r, sy(random)); ctx.stroke();
   ctx.setLineDash([]);
@@ -237,18 +249,18 @@ export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: num
     const y0 = sy(0), y1 = sy(mean[i]);
     ctx.fillStyle = "#f57c00";
     ctx.fillRect(x, Math.min(y0, y1), w, Math.max(1, Math.abs(y1 - y0)));
-    ctx.strokeStyle = "#424242";
+    ctx.strokeStyle = neutralInk("#424242");
     ctx.beginPath();
     ctx.moveTo(x + w / 2, sy(mean[i] - (std[i] || 0)));
     ctx.lineTo(x + w / 2, sy(mean[i] + (std[i] || 0)));
     ctx.stroke();
-    ctx.fillStyle = TEXT;
+    ctx.fillStyle = text();
     ctx.fillText(b, x + w / 2, height - 6);
   });
   ctx.textAlign = "right";
-  ctx.fillStyle = "#757575";
+  ctx.fillStyle = neutralInk("#757575");
   ctx.fillText("random bin", width - m.r - 2, sy(random) - 4);
-  ctx.strokeStyle = AXIS;
+  ctx.strokeStyle = axis();
   ctx.beginPath(); ctx.moveTo(m.l, sy(0) + 0.5); ctx.lineTo(width - m.r, sy(0) + 0.5); ctx.stroke();
 }
 

@@ -518,8 +518,8 @@ export class ScatterView {
         const [sx, sy] = this.toScreen(p.x, p.y);
         ctx.beginPath();
         ctx.arc(sx, sy, p.current ? 5 : 3, 0, Math.PI * 2);
-        ctx.fillStyle = p.current ? "#f57c00" : i === 0 ? "#ffffff" : "#424242";
-        ctx.strokeStyle = "#424242";
+        ctx.fillStyle = p.current ? "#f57c00" : i === 0 ? ink("#ffffff", "#212124") : ink("#424242", "#e0e0e0");
+        ctx.strokeStyle = ink("#424242", "#e0e0e0");
         ctx.lineWidth = 1.5;
         ctx.fill();
         ctx.stroke();
@@ -527,7 +527,7 @@ export class ScatterView {
       const last = o.trajectory.filter((p) => p.x !== null)[0];
       if (last && last.x !== null && last.y !== null) {
         const [sx, sy] = this.toScreen(last.x, last.y);
-        label(ctx, `step ${last.step}`, sx + 6, sy - 6, "#424242");
+        label(ctx, `step ${last.step}`, sx + 6, sy - 6, ink("#424242", "#e0e0e0"));
       }
     }
     if (o.showAnchors) {

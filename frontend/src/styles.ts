@@ -9,7 +9,6 @@ export const CSS = `
 /* TensorBoard's dark mode (body.dark-mode of its page) or the system's */
 :root[data-theme=dark] { --accent-light: #5d4037; --text: #e8e8e8; --muted: #a8a8a8; --line: #4a4a4a; --bg: #303030;
   --card: #3a3a3a; --soft: #444; --hover: #4e3b2a; --map: #212124; --weak: #8a8a8a; color-scheme: dark; }
-:root[data-theme=dark] canvas[role=img] { filter: invert(0.88) hue-rotate(180deg); }
 html, body { margin: 0; height: 100%; background: var(--bg); color: var(--text); font-size: 13px; }
 * { box-sizing: border-box; }
 button, input, select { font: inherit; color: inherit; }
@@ -121,12 +120,12 @@ select:focus, input:focus, button:focus-visible { outline: 2px solid var(--accen
 .ce-revert h4 { margin: 0 0 4px; font-size: 12px; font-weight: 500; }
 .ce-note { font-size: 11px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .ce-bars { display: flex; flex-wrap: wrap; gap: 8px 16px; margin-top: 10px; }
-.ce-bars canvas { background: #fff; border: 1px solid var(--line); border-radius: 3px; }
+.ce-bars canvas { background: var(--card); border: 1px solid var(--line); border-radius: 3px; }
 .ce-spread { justify-content: space-between; margin-bottom: 8px; }
 .ce-legend-row { display: flex; flex-wrap: wrap; gap: 4px 14px; align-items: center; }
 .ce-legend-row .ce-legend-item .ce-swatch { width: 10px; height: 10px; border-radius: 50%; flex: none; }
 .ce-strip-run h4 { margin: 0 0 4px; font-size: 12px; font-weight: 500; }
-.ce-strip canvas { background: #fff; border: 1px solid var(--line); border-radius: 3px; }
+.ce-strip canvas { background: var(--card); border: 1px solid var(--line); border-radius: 3px; }
 .ce-table { border-collapse: collapse; width: 100%; }
 .ce-table th { text-align: left; font-weight: 500; color: var(--muted); font-size: 11px; padding: 4px 8px; border-bottom: 1px solid var(--line); }
 .ce-table td { padding: 4px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
