@@ -130,12 +130,12 @@ export class Maps {
       const labels = first && this.app.state.colourBy !== "category" ? {} : await labelsP;
       if (version !== panel.version) return;
       const prev = panel.points, prevColours = panel.view.colourBytes;
-      panel.remember(points);
+      const shown = Math.max(...wanted.map((w) => w.step ?? -1));
+      const moved = panel.shownStep !== shown;
+      if (moved) panel.remember(points); // trails keep one entry per step shown
       panel.points = points;
       panel.labels = labels;
       panel.bounds = bounds(points.positions);
-      const shown = Math.max(...wanted.map((w) => w.step ?? -1));
-      const moved = panel.shownStep !== shown;
       panel.shownStep = shown;
       panel.element.dataset.step = String(shown);
       panel.element.dataset.points = String(points.channel.length);
