@@ -116,11 +116,13 @@ export function saveState(state: Persisted): void {
  */
 export function normaliseState(state: Persisted, info: RunsResponse): void {
   const runs = info.runs;
-  if (state.runs === undefined) {
+  const known = (state.runs ?? []).filter((r) => runs.some((x) => x.run === r));
+  if (state.runs === undefined || (state.runs.length && !known.length)) {
+    // never chosen, or only runs that are gone (a stale link): the first probe group, up to three
     const group = (info.probe_groups ?? []).find((g) => g.runs.includes(runs[0].run));
     state.runs = (group ? group.runs : [runs[0].run]).slice(0, 3);
   } else {
-    state.runs = state.runs.filter((r) => runs.some((x) => x.run === r));
+    state.runs = known; // [] stays []: the user unticked every run
   }
   const selected = runs.filter((r) => state.runs!.includes(r.run));
   const pool = selected.length ? selected : runs;

@@ -279,5 +279,9 @@ describe("view state", () => {
     const none: Persisted = { runs: [] };
     normaliseState(none, info);
     expect(none.runs).toEqual([]);
+    const stale: Persisted = { runs: ["deleted"], neuron: { run: "deleted", id: "a:1" } };
+    normaliseState(stale, info);
+    expect(stale.runs).toEqual(["r1", "r2"]);
+    expect(stale.neuron).toBeUndefined();
   });
 });
