@@ -77,7 +77,12 @@ export async function renderImportance(app: App, tabs: Tabs, seq: number): Promi
         h("td", { class: "ce-num", text: formatNumber(r.importance) }), h("td", { class: "ce-num", text: formatNumber(r.sensitivity) }),
         h("td", {}, [before]), h("td", {}, [after])]);
       // Hovering a row rings the neuron on every map beside the table.
-      tr.addEventListener("mouseenter", () => { app.hovered = { layer: imp.layer, channel: r.channel, run: run.run }; for (const p of app.panels) { app.detail.placeRings(p); p.view.requestDraw(); } });
+      const ring = (on: boolean) => {
+        app.hovered = on ? { layer: imp.layer, channel: r.channel, run: run.run } : null;
+        for (const p of app.panels) { app.detail.placeRings(p); p.view.requestDraw(); }
+      };
+      tr.addEventListener("mouseenter", () => ring(true));
+      tr.addEventListener("mouseleave", () => ring(false));
       tbody.append(tr);
       for (const [box, s] of [[before, fromStep], [after, toStep]] as const) {
         if (s === null) continue;
