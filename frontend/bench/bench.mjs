@@ -6,7 +6,10 @@
 //  2. pan/zoom: median requestAnimationFrame interval while zooming, vs a bare WebGL
 //     page drawing the same 100,000 points in the same browser               (<= 1.25x)
 //  3. moving the slider on a 10,000-point map, fetch from TensorBoard included (<= 100 ms)
+//  4. an animated step transition on a 26,000-point map (ResNet-50-sized layer set): median
+//     frame interval while points glide, vs the bare WebGL page drawing them (<= 1.25x)
 //
+//   BENCH_ONLY=transition node bench/bench.mjs   runs section 4 alone
 //   npm run bench            (or: node bench/bench.mjs)
 import { rmSync } from "node:fs";
 import { launchBrowser, makeFixture, startTensorBoard, tempDir } from "../tests/harness.mjs";
@@ -16,12 +19,16 @@ const fmt = (v) => v.toFixed(1);
 const verdict = (ok) => (ok ? "PASS" : "FAIL");
 const STATE_KEY = "tb-conceptevo:state:v1";
 
+const only = process.env.BENCH_ONLY || "";
 const logdir = tempDir("ce-bench-logs-");
 let t = Date.now();
-makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
-makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
+if (!only) {
+  makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
+  makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
+}
+makeFixture(logdir, ["--runs", "1", "--run-names", "anim26k", "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
 console.log(`fixtures written in ${((Date.now() - t) / 1000).toFixed(1)} s`);
-const tb = await startTensorBoard(logdir, { expectRuns: 2, timeoutMs: 180000 });
+const tb = await startTensorBoard(logdir, { expectRuns: only ? 1 : 3, timeoutMs: 180000 });
 const { context, close } = await launchBrowser({ width: 1400, height: 950 });
 const results = [];
 
@@ -31,7 +38,48 @@ async function pluginPage(runs, step) {
   return page;
 }
 
+/** A bare WebGL page drawing `positions` as 3 px points every frame (the reference for frame intervals). */
+async function barePage(positions, size) {
+  const bare = await context.newPage();
+  await bare.setContent("<!doctype html><body style='margin:0'><canvas id=c></canvas></body>");
+  await bare.evaluate(({ positions, size }) => {
+    const c = document.getElementById("c");
+    c.width = size[0]; c.height = size[1];
+    const gl = c.getContext("webgl", { antialias: false });
+    const sh = (type, src) => { const s = gl.createShader(type); gl.shaderSource(s, src); gl.compileShader(s); return s; };
+    const p = gl.createProgram();
+    gl.attachShader(p, sh(gl.VERTEX_SHADER, "attribute vec2 a;uniform vec2 c;uniform float k;void main(){gl_Position=vec4((a-c)*k,0.,1.);gl_PointSize=3.;}"));
+    gl.attachShader(p, sh(gl.FRAGMENT_SHADER, "precision mediump float;void main(){gl_FragColor=vec4(.1,.5,.9,1.);}"));
+    gl.linkProgram(p); gl.useProgram(p);
+    const data = new Float32Array(positions);
+    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
+    for (let i = 0; i < data.length; i += 2) {
+      if (!Number.isFinite(data[i])) continue;
+      minX = Math.min(minX, data[i]); maxX = Math.max(maxX, data[i]); minY = Math.min(minY, data[i + 1]); maxY = Math.max(maxY, data[i + 1]);
+    }
+    const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b); gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
+    const a = gl.getAttribLocation(p, "a"); gl.enableVertexAttribArray(a); gl.vertexAttribPointer(a, 2, gl.FLOAT, false, 0, 0);
+    const uc = gl.getUniformLocation(p, "c"), uk = gl.getUniformLocation(p, "k");
+    let k = 2 / Math.max(maxX - minX, maxY - minY);
+    window.measure = (frames) => new Promise((done) => {
+      const stamps = [];
+      let i = 0;
+      const loop = (ts) => {
+        stamps.push(ts);
+        k *= Math.exp((Math.floor(i / 30) % 2 ? -1 : 1) * 0.045);
+        gl.clearColor(1, 1, 1, 1); gl.clear(gl.COLOR_BUFFER_BIT);
+        gl.uniform2f(uc, (minX + maxX) / 2, (minY + maxY) / 2); gl.uniform1f(uk, k);
+        gl.drawArrays(gl.POINTS, 0, data.length / 2);
+        if (++i < frames) requestAnimationFrame(loop); else done(stamps.slice(1).map((s, j) => s - stamps[j]).slice(20));
+      };
+      requestAnimationFrame(loop);
+    });
+  }, { positions, size });
+  return bare;
+}
+
 try {
+  if (!only) {
   // ---------------------------------------------------------------- 1. first draw, 100k points
   const firstDraws = [];
   for (let i = 0; i < 4; i++) {
@@ -79,41 +127,7 @@ try {
   const size = await page.evaluate(() => { const r = document.querySelector(".ce-scatter").getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; });
   const positions = await page.evaluate(() => Array.from(window.__conceptevo.app.panels[0].points.positions));
 
-  const bare = await context.newPage();
-  await bare.setContent("<!doctype html><body style='margin:0'><canvas id=c></canvas></body>");
-  await bare.evaluate(({ positions, size }) => {
-    const c = document.getElementById("c");
-    c.width = size[0]; c.height = size[1];
-    const gl = c.getContext("webgl", { antialias: false });
-    const sh = (type, src) => { const s = gl.createShader(type); gl.shaderSource(s, src); gl.compileShader(s); return s; };
-    const p = gl.createProgram();
-    gl.attachShader(p, sh(gl.VERTEX_SHADER, "attribute vec2 a;uniform vec2 c;uniform float k;void main(){gl_Position=vec4((a-c)*k,0.,1.);gl_PointSize=3.;}"));
-    gl.attachShader(p, sh(gl.FRAGMENT_SHADER, "precision mediump float;void main(){gl_FragColor=vec4(.1,.5,.9,1.);}"));
-    gl.linkProgram(p); gl.useProgram(p);
-    const data = new Float32Array(positions);
-    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
-    for (let i = 0; i < data.length; i += 2) {
-      if (!Number.isFinite(data[i])) continue;
-      minX = Math.min(minX, data[i]); maxX = Math.max(maxX, data[i]); minY = Math.min(minY, data[i + 1]); maxY = Math.max(maxY, data[i + 1]);
-    }
-    const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b); gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
-    const a = gl.getAttribLocation(p, "a"); gl.enableVertexAttribArray(a); gl.vertexAttribPointer(a, 2, gl.FLOAT, false, 0, 0);
-    const uc = gl.getUniformLocation(p, "c"), uk = gl.getUniformLocation(p, "k");
-    let k = 2 / Math.max(maxX - minX, maxY - minY);
-    window.measure = (frames) => new Promise((done) => {
-      const stamps = [];
-      let i = 0;
-      const loop = (ts) => {
-        stamps.push(ts);
-        k *= Math.exp((Math.floor(i / 30) % 2 ? -1 : 1) * 0.045);
-        gl.clearColor(1, 1, 1, 1); gl.clear(gl.COLOR_BUFFER_BIT);
-        gl.uniform2f(uc, (minX + maxX) / 2, (minY + maxY) / 2); gl.uniform1f(uk, k);
-        gl.drawArrays(gl.POINTS, 0, data.length / 2);
-        if (++i < frames) requestAnimationFrame(loop); else done(stamps.slice(1).map((s, j) => s - stamps[j]).slice(20));
-      };
-      requestAnimationFrame(loop);
-    });
-  }, { positions, size });
+  const bare = await barePage(positions, size);
   // Alternate the two pages so load from other processes on the machine hits both alike.
   const pluginIntervals = [], bareIntervals = [];
   for (let round = 0; round < 3; round++) {
@@ -167,6 +181,51 @@ try {
     `${moves.fetched.map(fmt).join(", ")}), of which waiting for TensorBoard's /map answers median ${fmt(median(moves.fetchOnly))} ms; ` +
     `next step (prefetched) median ${fmt(mpf)} ms`);
   results.push(["slider move on 10k map incl. fetch <= 100 ms (median)", mf <= 100]);
+  }
+
+  // ---------------------------------------------------------------- 4. animated step transition, 26k points
+  const ap = await pluginPage(["anim26k"], 0);
+  await ap.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
+  await ap.waitForFunction(() => document.body?.dataset.conceptevoReady === "true", null, { timeout: 60000 });
+  await ap.waitForTimeout(2000);
+  const glide = async () => ap.evaluate(async () => {
+    const app = window.__conceptevo.app;
+    const steps = window.__conceptevo.steps();
+    // warm every step's maps first: the glide, not the fetch, is timed
+    await Promise.all(steps.flatMap((s) => app.panels[0].points.layers.map((l) => app.api.map("anim26k", app.state.space, l, s))));
+    const intervals = [];
+    for (let round = 0; round < 6; round++) {
+      const stamps = [];
+      const next = (app.stepIndex + 1) % steps.length;
+      app.setStepIndex(next, true);
+      await new Promise((r) => requestAnimationFrame(r));
+      await new Promise((done) => {
+        const loop = (ts) => { stamps.push(ts); if (window.__conceptevo.panels()[0].animating) requestAnimationFrame(loop); else done(); };
+        requestAnimationFrame(loop);
+      });
+      intervals.push(...stamps.slice(2).map((s, i) => s - stamps[i + 1]));
+    }
+    return { intervals, points: window.__conceptevo.panels()[0].points };
+  });
+  const asize = await ap.evaluate(() => { const r = document.querySelector(".ce-scatter").getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; });
+  const apos = await ap.evaluate(() => Array.from(window.__conceptevo.app.panels[0].points.positions));
+  const abare = await barePage(apos, asize);
+  const glideIntervals = [], bareGlide = [];
+  let glidePoints = 0;
+  for (let round = 0; round < 3; round++) {
+    await ap.bringToFront();
+    const g = await glide();
+    glideIntervals.push(...g.intervals);
+    glidePoints = g.points;
+    await abare.bringToFront();
+    bareGlide.push(...await abare.evaluate((frames) => window.measure(frames), 60));
+  }
+  await abare.close();
+  await ap.close();
+  const mg = median(glideIntervals), mbg = median(bareGlide);
+  console.log(`step transition on a ${glidePoints.toLocaleString()}-point map (${asize[0]}x${asize[1]} px, ${glideIntervals.length} frames): ` +
+    `median frame interval plugin ${fmt(mg)} ms (${fmt(1000 / mg)} fps), bare WebGL page ${fmt(mbg)} ms, ratio ${(mg / mbg).toFixed(2)}x`);
+  results.push(["step transition frame interval <= 1.25x bare WebGL", mg <= 1.25 * mbg]);
 } finally {
   await close();
   tb.stop();

@@ -31,7 +31,9 @@ export interface NeuronStory {
   invalid: boolean;
   stimuli: { image: number; activation: number | null; box: number[] }[];
   trajectory?: { step: number; x: number | null; y: number | null }[];
-  labels?: { step: number; concept: string | null; category: string | null; similarity: number | null }[];
+  /** `interpretable`: the label passes its detector's bar; `threshold`: that bar (newer servers) */
+  labels?: { step: number; concept: string | null; category: string | null; similarity: number | null; interpretable?: boolean;
+    threshold?: number | null }[];
   stimuli_by_step?: { step: number; images: number[]; boxes: number[][] }[];
 }
 

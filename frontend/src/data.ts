@@ -56,6 +56,9 @@ export interface Labels {
   interpretable_fraction?: number;
   top_concepts: number[][];
   top_similarity: (number | null)[][];
+  /** per neuron: does its best concept pass the detector's threshold (or significance test)?
+   * Older servers leave it out: then top similarity > threshold decides. */
+  interpretable?: (boolean | null)[];
 }
 
 /** All neurons of the shown layers of one run at one step, flattened for drawing. */
@@ -258,7 +261,7 @@ export function colourPoints(points: PointSet, by: ColourBy, labelsByLayer: Reco
       const labels = labelsByLayer[points.layers[points.layerIndex[i]]];
       const top = topLabel(labels, points.channel[i]);
       if (!top) { keys[i] = null; continue; }
-      const weak = labels!.threshold > 0 && (top.similarity === null || top.similarity < labels!.threshold);
+      const weak = !top.interpretable;
       below ||= weak;
       keys[i] = weak ? BELOW : top.category || "uncategorised";
     }
@@ -309,19 +312,58 @@ export function naturalCompare(a: string, b: string): number {
   return a.localeCompare(b, undefined, { numeric: true, sensitivity: "base" });
 }
 
+/** A neuron's best concept with the evidence behind it: `interpretable` is false when it is only a best guess. */
+export interface TopLabel {
+  concept: string;
+  category: string;
+  similarity: number | null;
+  interpretable: boolean;
+  threshold: number | null;
+}
+
+/**
+ * Does a label pass its detector's bar?  The server's verdict when it sends one, else
+ * similarity > threshold (no threshold: any finite similarity).
+ * @example isInterpretable(0.02, 0.04, undefined) // false
+ */
+export function isInterpretable(similarity: number | null, threshold: number | null | undefined, verdict: boolean | null | undefined): boolean {
+  if (verdict === true || verdict === false) return verdict;
+  if (similarity === null || !Number.isFinite(similarity)) return false;
+  return threshold === null || threshold === undefined || !Number.isFinite(threshold) ? true : similarity > threshold;
+}
+
 /** Best concept of a neuron, or null when it has none. */
-export function topLabel(labels: Labels | undefined, channel: number):
-  { concept: string; category: string; similarity: number | null } | null {
+export function topLabel(labels: Labels | undefined, channel: number): TopLabel | null {
   if (!labels) return null;
   const row = labels.top_concepts[channel];
   if (!row || !row.length || row[0] < 0) return null;
   const c = row[0];
-  const sim = labels.top_similarity[channel]?.[0];
+  const raw = labels.top_similarity[channel]?.[0];
+  const similarity = raw === null || raw === undefined || !Number.isFinite(raw) ? null : raw;
+  const threshold = labels.threshold ?? null;
   return {
     concept: labels.concepts[c] ?? `concept ${c}`,
     category: labels.categories[c] ?? "",
-    similarity: sim === null || sim === undefined || !Number.isFinite(sim) ? null : sim,
+    similarity,
+    interpretable: isInterpretable(similarity, threshold, labels.interpretable?.[channel]),
+    threshold,
   };
+}
+
+/**
+ * One line that never passes a best guess off as a concept:
+ * "circle (shape) · score 0.124 > τ 0.04" or
+ * "no interpretable concept; best guess ring (shape), score 0.0247 < τ 0.04".
+ */
+export function describeLabel(top: { concept: string | null; category?: string | null; similarity: number | null;
+  interpretable: boolean; threshold?: number | null }): string {
+  const cat = top.category ? ` (${top.category})` : "";
+  const tau = top.threshold !== null && top.threshold !== undefined && Number.isFinite(top.threshold) ? top.threshold : null;
+  const t = tau === null ? "" : String(Number(tau.toPrecision(3)));
+  if (!top.concept) return "no concept scored";
+  if (top.interpretable) return `${top.concept}${cat} · score ${formatNumber(top.similarity)}${tau !== null ? ` > τ ${t}` : ""}`;
+  return `no interpretable concept; best guess ${top.concept}${cat}, score ${formatNumber(top.similarity)}` +
+    (tau !== null ? ` < τ ${t}` : " (not significant)");
 }
 
 // ---------------------------------------------------------------- search
@@ -330,11 +372,19 @@ export interface SearchHit {
   index: number;
   id: string;
   why: string;
+  /** for concept matches: which of the neuron's top concepts matched (1 = best), its score, and whether it passes */
+  rank?: number;
+  score?: number | null;
+  interpretable?: boolean;
 }
+
+const ORDINAL = ["1st", "2nd", "3rd"];
 
 /**
  * Find neurons by id (`features.3:12`, or a bare channel `12`, or a layer prefix
  * `features.3:`) or by concept word (case-insensitive substring of a top concept).
+ * Concept matches are ranked: interpretable best-concept matches first, then by score;
+ * `why` says which rank matched, its score and when it is below the threshold.
  */
 export function searchPoints(points: PointSet, labelsByLayer: Record<string, Labels | undefined>, query: string,
   limit = 200): SearchHit[] {
@@ -348,7 +398,8 @@ export function searchPoints(points: PointSet, labelsByLayer: Record<string, Lab
   }
   const bareChannel = /^\d+$/.test(q) ? Number(q) : null;
   const n = points.channel.length;
-  for (let i = 0; i < n && hits.length < limit; i++) {
+  const concepts: SearchHit[] = [];
+  for (let i = 0; i < n; i++) {
     const layer = points.layers[points.layerIndex[i]];
     const id = neuronId(layer, points.channel[i]);
     if (bareChannel !== null && points.channel[i] === bareChannel) {
@@ -360,16 +411,25 @@ export function searchPoints(points: PointSet, labelsByLayer: Record<string, Lab
       continue;
     }
     const labels = labelsByLayer[layer];
-    const row = labels?.top_concepts[points.channel[i]];
+    const ch = points.channel[i];
+    const row = labels?.top_concepts[ch];
     if (!labels || !row) continue;
-    for (const c of row) {
-      if (c >= 0 && (labels.concepts[c] ?? "").toLowerCase().includes(q)) {
-        hits.push({ index: i, id, why: labels.concepts[c] });
-        break;
-      }
+    for (let r = 0; r < row.length; r++) {
+      const c = row[r];
+      if (c < 0 || !(labels.concepts[c] ?? "").toLowerCase().includes(q)) continue;
+      const raw = labels.top_similarity[ch]?.[r];
+      const score = raw === null || raw === undefined || !Number.isFinite(raw) ? null : raw;
+      const ok = r === 0 ? isInterpretable(score, labels.threshold, labels.interpretable?.[ch]) : isInterpretable(score, labels.threshold, undefined);
+      const why = `${labels.concepts[c]} · ${ORDINAL[r] ?? `${r + 1}th`} concept · ${formatNumber(score)}` +
+        (ok ? "" : Number.isFinite(labels.threshold) ? ` < τ ${Number(labels.threshold.toPrecision(3))}` : " (not interpretable)");
+      concepts.push({ index: i, id, why, rank: r + 1, score, interpretable: ok });
+      break;
     }
   }
-  return hits;
+  const key = (h: SearchHit) => (h.rank === 1 && h.interpretable ? 0 : h.interpretable ? 1 : 2);
+  concepts.sort((a, b) => key(a) - key(b) || (b.score ?? -Infinity) - (a.score ?? -Infinity) || (a.rank ?? 0) - (b.rank ?? 0) ||
+    naturalCompare(a.id, b.id));
+  return [...hits, ...concepts].slice(0, limit);
 }
 
 // ---------------------------------------------------------------- selection geometry
@@ -612,48 +672,54 @@ export function rankImportance(r: ImportanceResponse): { channel: number; import
 // ---------------------------------------------------------------- export
 
 export interface TableRow {
+  run: string;
+  layer: string;
+  channel: number;
   id: string;
+  step: number | null;
   x: number | null;
   y: number | null;
   label: string;
+  category: string;
   similarity: number | null;
+  interpretable: boolean | null;
+  threshold: number | null;
   importance: number | null;
 }
 
 /** RFC 4180 field quoting; also defuses spreadsheet formulas in user strings. */
-export function csvField(v: string | number | null): string {
+export function csvField(v: string | number | boolean | null): string {
   if (v === null || (typeof v === "number" && !Number.isFinite(v))) return "";
   let s = String(v);
   if (typeof v === "string" && /^[=+\-@\t\r]/.test(s)) s = `'${s}`;
   return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
-/** CSV of the neuron table: header `id,x,y,label,similarity,importance`. */
+export const CSV_COLUMNS = ["run", "layer", "channel", "id", "step", "x", "y", "label", "category", "similarity",
+  "interpretable", "threshold", "importance"] as const;
+
+/** CSV of the neuron table, header {@link CSV_COLUMNS}; `label` stays the best concept, `interpretable` says whether it passes. */
 export function toCsv(rows: TableRow[]): string {
-  const lines = ["id,x,y,label,similarity,importance"];
-  for (const r of rows) {
-    lines.push([r.id, r.x, r.y, r.label, r.similarity, r.importance].map(csvField).join(","));
-  }
+  const lines = [CSV_COLUMNS.join(",")];
+  for (const r of rows) lines.push(CSV_COLUMNS.map((k) => csvField(r[k])).join(","));
   return lines.join("\n") + "\n";
 }
 
-/** Build the table rows of one map (placed and unplaced neurons). */
+/** Build the table rows of one map (placed and unplaced neurons) of `run` at `step`. */
 export function tableRows(points: PointSet, labelsByLayer: Record<string, Labels | undefined>,
-  importance: Map<string, number> | null): TableRow[] {
+  importance: Map<string, number> | null, run = "", step: number | null = null): TableRow[] {
+  const row = (layer: string, channel: number, x: number | null, y: number | null): TableRow => {
+    const top = topLabel(labelsByLayer[layer], channel);
+    const id = neuronId(layer, channel);
+    return { run, layer, channel, id, step, x, y, label: top?.concept ?? "", category: top?.category ?? "",
+      similarity: top?.similarity ?? null, interpretable: top ? top.interpretable : null, threshold: top?.threshold ?? null,
+      importance: importance?.get(id) ?? null };
+  };
   const rows: TableRow[] = [];
   for (let i = 0; i < points.channel.length; i++) {
-    const layer = points.layers[points.layerIndex[i]];
-    const top = topLabel(labelsByLayer[layer], points.channel[i]);
-    const id = neuronId(layer, points.channel[i]);
-    rows.push({ id, x: points.positions[2 * i], y: points.positions[2 * i + 1], label: top?.concept ?? "",
-      similarity: top?.similarity ?? null, importance: importance?.get(id) ?? null });
+    rows.push(row(points.layers[points.layerIndex[i]], points.channel[i], points.positions[2 * i], points.positions[2 * i + 1]));
   }
-  for (const u of points.unplaced) {
-    const top = topLabel(labelsByLayer[u.layer], u.channel);
-    const id = neuronId(u.layer, u.channel);
-    rows.push({ id, x: null, y: null, label: top?.concept ?? "", similarity: top?.similarity ?? null,
-      importance: importance?.get(id) ?? null });
-  }
+  for (const u of points.unplaced) rows.push(row(u.layer, u.channel, null, null));
   return rows;
 }
 
@@ -707,18 +773,88 @@ function starPath(x: number, y: number, r: number): string {
   return d + "Z";
 }
 
-/** Label timeline: merge consecutive steps with the same concept into spans. */
-export function labelSpans(labels: { step: number; concept: string | null; similarity: number | null }[]):
-  { from: number; to: number; concept: string | null; best: number | null }[] {
-  const spans: { from: number; to: number; concept: string | null; best: number | null }[] = [];
+/**
+ * Label timeline: merge consecutive steps with the same concept and the same verdict
+ * (interpretable or best guess) into spans; `best` is the span's highest score.
+ */
+export function labelSpans(labels: { step: number; concept: string | null; similarity: number | null; interpretable?: boolean }[]):
+  { from: number; to: number; concept: string | null; best: number | null; interpretable: boolean }[] {
+  const spans: { from: number; to: number; concept: string | null; best: number | null; interpretable: boolean }[] = [];
   for (const l of [...labels].sort((a, b) => a.step - b.step)) {
+    const ok = l.interpretable ?? l.concept !== null;
     const last = spans[spans.length - 1];
-    if (last && last.concept === l.concept) {
+    if (last && last.concept === l.concept && last.interpretable === ok) {
       last.to = l.step;
       if (l.similarity !== null && (last.best === null || l.similarity > last.best)) last.best = l.similarity;
     } else {
-      spans.push({ from: l.step, to: l.step, concept: l.concept, best: l.similarity });
+      spans.push({ from: l.step, to: l.step, concept: l.concept, best: l.similarity, interpretable: ok });
     }
   }
   return spans;
 }
+
+// ---------------------------------------------------------------- step transitions
+
+/**
+ * What a step change animates: for every point of `next`, where it starts (its place in
+ * `prev`, or its own place when it is new) and whether it fades in; the points of `prev`
+ * missing from `next` fade out where they were (appended after next's points).
+ */
+export interface Transition {
+  from: Float32Array;
+  /** per point of next + vanishing: 0 stays, 1 appears, 2 vanishes */
+  fade: Uint8Array;
+  /** positions and indices (into prev) of the vanishing points */
+  vanishPositions: Float32Array;
+  vanishIndex: Int32Array;
+}
+
+export function stepTransition(prev: PointSet, next: PointSet): Transition {
+  const n = next.channel.length;
+  const from = new Float32Array(n * 2);
+  const seen = new Uint8Array(prev.channel.length);
+  const fadeNext = new Uint8Array(n);
+  for (let i = 0; i < n; i++) {
+    const j = prev.index.get(neuronId(next.layers[next.layerIndex[i]], next.channel[i]));
+    if (j === undefined) {
+      from[2 * i] = next.positions[2 * i];
+      from[2 * i + 1] = next.positions[2 * i + 1];
+      fadeNext[i] = 1;
+    } else {
+      from[2 * i] = prev.positions[2 * j];
+      from[2 * i + 1] = prev.positions[2 * j + 1];
+      seen[j] = 1;
+    }
+  }
+  const gone: number[] = [];
+  for (let j = 0; j < seen.length; j++) if (!seen[j]) gone.push(j);
+  const vanishPositions = new Float32Array(gone.length * 2);
+  gone.forEach((j, k) => { vanishPositions[2 * k] = prev.positions[2 * j]; vanishPositions[2 * k + 1] = prev.positions[2 * j + 1]; });
+  const fade = new Uint8Array(n + gone.length);
+  fade.set(fadeNext);
+  fade.fill(2, n);
+  return { from, fade, vanishPositions, vanishIndex: Int32Array.from(gone) };
+}
+
+/** Ease in and out (cubic): slow start, slow landing, so the eye can follow a point. */
+export function easeInOut(t: number): number {
+  const x = clamp(t, 0, 1);
+  return x < 0.5 ? 4 * x * x * x : 1 - Math.pow(-2 * x + 2, 3) / 2;
+}
+
+// ---------------------------------------------------------------- metric hints
+
+/** Which direction of a concept metric means what (shown under each chart title). */
+export const METRIC_HINTS: Record<string, string> = {
+  entropy: "higher = concepts more spread out (more diverse)",
+  d_anchor: "lower = more diverse concepts",
+  speed: "higher = concepts still changing; low = settled",
+  interpretable_fraction: "higher = more neurons with a concept",
+  invalid_neurons: "lower is better (NaN/Inf activations)",
+};
+
+/** Dash pattern of run `i` in line charts: runs are told apart by line style and letter, never by hue. */
+export const RUN_DASHES: number[][] = [[], [6, 3], [2, 2], [8, 3, 2, 3], [1, 3], [10, 4]];
+/** Neutral ink of run `i` (layers and categories own the hues). */
+export const RUN_INKS = ["#212121", "#5c5c5c", "#3a3a3a", "#7a7a7a", "#2b2b2b", "#6a6a6a"];
+export const runLetter = (i: number): string => String.fromCharCode(65 + (i % 26));

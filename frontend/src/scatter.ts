@@ -5,7 +5,7 @@
  * box / lasso interaction.  Several views can share one {@link Camera}: that is the
  * linked zoom of the small multiples.
  */
-import { Bounds, PointGrid, selectInPolygon, starVertices } from "./data";
+import { Bounds, PointGrid, Transition, easeInOut, selectInPolygon, starVertices } from "./data";
 
 export type Tool = "pan" | "box" | "lasso";
 
@@ -37,6 +37,11 @@ export class Camera {
   }
 }
 
+/** Map colours of the light and dark themes (the WebGL clear colour cannot read CSS). */
+export const MAP_THEME = { dark: false };
+const mapBackground = (): [number, number, number] => (MAP_THEME.dark ? [0.13, 0.13, 0.14] : [1, 1, 1]);
+const ink = (light: string, dark: string) => (MAP_THEME.dark ? dark : light);
+
 export interface Overlay {
   anchors: { x: number; y: number; label: string; kind: string }[];
   showAnchors: boolean;
@@ -46,18 +51,24 @@ export interface Overlay {
   ringAt: [number, number] | null;
   /** point drawn with a second ring (clicked neuron) */
   pinnedAt: [number, number] | null;
+  /** fading trails: each neuron's places at the last few steps (oldest first), data coordinates, NaN = absent */
+  trails: Float32Array[] | null;
 }
 
 export interface ScatterCallbacks {
   hover(index: number, clientX: number, clientY: number): void;
   click(index: number): void;
   select(indices: number[]): void;
+  key?(e: KeyboardEvent): void;
 }
 
 const VERTEX = `
 attribute vec2 a_pos;
 attribute vec4 a_col;
 attribute float a_emph;
+attribute vec2 a_from;
+attribute float a_fade;
+uniform float u_t;
 uniform vec2 u_center;
 uniform vec2 u_scale;
 uniform float u_size;
@@ -65,11 +76,14 @@ uniform float u_emphasis;
 uniform float u_alpha;
 varying vec4 v_col;
 void main() {
-  gl_Position = vec4((a_pos - u_center) * u_scale, 0.0, 1.0);
+  // Step transition: glide from the old place (u_t eased 0 -> 1); new points fade in, gone ones out.
+  vec2 p = mix(a_from, a_pos, u_t);
+  gl_Position = vec4((p - u_center) * u_scale, 0.0, 1.0);
   float emph = a_emph * u_emphasis;
   gl_PointSize = u_size * (1.0 + 0.8 * emph);
   float alpha = u_emphasis > 0.5 ? (emph > 0.5 ? 1.0 : 0.18) : u_alpha;
-  v_col = vec4(a_col.rgb, a_col.a * alpha);
+  float fade = a_fade < 0.5 ? 1.0 : (a_fade < 1.5 ? u_t : 1.0 - u_t);
+  v_col = vec4(a_col.rgb, a_col.a * alpha * fade);
 }`;
 
 const FRAGMENT = `
@@ -101,9 +115,15 @@ export class ScatterView {
   private gl: WebGLRenderingContext | null = null;
   private ctx2d: CanvasRenderingContext2D | null = null;
   private program: WebGLProgram | null = null;
-  private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer } | null = null;
-  private loc: { pos: number; col: number; emph: number; center: WebGLUniformLocation; scale: WebGLUniformLocation;
-    size: WebGLUniformLocation; emphasis: WebGLUniformLocation; alpha: WebGLUniformLocation; round: WebGLUniformLocation } | null = null;
+  private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer; from: WebGLBuffer; fade: WebGLBuffer } | null = null;
+  private loc: { pos: number; col: number; emph: number; from: number; fade: number; t: WebGLUniformLocation;
+    center: WebGLUniformLocation; scale: WebGLUniformLocation; size: WebGLUniformLocation; emphasis: WebGLUniformLocation;
+    alpha: WebGLUniformLocation; round: WebGLUniformLocation } | null = null;
+  /** running step transition: points glide from `from`; `extra` vanishing points drawn after the n live ones */
+  private anim: { from: Float32Array; fade: Uint8Array; start: number; duration: number; extra: number;
+    vanish: Float32Array; vanishColours: Uint8Array; fades: boolean } | null = null;
+  /** tests hold a transition at a fixed progress to look at an intermediate frame */
+  static holdAt: number | null = null;
   private positions: Float32Array = new Float32Array(0);
   private colours: Uint8Array = new Uint8Array(0);
   private emphasis: Uint8Array | null = null;
@@ -115,7 +135,7 @@ export class ScatterView {
   private drag: { x: number; y: number; cx: number; cy: number; moved: boolean; tool: Tool; path: number[] } | null = null;
   private unsubscribe: () => void;
   private resizeObserver: ResizeObserver;
-  overlay: Overlay = { anchors: [], showAnchors: true, trajectory: null, ringAt: null, pinnedAt: null };
+  overlay: Overlay = { anchors: [], showAnchors: true, trajectory: null, ringAt: null, pinnedAt: null, trails: null };
   tool: Tool = "pan";
   /** last frame's timestamp, read by benchmarks and tests */
   drawCount = 0;
@@ -129,7 +149,8 @@ export class ScatterView {
     this.overlayCanvas = document.createElement("canvas");
     this.overlayCanvas.className = "ce-scatter-overlay";
     this.overlayCanvas.tabIndex = 0;
-    this.overlayCanvas.setAttribute("role", "img");
+    this.overlayCanvas.setAttribute("role", "application");
+    this.overlayCanvas.setAttribute("aria-roledescription", "concept map");
     this.element.append(this.canvas, this.overlayCanvas);
     if (!forceCanvas) this.initGl();
     if (!this.gl) this.ctx2d = this.canvas.getContext("2d");
@@ -170,6 +191,9 @@ export class ScatterView {
         pos: gl.getAttribLocation(program, "a_pos"),
         col: gl.getAttribLocation(program, "a_col"),
         emph: gl.getAttribLocation(program, "a_emph"),
+        from: gl.getAttribLocation(program, "a_from"),
+        fade: gl.getAttribLocation(program, "a_fade"),
+        t: gl.getUniformLocation(program, "u_t")!,
         center: gl.getUniformLocation(program, "u_center")!,
         scale: gl.getUniformLocation(program, "u_scale")!,
         size: gl.getUniformLocation(program, "u_size")!,
@@ -177,7 +201,8 @@ export class ScatterView {
         alpha: gl.getUniformLocation(program, "u_alpha")!,
         round: gl.getUniformLocation(program, "u_round")!,
       };
-      this.buffers = { pos: gl.createBuffer()!, col: gl.createBuffer()!, emph: gl.createBuffer()! };
+      this.buffers = { pos: gl.createBuffer()!, col: gl.createBuffer()!, emph: gl.createBuffer()!, from: gl.createBuffer()!,
+        fade: gl.createBuffer()! };
       this.gl = gl;
       this.warmUp();
     } catch {
@@ -209,26 +234,68 @@ export class ScatterView {
     return this.positions.length / 2;
   }
 
-  setData(positions: Float32Array, rgba: Uint8Array): void {
-    const samePositions = positions === this.positions;
+  /**
+   * New points and colours.  With a `transition` (a step change) the points glide from
+   * their old places over `duration` ms, eased; new ones fade in, vanished ones fade out.
+   */
+  setData(positions: Float32Array, rgba: Uint8Array, transition?: { t: Transition; colours: Uint8Array; duration: number }): void {
+    const samePositions = positions === this.positions && !transition;
     this.positions = positions;
     this.colours = rgba;
     if (!samePositions) {
       this.grid = null; // built lazily on first hover: first draw must not wait for it
       this.emphasis = null;
     }
+    const n = positions.length / 2;
+    if (transition && transition.duration > 0) {
+      const { t } = transition;
+      const extra = t.vanishIndex.length;
+      const vanishColours = new Uint8Array(extra * 4);
+      t.vanishIndex.forEach((j, k) => vanishColours.set(transition.colours.subarray(4 * j, 4 * j + 4), 4 * k));
+      this.anim = { from: t.from, fade: t.fade, start: performance.now(), duration: transition.duration, extra,
+        vanish: t.vanishPositions, vanishColours, fades: t.fade.some((f) => f !== 0) };
+    } else if (!samePositions) {
+      this.anim = null;
+    }
     const gl = this.gl;
     if (gl && this.buffers) {
+      const a = this.anim;
+      const extra = a ? a.extra : 0;
       if (!samePositions) {
+        const pos = new Float32Array((n + extra) * 2);
+        pos.set(positions);
+        if (a) pos.set(a.vanish, 2 * n);
         gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.pos);
-        gl.bufferData(gl.ARRAY_BUFFER, positions, gl.STATIC_DRAW);
+        gl.bufferData(gl.ARRAY_BUFFER, pos, gl.STATIC_DRAW);
+        const from = new Float32Array((n + extra) * 2);
+        if (a) { from.set(a.from); from.set(a.vanish, 2 * n); } else from.set(positions);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.from);
+        gl.bufferData(gl.ARRAY_BUFFER, from, gl.STATIC_DRAW);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.fade);
+        gl.bufferData(gl.ARRAY_BUFFER, a ? a.fade : new Uint8Array(n), gl.STATIC_DRAW);
         gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.emph);
-        gl.bufferData(gl.ARRAY_BUFFER, new Uint8Array(positions.length / 2), gl.DYNAMIC_DRAW);
+        gl.bufferData(gl.ARRAY_BUFFER, new Uint8Array(n + extra), gl.DYNAMIC_DRAW);
       }
+      const col = new Uint8Array((n + extra) * 4);
+      col.set(rgba);
+      if (a && extra && !samePositions) col.set(a.vanishColours, 4 * n);
       gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.col);
-      gl.bufferData(gl.ARRAY_BUFFER, rgba, gl.STATIC_DRAW);
+      gl.bufferData(gl.ARRAY_BUFFER, col, gl.STATIC_DRAW);
     }
     this.requestDraw();
+  }
+
+  /** Progress of the running transition, eased (1 when none runs). */
+  private progress(now = performance.now()): number {
+    const a = this.anim;
+    if (!a) return 1;
+    const raw = ScatterView.holdAt ?? (now - a.start) / a.duration;
+    return raw >= 1 ? 1 : easeInOut(raw);
+  }
+
+  /** True while a step transition is drawing intermediate frames. */
+  get animating(): boolean {
+    return this.progress() < 1;
   }
 
   /** Highlight these point indices (dimming the rest); null clears. */
@@ -244,8 +311,10 @@ export class ScatterView {
     this.emphasis = flags;
     const gl = this.gl;
     if (gl && this.buffers) {
+      const all = new Uint8Array(n + (this.anim?.extra ?? 0));
+      if (flags) all.set(flags);
       gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.emph);
-      gl.bufferData(gl.ARRAY_BUFFER, flags ?? new Uint8Array(n), gl.DYNAMIC_DRAW);
+      gl.bufferData(gl.ARRAY_BUFFER, all, gl.DYNAMIC_DRAW);
     }
     this.requestDraw();
   }
@@ -256,6 +325,16 @@ export class ScatterView {
       this.frame = 0;
       this.draw();
     });
+  }
+
+  /** Accessible name of the map (its keyboard use included). */
+  setLabel(text: string): void {
+    this.overlayCanvas.setAttribute("aria-label", text);
+  }
+
+  /** Keyboard focus on the map. */
+  focus(): void {
+    this.overlayCanvas.focus();
   }
 
   /** Re-read the element's size now (a new view is measured before its first fit). */
@@ -296,6 +375,9 @@ export class ScatterView {
   draw(): void {
     this.drawCount++;
     const n = this.pointCount;
+    const t = this.progress();
+    if (this.anim && t >= 1 && ScatterView.holdAt === null) this.anim = null;
+    if (this.anim) this.requestDraw(); // next intermediate frame
     if (n && this.onFirstPoints) {
       const f = this.onFirstPoints;
       this.onFirstPoints = null;
@@ -306,14 +388,15 @@ export class ScatterView {
     if (this.gl && this.program && this.loc && this.buffers) {
       const gl = this.gl;
       gl.viewport(0, 0, this.canvas.width, this.canvas.height);
-      gl.clearColor(1, 1, 1, 1);
+      const [br, bg, bb] = mapBackground();
+      gl.clearColor(br, bg, bb, 1);
       gl.clear(gl.COLOR_BUFFER_BIT);
       if (n) {
         gl.useProgram(this.program);
         const pixels = size * this.dpr;
         const round = pixels > 4.5;
         // Blending only when something is translucent (round edges, dimmed points).
-        if (round || this.emphasis) {
+        if (round || this.emphasis || this.anim?.fades) {
           gl.enable(gl.BLEND);
           gl.blendFunc(gl.ONE, gl.ONE_MINUS_SRC_ALPHA);
         } else {
@@ -330,42 +413,63 @@ export class ScatterView {
         gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.emph);
         gl.enableVertexAttribArray(this.loc.emph);
         gl.vertexAttribPointer(this.loc.emph, 1, gl.UNSIGNED_BYTE, false, 0, 0);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.from);
+        gl.enableVertexAttribArray(this.loc.from);
+        gl.vertexAttribPointer(this.loc.from, 2, gl.FLOAT, false, 0, 0);
+        gl.bindBuffer(gl.ARRAY_BUFFER, this.buffers.fade);
+        gl.enableVertexAttribArray(this.loc.fade);
+        gl.vertexAttribPointer(this.loc.fade, 1, gl.UNSIGNED_BYTE, false, 0, 0);
+        gl.uniform1f(this.loc.t, this.anim ? t : 1);
         gl.uniform2f(this.loc.center, c.cx, c.cy);
         gl.uniform2f(this.loc.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
         gl.uniform1f(this.loc.size, size * this.dpr);
         gl.uniform1f(this.loc.emphasis, this.emphasis ? 1 : 0);
-        gl.drawArrays(gl.POINTS, 0, n);
+        gl.drawArrays(gl.POINTS, 0, n + (this.anim ? this.anim.extra : 0));
       }
     } else if (this.ctx2d) {
-      this.draw2d(size);
+      this.draw2d(size, this.anim ? t : 1);
     }
     this.drawOverlay(size);
   }
 
-  private draw2d(size: number): void {
+  private draw2d(size: number, t: number): void {
     const ctx = this.ctx2d!;
     ctx.setTransform(this.dpr, 0, 0, this.dpr, 0, 0);
-    ctx.fillStyle = "#ffffff";
+    const [br, bg, bb] = mapBackground();
+    ctx.fillStyle = `rgb(${br * 255},${bg * 255},${bb * 255})`;
     ctx.fillRect(0, 0, this.width, this.height);
     const n = this.pointCount;
     const r = size / 2;
+    const a = this.anim;
     const col = this.colours;
     const emph = this.emphasis;
-    // Points of one colour are drawn in one path: far fewer state changes than per point.
+    // Points of one colour (and fade) are drawn in one path: far fewer state changes than per point.
     const byColour = new Map<number, number[]>();
-    for (let i = 0; i < n; i++) {
-      const [sx, sy] = this.toScreen(this.positions[2 * i], this.positions[2 * i + 1]);
-      if (sx < -r || sy < -r || sx > this.width + r || sy > this.height + r) continue;
-      const e = emph ? (emph[i] ? 2 : 1) : 0;
-      const key = ((col[4 * i] << 16) | (col[4 * i + 1] << 8) | col[4 * i + 2]) * 4 + e;
+    const add = (x: number, y: number, rgb: number, e: number, fade: number) => {
+      const [sx, sy] = this.toScreen(x, y);
+      if (sx < -r || sy < -r || sx > this.width + r || sy > this.height + r) return;
+      const key = (rgb * 4 + e) * 3 + fade;
       let list = byColour.get(key);
       if (!list) byColour.set(key, (list = []));
       list.push(sx, sy);
+    };
+    for (let i = 0; i < n; i++) {
+      let x = this.positions[2 * i], y = this.positions[2 * i + 1];
+      if (a && t < 1) { x = a.from[2 * i] + (x - a.from[2 * i]) * t; y = a.from[2 * i + 1] + (y - a.from[2 * i + 1]) * t; }
+      add(x, y, (col[4 * i] << 16) | (col[4 * i + 1] << 8) | col[4 * i + 2], emph ? (emph[i] ? 2 : 1) : 0, a && t < 1 ? a.fade[i] : 0);
+    }
+    if (a && t < 1) {
+      for (let k = 0; k < a.extra; k++) {
+        const c = a.vanishColours;
+        add(a.vanish[2 * k], a.vanish[2 * k + 1], (c[4 * k] << 16) | (c[4 * k + 1] << 8) | c[4 * k + 2], emph ? 1 : 0, 2);
+      }
     }
     for (const [key, list] of byColour) {
-      const e = key % 4;
-      const rgb = Math.floor(key / 4);
-      ctx.globalAlpha = e === 1 ? 0.18 : e === 2 ? 1 : 0.9;
+      const fade = key % 3;
+      const e = Math.floor(key / 3) % 4;
+      const rgb = Math.floor(key / 12);
+      const f = fade === 1 ? t : fade === 2 ? 1 - t : 1;
+      ctx.globalAlpha = (e === 1 ? 0.18 : e === 2 ? 1 : 0.9) * f;
       ctx.fillStyle = `rgb(${(rgb >> 16) & 255},${(rgb >> 8) & 255},${rgb & 255})`;
       const rr = e === 2 ? r * 1.8 : r;
       ctx.beginPath();
@@ -382,7 +486,7 @@ export class ScatterView {
 
   private overlayHasContent(): boolean {
     const o = this.overlay;
-    return !!((o.trajectory && o.trajectory.length) || (o.showAnchors && o.anchors.length) || o.ringAt || o.pinnedAt ||
+    return !!((o.trajectory && o.trajectory.length) || (o.trails && o.trails.length) || (o.showAnchors && o.anchors.length) || o.ringAt || o.pinnedAt ||
       (this.drag && this.drag.tool !== "pan"));
   }
 
@@ -395,9 +499,10 @@ export class ScatterView {
     ctx.clearRect(0, 0, this.width, this.height);
     this.overlayBlank = !hasContent;
     const o = this.overlay;
+    if (o.trails && o.trails.length) this.drawTrails(ctx, o.trails);
     if (o.trajectory && o.trajectory.length) {
       ctx.lineWidth = 2;
-      ctx.strokeStyle = "rgba(33,33,33,0.75)";
+      ctx.strokeStyle = ink("rgba(33,33,33,0.75)", "rgba(238,238,238,0.8)");
       ctx.setLineDash([]);
       ctx.beginPath();
       let pen = false;
@@ -413,8 +518,8 @@ export class ScatterView {
         const [sx, sy] = this.toScreen(p.x, p.y);
         ctx.beginPath();
         ctx.arc(sx, sy, p.current ? 5 : 3, 0, Math.PI * 2);
-        ctx.fillStyle = p.current ? "#f57c00" : i === 0 ? "#ffffff" : "#424242";
-        ctx.strokeStyle = "#424242";
+        ctx.fillStyle = p.current ? "#f57c00" : i === 0 ? ink("#ffffff", "#212124") : ink("#424242", "#e0e0e0");
+        ctx.strokeStyle = ink("#424242", "#e0e0e0");
         ctx.lineWidth = 1.5;
         ctx.fill();
         ctx.stroke();
@@ -422,7 +527,7 @@ export class ScatterView {
       const last = o.trajectory.filter((p) => p.x !== null)[0];
       if (last && last.x !== null && last.y !== null) {
         const [sx, sy] = this.toScreen(last.x, last.y);
-        label(ctx, `step ${last.step}`, sx + 6, sy - 6, "#424242");
+        label(ctx, `step ${last.step}`, sx + 6, sy - 6, ink("#424242", "#e0e0e0"));
       }
     }
     if (o.showAnchors) {
@@ -443,10 +548,10 @@ export class ScatterView {
         ctx.stroke();
       }
       for (const l of placeLabels(ctx, shown.map(({ a, sx, sy }) => ({ text: a.label, x: sx, y: sy })), this.width, this.height)) {
-        label(ctx, l.text, l.x, l.y, "#5d4037");
+        label(ctx, l.text, l.x, l.y, ink("#5d4037", "#ffcc80"));
       }
     }
-    for (const [at, colour, radius] of [[o.pinnedAt, "#212121", size / 2 + 6], [o.ringAt, "#f57c00", size / 2 + 4]] as const) {
+    for (const [at, colour, radius] of [[o.pinnedAt, ink("#212121", "#fafafa"), size / 2 + 6], [o.ringAt, "#f57c00", size / 2 + 4]] as const) {
       if (!at) continue;
       const [sx, sy] = this.toScreen(at[0], at[1]);
       ctx.beginPath();
@@ -476,6 +581,27 @@ export class ScatterView {
     }
   }
 
+  /** Fading trails: segments from each neuron's older places to its next, older = fainter; ends at the current place. */
+  private drawTrails(ctx: CanvasRenderingContext2D, trails: Float32Array[]): void {
+    const all = [...trails, this.positions];
+    ctx.lineWidth = 1;
+    for (let s = 0; s + 1 < all.length; s++) {
+      const a = all[s], b = all[s + 1];
+      ctx.strokeStyle = ink(`rgba(66,66,66,${(0.12 + (0.4 * (s + 1)) / all.length).toFixed(2)})`,
+        `rgba(230,230,230,${(0.12 + (0.4 * (s + 1)) / all.length).toFixed(2)})`);
+      ctx.beginPath();
+      const m = Math.min(a.length, b.length) / 2;
+      for (let i = 0; i < m; i++) {
+        const x0 = a[2 * i], y0 = a[2 * i + 1], x1 = b[2 * i], y1 = b[2 * i + 1];
+        if (!Number.isFinite(x0) || !Number.isFinite(x1)) continue;
+        const [p, q] = this.toScreen(x0, y0), [u, v] = this.toScreen(x1, y1);
+        ctx.moveTo(p, q);
+        ctx.lineTo(u, v);
+      }
+      ctx.stroke();
+    }
+  }
+
   /** Index of the placed point under the pointer (screen px relative to the view), or -1. */
   pick(sx: number, sy: number): number {
     if (!this.pointCount) return -1;
@@ -492,6 +618,7 @@ export class ScatterView {
 
   private bindEvents(): void {
     const el = this.overlayCanvas;
+    el.addEventListener("keydown", (e) => this.callbacks.key?.(e));
     const local = (e: MouseEvent): [number, number] => {
       const r = el.getBoundingClientRect();
       return [e.clientX - r.left, e.clientY - r.top];
@@ -617,7 +744,7 @@ export function placeLabels(ctx: CanvasRenderingContext2D, items: { text: string
 
 function label(ctx: CanvasRenderingContext2D, text: string, x: number, y: number, colour: string): void {
   ctx.lineWidth = 3;
-  ctx.strokeStyle = "rgba(255,255,255,0.9)";
+  ctx.strokeStyle = ink("rgba(255,255,255,0.9)", "rgba(33,33,36,0.9)");
   ctx.strokeText(text, x, y);
   ctx.fillStyle = colour;
   ctx.fillText(text, x, y);

@@ -65,7 +65,17 @@ try {
     await page.screenshot({ path: join(SHOTS, "01_tab.png") });
   });
 
+  await check("the first view: the space with anchors, coloured by concept category, with a caption and a legend", async () => {
+    assert.equal(await frame.locator('select[aria-label="colour by"]').inputValue(), "category");
+    assert.match(await frame.locator('select[aria-label="space"] option:checked').textContent(), /anchors/);
+    assert.match(await frame.locator(".ce-caption").textContent(), /Each dot is a neuron/);
+    assert.ok(await frame.locator(".ce-legend .ce-legend-item").count() >= 2, "legend shown above the maps");
+    assert.ok(await frame.locator(".ce-legend").isVisible());
+  });
+
   await check("the map has the expected number of points drawn (pixels) and lists the unplaced", async () => {
+    // hues per layer (pale "below threshold" dots of the category colouring are not counted as ink)
+    await frame.locator('select[aria-label="colour by"]').selectOption("layer");
     await frame.locator('input[aria-label="show anchors"]').uncheck();
     await page.mouse.move(2, 2);
     await settle();
@@ -106,7 +116,7 @@ try {
     await frame.waitForFunction(() => Number(document.querySelector(".ce-tooltip")?.dataset.patches) > 0, null, { timeout: 15000 });
     const tip = await frame.locator(".ce-tooltip").textContent();
     assert.ok(tip.includes(id), `tooltip names the neuron: ${tip}`);
-    assert.match(tip, /sim \d/);
+    assert.match(tip, /score \d/);
     const patchVariance = await frame.evaluate(() => [...document.querySelectorAll(".ce-tooltip canvas")].map((c) => {
       const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
       let min = 255, max = 0;
@@ -114,6 +124,17 @@ try {
       return max - min;
     }));
     assert.ok(patchVariance.length >= 3 && patchVariance.every((v) => v > 10), `patches have content: ${patchVariance}`);
+    // hover-to-card-with-patches time on a second neuron (warm caches), reported for the record
+    const other = await frame.evaluate((id) => window.__conceptevo.pointClient("baseline", id), `${fixture.layers[0]}:4`);
+    await page.mouse.move(ox + other[0] + 40, oy + other[1] + 40);
+    await page.waitForTimeout(200);
+    const t0 = Date.now();
+    await page.mouse.move(ox + other[0], oy + other[1]);
+    await frame.waitForFunction((id) => document.querySelector(".ce-tooltip .ce-tip-id")?.textContent === id &&
+      Number(document.querySelector(".ce-tooltip")?.dataset.patches) > 0, `${fixture.layers[0]}:4`, { timeout: 15000 });
+    console.log(`  hover to card with patches (second neuron, warm): ${Date.now() - t0} ms`);
+    await page.mouse.move(ox + pt[0], oy + pt[1]);
+    await frame.waitForFunction(() => Number(document.querySelector(".ce-tooltip")?.dataset.patches) > 0);
     await page.screenshot({ path: join(SHOTS, "03_hover.png") });
   });
 
@@ -162,6 +183,205 @@ try {
     await search.fill("");
   });
 
+
+  await check("a step change glides: intermediate frames put a moving neuron between its start and end", async () => {
+    await page.keyboard.press("Escape");
+    await frame.locator('input[aria-label="show anchors"]').uncheck();
+    await page.mouse.move(2, 2);
+    const run = "baseline";
+    // the neuron that moves most between the shown step and the one before
+    const pick = await frame.evaluate(async (run) => {
+      const app = window.__conceptevo.app;
+      const p = app.panels.find((x) => x.run === run);
+      const steps = window.__conceptevo.steps();
+      const i = steps.indexOf(p.shownStep);
+      const prevStep = steps[i - 1];
+      let best = null;
+      for (const layer of p.points.layers) {
+        const m = await app.api.map(run, app.state.space, layer, prevStep);
+        for (let k = 0; k < m.n; k++) {
+          const id = `${layer}:${m.channel[k]}`;
+          const start = [m.layout[2 * k], m.layout[2 * k + 1]];
+          const end = window.__conceptevo.pointClient(run, id);
+          if (!end || !Number.isFinite(start[0])) continue;
+          const [sx, sy] = p.view.toScreen(start[0], start[1]);
+          const r = p.view.element.getBoundingClientRect();
+          const s = [r.left + sx, r.top + sy];
+          const d = Math.hypot(s[0] - end[0], s[1] - end[1]);
+          if (!best || d > best.d) best = { id, start: s, end, d };
+        }
+      }
+      return best;
+    }, run);
+    assert.ok(pick && pick.d > 40, `a neuron moves far enough to see: ${JSON.stringify(pick)}`);
+    await frame.evaluate((id) => { const a = window.__conceptevo.app; a.setSelection(new Set([id])); }, pick.id);
+    await settle();
+    // free-running transition: several frames drawn within the 450 ms glide
+    const draws0 = await frame.evaluate((run) => window.__conceptevo.panels().find((p) => p.run === run).draws, run);
+    const map = frame.locator(`.ce-panel[data-run="${run}"] .ce-scatter-overlay`);
+    await map.focus();
+    await page.keyboard.press("ArrowLeft");
+    await page.waitForTimeout(700);
+    const draws1 = await frame.evaluate((run) => window.__conceptevo.panels().find((p) => p.run === run).draws, run);
+    assert.ok(draws1 - draws0 >= 6, `intermediate frames drawn: ${draws1 - draws0}`);
+    // held at half way: the neuron is drawn at the midpoint, not at either end
+    await frame.evaluate(() => window.__conceptevo.holdTransition(0.5));
+    await page.keyboard.press("ArrowRight");
+    await frame.waitForFunction(() => window.__conceptevo.panels().every((p) => p.animating));
+    await settle();
+    const [ox, oy] = await iframeOffset();
+    const inkAt = async ([x, y]) => {
+      const shot = await page.screenshot({ clip: { x: ox + x - 7, y: oy + y - 7, width: 14, height: 14 } });
+      return (await countBlobs(page, shot, { minPixels: 6 })).blobs;
+    };
+    const mid = [(pick.start[0] + pick.end[0]) / 2, (pick.start[1] + pick.end[1]) / 2];
+    const [atMid, atStart, atEnd] = [await inkAt(mid), await inkAt(pick.start), await inkAt(pick.end)];
+    await page.screenshot({ path: join(SHOTS, "09_transition_midway.png") });
+    await frame.evaluate(() => window.__conceptevo.holdTransition(null));
+    await frame.waitForFunction(() => window.__conceptevo.panels().every((p) => !p.animating));
+    await settle();
+    const endAfter = await inkAt(pick.end);
+    assert.ok(atMid >= 1 && atStart === 0 && atEnd === 0, `midway frame: ink at mid ${atMid}, start ${atStart}, end ${atEnd}`);
+    assert.ok(endAfter >= 1, "after the glide the neuron sits at its new place");
+    await frame.evaluate(() => window.__conceptevo.app.setSelection(null));
+  });
+
+  await check("a below-threshold neuron's hover card says it has no interpretable concept (score < τ)", async () => {
+    const id = await frame.evaluate(() => {
+      const p = window.__conceptevo.app.panels[0];
+      for (const layer of p.points.layers) {
+        const l = p.labels[layer];
+        if (!l) continue;
+        for (let ch = 0; ch < l.top_concepts.length; ch++) {
+          const sim = l.top_similarity[ch]?.[0];
+          if (l.top_concepts[ch]?.[0] >= 0 && sim !== null && sim < l.threshold && p.points.index.has(`${layer}:${ch}`)) return `${layer}:${ch}`;
+        }
+      }
+      return null;
+    });
+    assert.ok(id, "the fixture has a neuron below the threshold");
+    const [ox, oy] = await iframeOffset();
+    const pt = await frame.evaluate((id) => window.__conceptevo.pointClient(window.__conceptevo.app.panels[0].run, id), id);
+    await page.mouse.move(ox + pt[0], oy + pt[1]);
+    await frame.waitForFunction((id) => document.querySelector(".ce-tooltip .ce-tip-id")?.textContent === id, id);
+    const tip = await frame.locator(".ce-tooltip").textContent();
+    assert.match(tip, /no interpretable concept; best guess .+ score [\d.]+ < τ 0\.15/);
+    assert.equal(await frame.locator('.ce-tooltip [data-interpretable="false"]').count(), 1);
+    await page.mouse.move(2, 2);
+  });
+
+  await check("the story follows the slider and marks the current step", async () => {
+    const id = `${fixture.layers[1]}:2`;
+    const [ox, oy] = await iframeOffset();
+    const pt = await frame.evaluate((id) => window.__conceptevo.pointClient("baseline", id), id);
+    await page.mouse.click(ox + pt[0], oy + pt[1]);
+    await frame.waitForSelector('.ce-story[data-run="baseline"] .ce-story-step.ce-current');
+    const slider = frame.locator('input[aria-label="training step"]');
+    await slider.focus();
+    await page.keyboard.press("Home");
+    const first = String(fixture.steps[0]);
+    await frame.waitForFunction((s) => document.querySelector('.ce-story[data-run="baseline"]')?.dataset.step === s, first, { timeout: 15000 });
+    const current = await frame.locator('.ce-story[data-run="baseline"] .ce-story-step.ce-current').textContent();
+    assert.ok(current.startsWith(`step ${first}`), `current patch row: ${current}`);
+    assert.match(await frame.locator('.ce-story[data-run="baseline"] h3').filter({ hasText: "Top stimuli" }).textContent(), new RegExp(`step ${first}$`));
+    assert.ok(await frame.locator('.ce-story[data-run="baseline"] .ce-span.ce-current .ce-now').count() >= 1, "timeline marks the step");
+    // the same neuron in both runs, side by side
+    await frame.click("button[data-compare=story]");
+    await frame.waitForFunction(() => document.querySelectorAll(".ce-story-col .ce-story-step").length > 0 &&
+      document.querySelectorAll(".ce-story-col").length === 2);
+    await page.mouse.move(2, 2);
+    await settle();
+    await page.screenshot({ path: join(SHOTS, "10_story_compare.png") });
+    await frame.click("button[data-compare=story]");
+    await page.keyboard.press("End");
+    // trails: each neuron's last places as fading lines
+    await frame.locator('input[aria-label="trails"]').check();
+    await slider.focus();
+    await page.keyboard.press("Home");
+    for (let i = 1; i < fixture.steps.length; i++) { await page.keyboard.press("ArrowRight"); await page.waitForTimeout(600); }
+    await page.mouse.move(2, 2);
+    await settle();
+    await page.screenshot({ path: join(SHOTS, "13_trails.png") });
+    await frame.locator('input[aria-label="trails"]').uncheck();
+  });
+
+  await check("URL state (runs, layer, space, step, neuron) is written and restored on load", async () => {
+    const written = new URL(page.url()).searchParams.get("conceptevo");
+    assert.ok(written && written.includes("neuron="), `TensorBoard's URL carries the state: ${written}`);
+    const step = String(fixture.steps[1]);
+    const id = `${fixture.layers[0]}:3`;
+    const q = new URLSearchParams({ run: "baseline", space: await frame.locator('select[aria-label="space"]').inputValue(),
+      layer: "all", step, neuron: `baseline~${id}` });
+    const p4 = await context.newPage();
+    const f4 = await openPluginTab(p4, tb.url, { query: `?conceptevo=${encodeURIComponent(q.toString())}` });
+    assert.equal(await f4.locator(".ce-step-label").textContent(), `step ${step}`);
+    assert.deepEqual((await f4.evaluate(() => window.__conceptevo.panels())).map((p) => p.run), ["baseline"]);
+    await f4.waitForSelector(".ce-detail h2");
+    assert.equal(await f4.locator(".ce-detail h2").textContent(), id);
+    const back = new URLSearchParams(new URL(p4.url()).searchParams.get("conceptevo"));
+    assert.equal(back.get("step"), step);
+    assert.equal(back.get("neuron"), `baseline~${id}`);
+    await p4.close();
+  });
+
+  await check("at 1024 px the story opens as a drawer (reachable) and Esc closes it", async () => {
+    await page.setViewportSize({ width: 1024, height: 640 });
+    await settle();
+    const [ox, oy] = await iframeOffset();
+    const id = `${fixture.layers[1]}:2`;
+    const pt = await frame.evaluate((id) => window.__conceptevo.pointClient("baseline", id), id);
+    await page.mouse.click(ox + pt[0], oy + pt[1]);
+    await frame.waitForSelector(".ce-detail .ce-story-step");
+    await page.waitForTimeout(400);
+    const box = await frame.locator(".ce-detail").boundingBox();
+    const vw = await frame.evaluate(() => window.innerWidth);
+    assert.ok(box && box.x >= 0 && box.x + box.width <= vw + 1 && box.width >= 250, `drawer in view: ${JSON.stringify(box)} of ${vw}`);
+    await page.screenshot({ path: join(SHOTS, "11_drawer_1024.png") });
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(400);
+    const closed = await frame.locator(".ce-detail").boundingBox();
+    assert.ok(!closed || closed.x >= vw - 1, `drawer closed: ${JSON.stringify(closed)}`);
+    await page.setViewportSize({ width: 1500, height: 1000 });
+  });
+
+  await check("play at 4x with loop wraps from the last step to the first, then pauses on click", async () => {
+    await frame.locator('select[aria-label="play speed"]').selectOption("4");
+    await frame.locator('input[aria-label="loop"]').check();
+    const seen = await frame.evaluate(async () => {
+      const app = window.__conceptevo.app;
+      const steps = [];
+      const t0 = performance.now();
+      document.querySelector(".ce-play").click();
+      while (performance.now() - t0 < 4000) {
+        const s = app.step;
+        if (steps[steps.length - 1] !== s) steps.push(s);
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      document.querySelector(".ce-play").click();
+      return steps;
+    });
+    const first = fixture.steps[0], last = fixture.steps[fixture.steps.length - 1];
+    const wrapped = seen.some((s, i) => i > 0 && s === first && seen[i - 1] === last);
+    assert.ok(wrapped, `steps seen while playing: ${seen.join(" ")}`);
+    assert.equal(await frame.locator(".ce-play").getAttribute("aria-pressed"), "false");
+    await frame.locator('input[aria-label="loop"]').uncheck();
+    await frame.locator('select[aria-label="play speed"]').selectOption("1");
+  });
+
+  await check("Clear selection clears the count; unticking every run shows none (no silent re-tick)", async () => {
+    await frame.evaluate(() => { const a = window.__conceptevo.app; a.onSelect(a.panels[0], [0, 1, 2]); });
+    assert.match(await frame.locator(".ce-hits").textContent(), /3 neurons selected/);
+    await frame.click("text=Clear selection");
+    assert.equal(await frame.locator(".ce-hits li").count(), 0);
+    for (const run of fixture.runs) await frame.locator(`.ce-run[title="${run}"] input`).uncheck();
+    await settle();
+    assert.equal((await frame.evaluate(() => window.__conceptevo.panels())).length, 0);
+    assert.match(await frame.locator(".ce-maps").textContent(), /No run selected/);
+    for (const run of fixture.runs) assert.equal(await frame.locator(`.ce-run[title="${run}"] input`).isChecked(), false);
+    for (const run of fixture.runs) await frame.locator(`.ce-run[title="${run}"] input`).check();
+    await frame.waitForFunction((n) => window.__conceptevo.panels().length === n && window.__conceptevo.panels().every((p) => p.points > 0), fixture.runs.length);
+  });
+
   await check("exports download non-empty PNG, SVG and CSV files", async () => {
     const sizes = {};
     for (const kind of ["png", "svg", "csv"]) {
@@ -174,8 +394,11 @@ try {
       if (kind === "svg") assert.match(head.toString(), /<svg[\s\S]*<circle/);
       if (kind === "csv") {
         const lines = head.toString().trim().split("\n");
-        assert.equal(lines[0], "id,x,y,label,similarity,importance");
-        assert.equal(lines.length - 1, fixture.n_placed + fixture.unplaced.length);
+        assert.equal(lines[0], "run,layer,channel,id,step,x,y,label,category,similarity,interpretable,threshold,importance");
+        // every shown run, each neuron once (placed and unplaced), with run, layer, category and step
+        assert.equal(lines.length - 1, fixture.runs.length * (fixture.n_placed + fixture.unplaced.length));
+        const cells = lines[1].split(",");
+        assert.ok(fixture.runs.includes(cells[0]) && fixture.layers.includes(cells[1]) && /^\d+$/.test(cells[4]), lines[1]);
       }
     }
     assert.ok(Object.values(sizes).every((s) => s > 100), JSON.stringify(sizes));
@@ -224,6 +447,7 @@ try {
     await p2.waitForFunction(() => document.body.dataset.conceptevoReady === "true");
     await p2.locator('.ce-run[title="late_run"] input').uncheck();
     await p2.locator('input[aria-label="show anchors"]').uncheck();
+    await p2.keyboard.press("Escape"); // no pinned neuron (ring and trajectory) from the earlier checks
     await p2.waitForFunction(() => window.__conceptevo.panels().length === 2 && window.__conceptevo.panels().every((p) => p.points > 0));
     await p2.mouse.move(2, 2);
     await p2.waitForTimeout(600);
@@ -253,6 +477,29 @@ try {
     const shots = await takeReadmeScreenshots(page, frame, { out: join(SHOTS, "readme"), runs: fixture.runs.slice(0, 2) });
     assert.deepEqual(Object.keys(shots).sort(), ["concept_map", "importance", "metrics", "neuron_story"]);
     for (const path of Object.values(shots)) assert.ok(statSync(path).size > 10000, `${path} is not empty`);
+  });
+
+
+  await check("dark mode (TensorBoard follows the system) darkens the page and the maps", async () => {
+    const p5 = await context.newPage();
+    await p5.emulateMedia({ colorScheme: "dark" });
+    const f5 = await openPluginTab(p5, tb.url);
+    assert.equal(await f5.evaluate(() => document.documentElement.dataset.theme), "dark");
+    const bg = await f5.evaluate(() => getComputedStyle(document.body).backgroundColor);
+    assert.match(bg, /rgb\((4\d|3\d|5\d), /, `page background ${bg}`);
+    await p5.mouse.move(1, 1);
+    await p5.waitForTimeout(500);
+    const shot = await f5.locator(".ce-panel .ce-panel-body").first().screenshot();
+    const dark = await p5.evaluate(async (u) => {
+      const i = new Image(); i.src = u; await i.decode();
+      const c = document.createElement("canvas"); c.width = i.width; c.height = i.height;
+      const ctx = c.getContext("2d"); ctx.drawImage(i, 0, 0);
+      const d = ctx.getImageData(2, 2, 1, 1).data;
+      return d[0] + d[1] + d[2];
+    }, `data:image/png;base64,${shot.toString("base64")}`);
+    assert.ok(dark < 150, `map background is dark: ${dark}`);
+    await p5.screenshot({ path: join(SHOTS, "12_dark.png") });
+    await p5.close();
   });
 
   await check("no page errors and no CSP violations", async () => {

@@ -3,7 +3,10 @@ import {
   CATEGORY_PALETTE, PointGrid, bounds, categoryColours, colourPoints, combineLayers, csvField, escapeXml, groupMetrics, keepStepIndex, labelSpans,
   niceTicks, parseMap, parseNeuronId, patchSource, pointInPolygon, rankImportance, searchPoints, selectInPolygon,
   stepAtOrBefore, tableRows, toCsv, toSvg, topLabel, unionSteps, type Labels, type LayerMap, type ProbeInfo,
+  describeLabel, easeInOut, isInterpretable, stepTransition,
 } from "../src/data";
+import { decodeUrlState, encodeUrlState, normaliseState, type Persisted } from "../src/state";
+import type { RunInfo, RunsResponse } from "../src/api";
 
 function mapBuffer(layout: number[][], channels: number[], groups: number[]): ArrayBuffer {
   const n = channels.length;
@@ -72,16 +75,19 @@ describe("combineLayers", () => {
     expect(searchPoints(points, by, "1").map((h) => h.id)).toEqual(["f.0:1", "f.3:1"]);
     expect(searchPoints(points, by, "f.3:").map((h) => h.id)).toEqual(["f.3:0", "f.3:1"]);
     expect(searchPoints(points, by, "STRIP").map((h) => h.id)).toEqual(["f.0:1"]);
-    expect(searchPoints(points, by, "circle").map((h) => h.id)).toEqual(["f.0:0"]);
+    const circle = searchPoints(points, by, "circle");
+    expect(circle.map((h) => h.id)).toEqual(["f.0:0"]);
+    expect(circle[0].rank).toBe(2); // "circle" is f.0:0's second concept, and says so
+    expect(circle[0].why).toMatch(/2nd concept/);
     expect(searchPoints(points, by, "  ")).toEqual([]);
   });
   it("builds CSV rows for placed and unplaced neurons", () => {
-    const rows = tableRows(points, { "f.0": labels }, new Map([["f.0:0", 0.5]]));
+    const rows = tableRows(points, { "f.0": labels }, new Map([["f.0:0", 0.5]]), "base", 7);
     expect(rows).toHaveLength(5);
     const csv = toCsv(rows).trim().split("\n");
-    expect(csv[0]).toBe("id,x,y,label,similarity,importance");
-    expect(csv[1]).toMatch(/^f\.0:0,0,0,red,0\.3\d*,0\.5$/);
-    expect(csv[5]).toBe("f.0:2,,,,,");
+    expect(csv[0]).toBe("run,layer,channel,id,step,x,y,label,category,similarity,interpretable,threshold,importance");
+    expect(csv[1]).toMatch(/^base,f\.0,0,f\.0:0,7,0,0,red,colour,0\.3\d*,true,0\.1\d*,0\.5$/);
+    expect(csv[5]).toBe("base,f.0,2,f.0:2,7,,,,,,,,");
   });
 });
 
@@ -92,7 +98,10 @@ describe("ids and labels", () => {
     expect(parseNeuronId("features.3:x")).toBeNull();
   });
   it("gives the top label or null", () => {
-    expect(topLabel(labels, 0)).toEqual({ concept: "red", category: "colour", similarity: 0.3 });
+    expect(topLabel(labels, 0)).toEqual({ concept: "red", category: "colour", similarity: 0.3, interpretable: true, threshold: 0.1 });
+    // the server's verdict wins over the threshold fallback
+    expect(topLabel({ ...labels, interpretable: [false, true, null] }, 0)?.interpretable).toBe(false);
+    expect(topLabel({ ...labels, threshold: 0.5 }, 0)?.interpretable).toBe(false);
     expect(topLabel(labels, 2)).toBeNull();
     expect(topLabel(undefined, 0)).toBeNull();
   });
@@ -102,9 +111,23 @@ describe("ids and labels", () => {
       { step: 1, concept: "red", similarity: 0.3 }, { step: 3, concept: null, similarity: null },
     ]);
     expect(spans).toEqual([
-      { from: 0, to: 0, concept: "dark", best: 0.1 }, { from: 1, to: 2, concept: "red", best: 0.3 },
-      { from: 3, to: 3, concept: null, best: null },
+      { from: 0, to: 0, concept: "dark", best: 0.1, interpretable: true }, { from: 1, to: 2, concept: "red", best: 0.3, interpretable: true },
+      { from: 3, to: 3, concept: null, best: null, interpretable: false },
     ]);
+    // same concept, but a best guess at one step: its own greyed span
+    const split = labelSpans([{ step: 0, concept: "red", similarity: 0.3, interpretable: true },
+      { step: 1, concept: "red", similarity: 0.01, interpretable: false }]);
+    expect(split.map((x) => [x.from, x.interpretable])).toEqual([[0, true], [1, false]]);
+  });
+  it("says when a label is only a best guess, with its score and the threshold", () => {
+    expect(isInterpretable(0.0247, 0.04, undefined)).toBe(false);
+    expect(isInterpretable(0.05, 0.04, undefined)).toBe(true);
+    expect(isInterpretable(0.05, 0.04, false)).toBe(false);
+    expect(isInterpretable(null, 0.04, undefined)).toBe(false);
+    const weak = describeLabel({ concept: "ring", category: "shape", similarity: 0.0247, interpretable: false, threshold: 0.04 });
+    expect(weak).toBe("no interpretable concept; best guess ring (shape), score 0.0247 < τ 0.04");
+    expect(describeLabel({ concept: "circle", category: "shape", similarity: 0.124, interpretable: true, threshold: 0.04 }))
+      .toBe("circle (shape) · score 0.124 > τ 0.04");
   });
 });
 
@@ -201,5 +224,64 @@ describe("export safety", () => {
     expect(svg).toContain("&lt;script&gt;");
     expect(svg).toContain("a&amp;b");
     expect(escapeXml(`"'`)).toBe("&quot;&apos;");
+  });
+});
+
+describe("search ranking", () => {
+  it("puts interpretable best-concept matches first, then by score, and marks below-threshold ones", () => {
+    const pts = combineLayers([{ layer: "L", map: parseMap(mapBuffer([[0, 0], [1, 0], [2, 0], [3, 0]], [0, 1, 2, 3], [0, 0, 0, 0])) }]);
+    const lab: Labels = { concepts: ["circle", "red"], categories: ["shape", "colour"], threshold: 0.04,
+      top_concepts: [[0], [1, 0], [0], [0]], top_similarity: [[0.05], [0.3, 0.2], [0.02], [0.124]] };
+    const hits = searchPoints(pts, { L: lab }, "circle");
+    expect(hits.map((h) => h.id)).toEqual(["L:3", "L:0", "L:1", "L:2"]);
+    expect(hits.map((h) => h.rank)).toEqual([1, 1, 2, 1]);
+    expect(hits[3].interpretable).toBe(false);
+    expect(hits[3].why).toMatch(/< τ/);
+  });
+});
+
+describe("step transitions", () => {
+  it("matches neurons by id: movers start at their old place, new ones fade in, gone ones fade out", () => {
+    const prev = combineLayers([{ layer: "L", map: parseMap(mapBuffer([[0, 0], [1, 1], [5, 5]], [0, 1, 2], [0, 0, 0])) }]);
+    const next = combineLayers([{ layer: "L", map: parseMap(mapBuffer([[2, 2], [3, 3], [9, 9]], [1, 0, 7], [0, 0, 0])) }]);
+    const t = stepTransition(prev, next);
+    expect(Array.from(t.from)).toEqual([1, 1, 0, 0, 9, 9]);
+    expect(Array.from(t.fade)).toEqual([0, 0, 1, 2]);
+    expect(Array.from(t.vanishPositions)).toEqual([5, 5]);
+    expect(Array.from(t.vanishIndex)).toEqual([2]);
+  });
+  it("eases in and out between 0 and 1", () => {
+    expect(easeInOut(0)).toBe(0);
+    expect(easeInOut(0.5)).toBe(0.5);
+    expect(easeInOut(1)).toBe(1);
+    expect(easeInOut(0.25)).toBeLessThan(0.25);
+    expect(easeInOut(2)).toBe(1);
+  });
+});
+
+describe("view state", () => {
+  it("round-trips runs, layer, space, step and neuron through the URL", () => {
+    const s: Persisted = { runs: ["base", "lr too high"], space: "text", layer: "features.3", step: 12, neuron: { run: "base", id: "features.3:5" } };
+    expect(decodeUrlState(encodeUrlState(s))).toEqual(s);
+    expect(decodeUrlState(encodeUrlState({ runs: [] }))).toEqual({ runs: [] });
+    expect(decodeUrlState("#step=x&neuron=bad")).toEqual({});
+  });
+  const run = (name: string, anchors: string[]): RunInfo => ({ run: name, probe_hash: "p", layers: ["a"], steps: [0],
+    spaces: { conceptevo: { a: [0] }, text: { a: [0] } }, detectors: { clip: { a: [0] } }, importance: [], revert: [], anchors });
+  const info: RunsResponse = { runs: [run("r1", ["text"]), run("r2", ["text"])], probe_groups: [{ probe_hash: "p", runs: ["r1", "r2"] }],
+    comparable: true, warnings: [] };
+  it("opens on the space with anchors, coloured by category, and keeps an empty run choice empty", () => {
+    const s: Persisted = {};
+    normaliseState(s, info);
+    expect(s.runs).toEqual(["r1", "r2"]);
+    expect(s.space).toBe("text");
+    expect(s.colourBy).toBe("category");
+    const none: Persisted = { runs: [] };
+    normaliseState(none, info);
+    expect(none.runs).toEqual([]);
+    const stale: Persisted = { runs: ["deleted"], neuron: { run: "deleted", id: "a:1" } };
+    normaliseState(stale, info);
+    expect(stale.runs).toEqual(["r1", "r2"]);
+    expect(stale.neuron).toBeUndefined();
   });
 });

@@ -50,7 +50,11 @@ def grid_layout(n_total: int, seed_offset: float, step: int, rng: np.random.Gene
     base = np.stack([idx % side, idx // side], axis=1).astype(np.float32)
     angle = 0.9 * step + seed_offset
     jitter = 0.2 * np.stack([np.cos(angle + idx * 0.7), np.sin(angle + idx * 1.3)], axis=1)
-    return (base + jitter + rng.normal(0, 0.01, base.shape)).astype(np.float32)
+    out = base + jitter + rng.normal(0, 0.01, base.shape)
+    # One traveller on a row of its own below the grid, from end to end at every step: a
+    # step transition has a neuron to follow between two far-apart places.
+    out[-1] = [(side - 1) * (step % 2), -1.5]
+    return out.astype(np.float32)
 
 
 def detection_payload_safe(detection: Detection):
@@ -112,7 +116,9 @@ def write_run(out: str, run: str, run_index: int, probe, steps, layers, channels
                 sim = rng.random((n, len(concepts))).astype(np.float32) * 0.12
                 # a concept per neuron that drifts with training, so label timelines change
                 favourite = (np.arange(n) * 7 + t * (1 + run_index)) % len(concepts)
-                sim[np.arange(n), favourite] += 0.1 + 0.05 * t
+                # every sixth neuron never gets its boost: its best concept stays below the threshold
+                boosted = np.arange(n) % 6 != 5
+                sim[np.arange(n)[boosted], favourite[boosted]] += 0.1 + 0.05 * t
                 det = Detection(layer=layer, similarity=sim, concepts=concepts, categories=categories, threshold=0.15)
                 header, arrays = detection_payload_safe(det)
                 writer.add_payload(metadata.detector_tag(DETECTOR, layer), header, arrays, step)

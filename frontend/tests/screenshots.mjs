@@ -45,13 +45,9 @@ async function setSelect(frame, label, value) {
   if ((await s.inputValue()) !== value) await s.selectOption(value);
 }
 
-/** Scroll the page so the tab bar sits just under the sticky step bar. */
+/** The tabs share the screen with the maps: bring the tab content back to its top. */
 async function showTabs(frame) {
-  await frame.evaluate(() => {
-    const main = document.querySelector(".ce-main");
-    const bar = document.querySelector(".ce-stepbar");
-    main.scrollTo(0, document.querySelector(".ce-tabs").offsetTop - bar.offsetHeight - 8);
-  });
+  await frame.evaluate(() => document.querySelector(".ce-tabpanel")?.scrollTo(0, 0));
 }
 
 /** Select exactly `runs` in the sidebar (in the sidebar's order). */
@@ -126,14 +122,13 @@ export async function takeReadmeScreenshots(page, frame, { out, runs, space = "t
   await setSelect(frame, "layer", "all");
   await setSelect(frame, "colour by", "category");
   const anchors = frame.locator('input[aria-label="show anchors"]');
-  if (!(await anchors.isChecked())) await anchors.check();
+  if (!(await anchors.isDisabled()) && !(await anchors.isChecked())) await anchors.check();
   const slider = frame.locator('input[aria-label="training step"]');
   await slider.focus();
   await page.keyboard.press("End");
   await waitForMaps(frame, runs);
-  await frame.click('button[title="Fit the map to the view"]');
+  await frame.click("button[data-fit=neurons]");
   await frame.click("button[data-tab=metrics]");
-  await frame.evaluate(() => document.querySelector(".ce-main").scrollTo(0, 0));
   await shoot("concept_map");
 
   // (b) neuron story: click a neuron whose label changes during training
@@ -151,11 +146,18 @@ export async function takeReadmeScreenshots(page, frame, { out, runs, space = "t
   }
 
   // (c) metrics strip beside loss/accuracy, with the category bar charts under it
+  await page.keyboard.press("Escape"); // the story closes: the maps and charts get its room
   await frame.click("button[data-tab=categories]");
   await frame.click("button[data-tab=metrics]");
   await frame.waitForSelector(".ce-strip canvas", { timeout: 30000 });
   await showTabs(frame);
   await frame.waitForSelector('.ce-tabpanel canvas[aria-label^="interpretable neurons"]', { timeout: 30000 }).catch(() => undefined);
+  // the tab shares the screen with the maps: scroll it to the concept metrics (d_anchor onwards) and the category bars
+  await frame.evaluate(() => {
+    const panel = document.querySelector(".ce-tabpanel");
+    const chart = panel.querySelector('canvas[aria-label^="d_anchor"]') ?? panel.querySelector(".ce-strip canvas");
+    if (chart) panel.scrollTo(0, chart.getBoundingClientRect().top - panel.getBoundingClientRect().top + panel.scrollTop - 6);
+  });
   await shoot("metrics");
 
   // (d) importance for a class, with the revert chart
