@@ -170,7 +170,8 @@ def _place_rows(queries, candidates, given, metric, reference, layout, seeds, k,
                 dy = y - oy
                 d2 = dx * dx + dy * dy
                 if d2 > 0.0:
-                    coeff = -2.0 * a * b * d2 ** (b - 1.0) / (a * d2 ** b + 1.0)
+                    power = d2 ** b
+                    coeff = -2.0 * a * b * (power / d2) / (a * power + 1.0)
                     x += _clip(coeff * dx) * alpha
                     y += _clip(coeff * dy) * alpha
                 next_sample[j] += per_sample[j]

@@ -11,7 +11,8 @@ any training step in the same space:
 * Step 2.2 (:meth:`ConceptEvoSpace.embed`): any neuron = mean of its stimuli's image
   embeddings.
 * A 2-D :class:`~tb_conceptevo.spaces.layout.StableLayout` fitted once on the base
-  neuron embeddings, applied to everything embedded later.
+  neurons' Step 2.2 vectors, applied to everything embedded later (UMAP's transform
+  optimisation per neuron: the base sits exactly on its fitted map).
 
 Example::
 
@@ -68,8 +69,9 @@ class ConceptEvoSpace(Space):
         n_groups: None, or the number of k-means concept groups fitted on the base
             neuron embeddings (``Embedding.groups``).
         umap_kwargs: extra :class:`StableLayout` arguments (``n_neighbors``,
-            ``min_dist``, ``metric``, ``refine``).  Default ``refine=False``: every
-            neuron is placed from its own embedding only (see ``layout.py``).
+            ``min_dist``, ``metric``, ``refine``, ``n_epochs``).  Default
+            ``refine=False``: every neuron is placed from its own embedding only, by
+            UMAP's transform optimisation (see ``layout.py``).
         ridge: relative ridge of the Step 2.1 least-squares solve (see
             :meth:`_solve_image_embeddings`).
         batch_size: skip-gram mini-batch size; None = half the number of rows
@@ -247,7 +249,11 @@ class ConceptEvoSpace(Space):
         layout_params = {"random_state": self.random_state, "refine": False}
         layout_params.update(self.umap_kwargs or {})
         clock.lap("groups")
-        self.layout_ = StableLayout(**layout_params).fit(self.neuron_embeddings_[valid_neurons])
+        # The map is fitted on the base's own Step 2.2 vectors (what ``embed`` logs for
+        # it), not on the Step 1.3 ones: the base model then sits exactly on the fitted
+        # map at its own step, and every logged vector is placed by the same transform.
+        base_vectors, base_placed = self.embed_vectors(ids, invalid)
+        self.layout_ = StableLayout(**layout_params).fit(base_vectors[base_placed])
         clock.lap("layout")
         self.timings_ = clock.laps
         return self

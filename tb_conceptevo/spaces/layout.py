@@ -97,7 +97,8 @@ class StableLayout:
 
     Attributes (after ``fit``):
         umap_: the fitted ``umap.UMAP``.
-        reference_layout_: float32 ``[R, 2]`` positions of the reference vectors.
+        reference_vectors_: float32 ``[R, d]`` the distinct finite reference vectors.
+        reference_layout_: float32 ``[R, 2]`` their fitted positions.
         curve_: ``(a, b)`` of UMAP's low-dimensional similarity ``1 / (1 + a d^(2b))``.
         n_features_in_: input dimensionality.
     """
@@ -122,15 +123,19 @@ class StableLayout:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, reference_vectors) -> "StableLayout":
-        """Fit UMAP on the finite rows of ``reference_vectors`` ``[R, d]`` (NaN rows are
-        ignored).  Needs at least 4 finite rows."""
+        """Fit UMAP on the distinct finite rows of ``reference_vectors`` ``[R, d]`` (NaN
+        rows are ignored, repeated rows kept once).  Needs at least 4 distinct rows."""
         reference = as_matrix(reference_vectors, "reference_vectors")
         finite = np.isfinite(reference).all(axis=1)
         reference = reference[finite]
+        # Identical vectors must share one position (transform places a vector by its
+        # content): UMAP is fitted on the distinct rows, in order of first occurrence.
+        _, first = np.unique(reference, axis=0, return_index=True)
+        reference = reference[np.sort(first)]
         n = reference.shape[0]
         if n < MIN_REFERENCE:
             raise ValueError(
-                f"StableLayout.fit needs at least {MIN_REFERENCE} finite reference vectors, "
+                f"StableLayout.fit needs at least {MIN_REFERENCE} distinct finite reference vectors, "
                 f"got {n}; fit on more neurons/concepts"
             )
         import umap  # heavy import (numba): only when fitting
