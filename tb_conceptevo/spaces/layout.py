@@ -221,6 +221,20 @@ class StableLayout:
             cached = self._reference64_cache = np.ascontiguousarray(self.reference_vectors_, dtype=np.float64)
         return cached
 
+    def _candidate_index(self):
+        """``(reference^T float32 [d, R], offsets [R])`` for the candidate search:
+        euclidean ``|r|^2``, cosine unit vectors and zero offsets."""
+        cached = getattr(self, "_candidate_cache", None)
+        if cached is None:
+            reference = self._reference64()
+            if self.metric == "cosine":
+                reference = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+                offsets = np.zeros(reference.shape[0], dtype=np.float32)
+            else:
+                offsets = (reference ** 2).sum(axis=1).astype(np.float32)
+            cached = self._candidate_cache = (np.ascontiguousarray(reference.T, dtype=np.float32), offsets)
+        return cached
+
     def _curve(self) -> Tuple[float, float]:
         """UMAP's ``(a, b)`` for ``min_dist`` (recomputed for layouts stored without it)."""
         if getattr(self, "curve_", None) is None:
@@ -236,6 +250,8 @@ class StableLayout:
         recomputes their distances exactly, so only membership in the candidate set
         comes from BLAS; distances returned as zeros); other metrics: scikit-learn's
         neighbours and distances, used as given."""
+        from ._layout_kernels import smallest_columns
+
         reference = self._reference64()
         queries = rows.astype(np.float64)
         if self.metric not in ("euclidean", "cosine"):
@@ -247,18 +263,22 @@ class StableLayout:
                 ).fit(reference)
             dists, indices = self._neighbors_index.kneighbors(queries, n_neighbors=n_candidates)
             return indices, dists
+        # float32 product in row chunks into one reused buffer: only the candidate
+        # set comes from it, and large float64 temporaries cost more than the product
+        transposed, offsets = self._candidate_index()
+        queries = queries.astype(np.float32)
         if self.metric == "cosine":
-            reference = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        reference_sq = (reference ** 2).sum(axis=1)
+            queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         indices = np.empty((queries.shape[0], n_candidates), dtype=np.int64)
-        for start in range(0, queries.shape[0], 2048):  # bounds memory to 2048 x R
-            chunk = queries[start:start + 2048]
-            squared = reference_sq[None] - 2.0 * chunk @ reference.T  # + |q|^2: same for the row
-            if n_candidates < reference.shape[0]:
-                indices[start:start + chunk.shape[0]] = np.argpartition(squared, n_candidates - 1, axis=1)[:, :n_candidates]
-            else:
-                indices[start:start + chunk.shape[0]] = np.arange(n_candidates)[None]
+        if n_candidates >= transposed.shape[1]:
+            indices[:] = np.arange(n_candidates)[None]
+            return indices, np.zeros(indices.shape)
+        buffer = np.empty((min(512, queries.shape[0]), transposed.shape[1]), dtype=np.float32)
+        for start in range(0, queries.shape[0], 512):
+            chunk = queries[start:start + 512]
+            products = buffer[:chunk.shape[0]]
+            np.matmul(chunk, transposed, out=products)
+            indices[start:start + chunk.shape[0]] = smallest_columns(products, offsets, n_candidates)
         return indices, np.zeros(indices.shape)
 
     # ---------------------------------------------------------- serialisation
@@ -338,6 +358,7 @@ class StableLayout:
         state = dict(self.__dict__)
         state.pop("_neighbors_index", None)  # caches, rebuilt on demand
         state.pop("_reference64_cache", None)
+        state.pop("_candidate_cache", None)
         return state
 
     def __setstate__(self, state):
