@@ -147,16 +147,18 @@ class ConceptEvoSpace(Space):
                 which images make the same neurons respond, for the indirect image
                 embeddings.
 
-        Why the indirect step is approximate here: the paper pairs images through
-        their k most-activating base neurons, which needs the full image x neuron
-        activation matrix.  Observations keep only each neuron's top images, so the
-        image -> neurons index is the inverse of those lists: an image is linked to
-        the neurons that have it among their recorded top images.  Within the base
-        observation the first ``k`` columns are the stimuli (covered images); the
-        columns beyond ``k`` (record with a larger k to get them) and
-        ``indirect_observations`` link uncovered images to covered ones.  Uncovered
-        images linked to no covered image (directly or through other images) stay
-        without embedding; neurons whose stimuli are all such images are unplaced.
+        Indirect embeddings (the paper's Step 2.1, last paragraph) pair images through
+        the base neurons they activate most.  Observations recorded by
+        ``ConceptWriter`` (or with an :class:`~tb_conceptevo.image_links.ImageLinksRecorder`)
+        carry ``image_links``, each probe image's most responsive channels per
+        layer: an uncovered image is then linked to those neurons and through them
+        to their stimuli, from the one base step alone.  The neurons' own top-image
+        lists add the inverse links (an image is linked to the neurons that have it
+        among their recorded top images: the columns beyond ``k``, and
+        ``indirect_observations``); for observations without ``image_links`` (logs
+        written before them) these are the only links.  Uncovered images linked to
+        no covered image (directly or through other images) stay without embedding;
+        neurons whose stimuli are all such images are unplaced.
         """
         self._check_params()
         layers = _layer_list(observations, "observations")
@@ -187,6 +189,9 @@ class ConceptEvoSpace(Space):
             )
         all_ids = [ids] + [_row_ids(obs) for obs in extra]
         n_images = int(max(int(a.max(initial=-1)) for a in all_ids)) + 1
+        # images recorded with links may lie beyond every neuron's top-k
+        n_images = max([n_images] + [obs.image_links.shape[0] for obs in layers + extra
+                                     if obs.image_links is not None])
         neuron_of_entry, image_of_entry = np.nonzero(stimulus)
         image_of_entry = ids[neuron_of_entry, image_of_entry].astype(np.int64)
 
@@ -226,7 +231,7 @@ class ConceptEvoSpace(Space):
 
         # ---- Step 2.1 (cont.): indirect embeddings of uncovered images
         indirect = self._indirect_embeddings(
-            image_embeddings, status, ids, invalid, extra, rng, generator, device, dtype
+            image_embeddings, status, layers, extra, rng, generator, device, dtype
         )
         status[indirect] = 2
         clock.lap("indirect")
@@ -313,22 +318,37 @@ class ConceptEvoSpace(Space):
         error = math.sqrt(float((residual ** 2).sum()) / max(float((U ** 2).sum()), 1e-30))
         return covered, V, error
 
-    def _indirect_embeddings(self, image_embeddings, status, base_ids, base_invalid, extra, rng, generator, device,
-                             dtype):
+    def _indirect_embeddings(self, image_embeddings, status, layers, extra, rng, generator, device, dtype):
         """Skip-gram over image pairs linked through a shared neuron (Sec. 3.2, Step
         2.1, last paragraph), covered images held fixed.  Returns the ids of the
-        uncovered images that received an embedding."""
-        sources = [(base_ids, base_invalid)] + [
-            (_row_ids(obs), np.asarray(obs.invalid, dtype=bool).reshape(-1)) for obs in extra
-        ]
+        uncovered images that received an embedding.
+
+        A neuron groups its recorded top images and, where the observation carries
+        ``image_links`` (each probe image's most responsive channels), the uncovered
+        images that respond most to it: the paper's link from an uncovered image to
+        its most activated neurons, and through them to their covered stimuli."""
         groups, members, offset = [], [], 0
-        for ids, invalid in sources:
+        for obs in list(layers) + list(extra):
+            ids = _row_ids(obs)
+            invalid = np.asarray(obs.invalid, dtype=bool).reshape(-1)
             usable = (ids >= 0) & ~invalid[:, None]
             if self.sample_fraction is not None:
                 usable &= _in_sample(ids, self.sample_fraction, self.random_state)
             neuron, column = np.nonzero(usable)
             groups.append(neuron + offset)
             members.append(ids[neuron, column].astype(np.int64))
+            if obs.image_links is not None:
+                links = np.asarray(obs.image_links, dtype=np.int64)
+                linked = (links >= 0) & (links < ids.shape[0])
+                image, column = np.nonzero(linked)
+                channel = links[image, column]
+                # only uncovered images need the forward links; covered ones are
+                # already in their neurons' lists
+                keep = (status[image] == 0) & ~invalid[channel]
+                if self.sample_fraction is not None:
+                    keep &= _in_sample(image, self.sample_fraction, self.random_state)
+                groups.append(channel[keep] + offset)
+                members.append(image[keep])
             offset += ids.shape[0]
         groups = np.concatenate(groups)
         members = np.concatenate(members)
