@@ -308,7 +308,13 @@ class ConceptEvoSpace(Space):
         )
         U = neuron_embeddings[rows_used]
         lam = self.ridge * float(np.mean(1.0 / stimuli_count))
-        if covered.size <= rows_used.size:
+        if lam == 0.0:
+            # minimum-norm least squares (what plain gradient descent on J2 from 0 converges to)
+            from scipy.sparse.linalg import lsmr
+
+            V = np.stack([lsmr(A, U[:, j], atol=1e-12, btol=1e-12, maxiter=20 * A.shape[0])[0]
+                          for j in range(U.shape[1])], axis=1)
+        elif covered.size <= rows_used.size:
             gram = (A.T @ A + lam * sp.identity(covered.size)).tocsc()
             V = splu(gram, permc_spec="MMD_AT_PLUS_A").solve(np.asarray(A.T @ U))
         else:
@@ -544,8 +550,8 @@ class ConceptEvoSpace(Space):
             raise ValueError(f"sample_fraction must be None or in (0, 1], got {self.sample_fraction!r}")
         if self.n_groups is not None and (not isinstance(self.n_groups, (int, np.integer)) or self.n_groups < 1):
             raise ValueError(f"n_groups must be None or a positive integer, got {self.n_groups!r}")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge!r}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0 (0 = minimum-norm least squares), got {self.ridge!r}")
         if self.dtype not in (None, "float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
 
