@@ -6,6 +6,7 @@
     python benchmarks/bench_space.py --indirect      # only: unplaced neurons with/without image links
     python benchmarks/bench_space.py --reference     # only: Step 1.3 vs the reference procedure
     python benchmarks/bench_space.py --ridge         # only: Step 2.1 ridge vs minimum-norm
+    python benchmarks/bench_space.py --cold          # only: fit time in fresh processes
 
 Targets: fit (Steps 1 + 2.1) for 4,224 neurons, 12,000 probe images, k = 10 in at
 most 60 s on 2 CPU cores; embed + layout transform of 4,224 neurons in at most 1 s.
@@ -326,12 +327,52 @@ def bench_ridge(n_neurons=960, n_images=5000, n_concepts=60):
               f"Step 2.1 solve {m[6]:.3f} s (means over 3 seeds)")
 
 
+# ------------------------------------------------------------------------ cold start
+_COLD_SCRIPT = """
+import sys, time
+t0 = time.perf_counter()
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from bench_space import synthetic_model
+from tb_conceptevo.observation import LayerObservation
+from tb_conceptevo.spaces.conceptevo import ConceptEvoSpace
+ids = synthetic_model(0, n_neurons=960, n_images=5000, n_concepts=60)
+obs = LayerObservation(layer="all", image_ids=ids, activations=np.zeros(ids.shape, np.float32),
+                       positions=np.zeros(ids.shape, np.int32), invalid=np.zeros(len(ids), bool),
+                       map_size=(7, 7), input_size=(224, 224), probe_hash="bench")
+t1 = time.perf_counter()
+space = ConceptEvoSpace(random_state=0, progress=False).fit(obs)
+t2 = time.perf_counter()
+space.embed(obs)
+t3 = time.perf_counter()
+ConceptEvoSpace(random_state=1, progress=False).fit(obs)
+t4 = time.perf_counter()
+print(f"start-up {t1 - t0:.1f} s, first fit {t2 - t1:.1f} s (layout {space.timings_['layout']:.1f} s), "
+      f"first embed {t3 - t2:.2f} s, second fit {t4 - t3:.1f} s")
+"""
+
+
+def bench_cold():
+    """Fit time in fresh processes: with an empty numba cache (cold), then with the
+    cache the first process left on disk, and a second fit in the same process (warm)."""
+    import subprocess
+    import tempfile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.join(here, "..") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with tempfile.TemporaryDirectory() as cache:
+        env["NUMBA_CACHE_DIR"] = cache  # only used where the package folders are not writable
+        for label in ("process 1", "process 2"):
+            out = subprocess.run([sys.executable, "-c", _COLD_SCRIPT, here], env=env, capture_output=True, text=True)
+            print(f"{label}: {out.stdout.strip() or out.stderr.strip()[-500:]}")
+
+
 # ------------------------------------------------------------------------ indirect
 def bench_indirect():
     """Unplaced neurons of a second model embedded in a space fitted on a first one,
     with and without the recorded image links (Step 2.1's indirect embeddings), on the
     demo's CNN (512-image probe, as the demo) and a torchvision resnet18 (random
-    weights, all conv layers, a 256-image probe at 64 px)."""
+    weights, all conv layers, a 1,500-image probe at 32 px)."""
     import torch
     import torchvision
 
@@ -341,9 +382,12 @@ def bench_indirect():
     from tb_conceptevo.probes import ConceptShapes
     from tb_conceptevo.recording import record
 
+    only = os.environ.get("BENCH_INDIRECT_ONLY")
     cases = [("demo CNN", lambda: DemoCNN(n_classes=6), ConceptShapes(n=512, size=32, seed=0)),
-             ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), ConceptShapes(n=256, size=64, seed=0))]
+             ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), ConceptShapes(n=1500, size=32, seed=0))]
     for name, make, probe in cases:
+        if only and only != name:
+            continue
         observations = []
         for seed in (0, 1):
             torch.manual_seed(seed)
@@ -383,6 +427,7 @@ def main():
     parser.add_argument("--dtype", action="store_true", help="also compare the fit cost of float64 and float32")
     parser.add_argument("--reference", action="store_true",
                         help="only: Step 1.3 vs the reference procedure (speed ratio, 5-NN purity)")
+    parser.add_argument("--cold", action="store_true", help="only: fit time in fresh processes (numba disk cache)")
     parser.add_argument("--ridge", action="store_true", help="only: Step 2.1 ridge vs minimum-norm solution")
     parser.add_argument("--indirect", action="store_true",
                         help="only: unplaced neurons with and without image links (demo CNN, resnet18)")
@@ -393,6 +438,8 @@ def main():
         return bench_reference()
     if args.ridge:
         return bench_ridge()
+    if args.cold:
+        return bench_cold()
     if not args.only_alignment:
         bench_fit_and_embed()
     if args.dtype:

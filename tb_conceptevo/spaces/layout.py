@@ -140,6 +140,8 @@ class StableLayout:
             )
         import umap  # heavy import (numba): only when fitting
 
+        cache_umap_on_disk()
+
         n_neighbors = int(max(2, min(self.n_neighbors, n - 1)))
         model = umap.UMAP(
             n_components=2,
@@ -371,6 +373,36 @@ class StableLayout:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"StableLayout({params})"
+
+
+def cache_umap_on_disk() -> int:
+    """Turn on numba's disk cache for umap-learn's compiled functions (umap compiles
+    them without ``cache=True``, which cost most of the first fit in every process:
+    measured 60 s -> 22 s for import + first fit of 1,000 points on a busy 2-core
+    machine, see ``benchmarks/bench_space.py --cold``).  Nothing is compiled here:
+    each function is compiled (or loaded from the cache) when UMAP first uses it.
+    Only changes where compiled code is kept; returns how many functions it enabled."""
+    import numba
+
+    enabled = 0
+    try:
+        import umap.distances
+        import umap.layouts
+        import umap.sparse
+        import umap.spectral
+        import umap.umap_
+        import umap.utils
+
+        modules = (umap.umap_, umap.layouts, umap.utils, umap.spectral, umap.distances, umap.sparse)
+        for module in modules:
+            for value in vars(module).values():
+                if isinstance(value, numba.core.registry.CPUDispatcher) and \
+                        type(getattr(value, "_cache", None)).__name__ == "NullCache":
+                    value.enable_caching()
+                    enabled += 1
+    except Exception:  # an optimisation only: never let it break a fit
+        pass
+    return enabled
 
 
 def as_matrix(values, what: str, dtype=np.float32) -> np.ndarray:
