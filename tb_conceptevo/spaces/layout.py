@@ -50,8 +50,9 @@ map.  Distances, memberships and the SGD run per row in one compiled numba kerne
 (float64, parallel over rows, cached on disk); the BLAS product only preselects
 ``n_neighbors + 16`` candidates per row, whose distances are then recomputed
 exactly, so the neighbour set does not depend on how BLAS blocks the batch.
-``n_epochs=0`` gives the initial weighted mean only (the behaviour before version
-2: a convex combination of base positions, which shrinks the map).  ``refine=True``
+``n_epochs=0`` gives the initial weighted mean only (the former default: a convex
+combination of base positions, which shrinks the map and pulls new concepts into
+existing clusters).  ``refine=True``
 runs ``umap.UMAP.transform`` itself (rows then depend on each other; the UMAP object
 is pickled into the file).
 """
