@@ -15,7 +15,7 @@ Usage (any space)::
     >>> xy = layout.transform(reference[:5])                    # float32 [5, 2]
     >>> xy.shape
     (5, 2)
-    >>> np.isnan(layout.transform(np.full((2, 8), np.nan))).all()  # NaN rows stay NaN
+    >>> bool(np.isnan(layout.transform(np.full((2, 8), np.nan))).all())  # NaN rows stay NaN
     True
 
 Serialise with :meth:`StableLayout.state` / :meth:`StableLayout.from_state` (what
