@@ -22,6 +22,7 @@ DETECTOR = "detector"        # per detector, per layer, per step: top concepts +
 ANCHORS = "anchors"          # per space, once: anchor words + their layout
 IMPORTANCE = "importance"    # per class, per layer, at step t': importance vectors
 REVERT = "revert"            # per class, at step t': revert-evaluation table
+IMAGE_LINKS = "image_links"  # per layer, per step: each probe image's most responsive channels
 
 #: Scalar tags (ordinary TensorBoard scalars, shown in the Scalars dashboard too).
 SCALAR_PREFIX = "concepts/"
@@ -33,6 +34,10 @@ def probe_tag() -> str:
 
 def stimuli_tag(layer: str) -> str:
     return f"{PREFIX}{STIMULI}/{layer}"
+
+
+def image_links_tag(layer: str) -> str:
+    return f"{PREFIX}{IMAGE_LINKS}/{layer}"
 
 
 def space_tag(space: str, layer: str) -> str:
@@ -78,8 +83,8 @@ def parse_tag(tag: str):
     kind = parts[0]
     if kind == PROBE and len(parts) == 1:
         return (PROBE, (), None)
-    if kind == STIMULI and len(parts) == 2:
-        return (STIMULI, (), parts[1])
+    if kind in (STIMULI, IMAGE_LINKS) and len(parts) == 2:
+        return (kind, (), parts[1])
     if kind in (SPACE, DETECTOR, IMPORTANCE) and len(parts) == 3:
         return (kind, (parts[1],), parts[2])
     if kind in (ANCHORS, REVERT) and len(parts) == 2:

@@ -32,6 +32,10 @@ class LayerObservation:
         probe_hash: content hash of the probe set (spaces refuse other hashes).
         step: training step, or ``None`` when not tied to one.
         reduce: ``"max"`` or ``"mean"``.
+        image_links: optional int32 ``[n_images, j]``: per probe image, the channels
+            of this layer most responsive to it (highest first, -1 = none); recorded by
+            :class:`~tb_conceptevo.image_links.ImageLinksRecorder` for ConceptEvo's
+            indirect image embeddings (None when not recorded).
     """
 
     layer: str
@@ -44,6 +48,7 @@ class LayerObservation:
     probe_hash: str
     step: Optional[int] = None
     reduce: str = "max"
+    image_links: Optional[np.ndarray] = None
 
     @property
     def n_neurons(self) -> int:

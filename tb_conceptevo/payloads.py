@@ -36,6 +36,17 @@ def stimuli_payload(obs: LayerObservation) -> Payload:
     return header, arrays
 
 
+def image_links_payload(obs: LayerObservation) -> Payload:
+    """Each probe image's most responsive channels of one layer (``obs.image_links``)."""
+    links = np.asarray(obs.image_links)
+    # uint16 (65535 = none) for every layer up to 65,535 channels
+    compact = obs.n_neurons < 65535
+    stored = np.where(links < 0, 65535, links).astype(np.uint16) if compact else links.astype(np.int32)
+    header = {"kind": "image_links", "layer": obs.layer, "n_images": int(links.shape[0]),
+              "k": int(links.shape[1]), "n_neurons": obs.n_neurons, "probe_hash": obs.probe_hash}
+    return header, {"neurons": stored}
+
+
 def embedding_payload(space_name: str, layer: str, embedding, probe_hash: str = "",
                       extra: Optional[Dict] = None) -> Payload:
     header = {

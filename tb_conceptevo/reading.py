@@ -379,7 +379,22 @@ class LogReader:
             header, arrays = self.payload(run, metadata.stimuli_tag(layer), step)
             obs.layers[layer] = layer_observation(header, arrays, step)
             obs.probe_hash = obs.layers[layer].probe_hash
+            obs.layers[layer].image_links = self._image_links(run, layer, step)
         return obs
+
+    def _image_links(self, run: str, layer: str, step: int) -> Optional[np.ndarray]:
+        """``image_links`` of ``layer`` at ``step``, or None (logs without them)."""
+        tag = metadata.image_links_tag(layer)
+        if tag not in self._tags(run):
+            return None
+        series = [d for d in self._series(run, tag) if d.step == step]
+        if not series:
+            return None
+        _header, arrays = read_payload(self.provider, self.ctx, series[-1], ("neurons",))
+        links = arrays["neurons"].astype(np.int32)
+        if arrays["neurons"].dtype == np.uint16:
+            links[arrays["neurons"] == 65535] = -1
+        return links
 
     def observations(self, run: str, layers: Optional[Sequence[str]] = None) -> Iterator[Observation]:
         """Every logged step of ``run``, in ascending order."""

@@ -30,7 +30,9 @@ from torch.utils.tensorboard import SummaryWriter
 from . import metadata
 from .observation import Observation
 from .metrics.snapshot import embedding_metrics, whole_model
-from .payloads import anchors_payload, detection_payload, embedding_payload, probe_payload, stimuli_payload
+from .image_links import DEFAULT_LINKS, ImageLinksRecorder, attach_links
+from .payloads import (anchors_payload, detection_payload, embedding_payload, image_links_payload, probe_payload,
+                       stimuli_payload)
 from .recording import rank_and_world, record
 from .spaces.io import is_url
 from .summary import payload_summary
@@ -134,6 +136,8 @@ class ConceptWriter(SummaryWriter):
             every flush re-uploads the whole file, so without rotation a run's upload cost
             grows with the square of its length.  Default: 1 MiB for URL logdirs, never
             for local ones (``0`` or ``None`` turns it off).
+        image_links: per probe image and layer, how many most responsive channels to
+            log (ConceptEvo's indirect image embeddings, Step 2.1); 0 = none.
         **kwargs: passed to ``SummaryWriter``.
 
     Under ``torch.distributed`` create the writer on every rank and call
@@ -144,7 +148,7 @@ class ConceptWriter(SummaryWriter):
                  spaces: Sequence = (), detectors: Sequence = (), batch_size: int = 64,
                  reduce: str = "max", thumbnail_size: Optional[int] = None,
                  keep_previous_weights: bool = False, progress: bool = True,
-                 rotate_bytes="auto", **kwargs):
+                 image_links: int = DEFAULT_LINKS, rotate_bytes="auto", **kwargs):
         for space in spaces:
             metadata.check_name(space.name, "space name")
         self._is_writer_rank = rank_and_world()[0] == 0
@@ -160,6 +164,7 @@ class ConceptWriter(SummaryWriter):
         self.thumbnail_size = thumbnail_size
         self.keep_previous_weights = keep_previous_weights
         self.progress = progress
+        self.image_links = int(image_links)
         self._snapshots: List[tuple] = []  # [(step, CPU state_dict)], at most two
         self._probe_written = False
         self._anchors_written = set()
@@ -212,8 +217,12 @@ class ConceptWriter(SummaryWriter):
         layer_spec = layers if layers is not None else self.layers
         layer_names = servable_layers(model, layer_spec)
         consumers = [d.consumer(self.probe, layer_names) for d in detectors]
+        # image -> most responsive channels, for ConceptEvo's indirect embeddings
+        links = [ImageLinksRecorder(self.image_links)] if self.image_links > 0 else []
         observation = record(model, self.probe, layer_names, k=self.k, batch_size=self.batch_size,
-                             reduce=self.reduce, consumers=consumers, step=step, progress=self.progress)
+                             reduce=self.reduce, consumers=consumers + links, step=step, progress=self.progress)
+        if links:
+            attach_links(observation, links[0].result())
         detections = {d.name: c.result() for d, c in zip(detectors, consumers)}
         embeddings = {}
         for space in self.spaces:
@@ -365,6 +374,8 @@ class ConceptWriter(SummaryWriter):
                 header, arrays = stimuli_payload(layer_obs)
                 self.add_payload(metadata.stimuli_tag(name), header, arrays, step)
                 n_invalid += header["n_invalid"]
+                if layer_obs.image_links is not None:
+                    self.add_payload(metadata.image_links_tag(name), *image_links_payload(layer_obs), step)
             self._scalar(metadata.scalar_tag("invalid_neurons", "stimuli", "all"), n_invalid, step)
 
     def add_space_embedding(self, space, layer: str, embedding, step: int, probe_hash: str = "") -> Dict[str, float]:

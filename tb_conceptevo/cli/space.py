@@ -36,10 +36,10 @@ def register(subparsers) -> None:
     fit.add_argument("--step", type=int, default=None, help="base step (default: the last logged step)")
     fit.add_argument("--layers", default=None, help="comma-separated layers (default: all logged layers)")
     fit.add_argument("--out", required=True, help="space file to write (e.g. space.npz)")
-    fit.add_argument("--dim", type=int, default=30)
-    fit.add_argument("--epochs", type=int, default=20)
-    fit.add_argument("--repetitions", type=int, default=10)
-    fit.add_argument("--k", type=int, default=10, help="stimuli per neuron")
+    fit.add_argument("--dim", type=int, default=None, help="embedding dimension (default: ConceptEvoSpace's, 30)")
+    fit.add_argument("--epochs", type=int, default=None, help="skip-gram epochs (default: ConceptEvoSpace's, 20)")
+    fit.add_argument("--repetitions", type=int, default=None, help="co-activation pair repetitions (default: ConceptEvoSpace's, 2)")
+    fit.add_argument("--k", type=int, default=None, help="stimuli per neuron (default: ConceptEvoSpace's, 10)")
     fit.add_argument("--sample-fraction", type=float, default=None)
     fit.add_argument("--groups", type=int, default=None, help="number of k-means concept groups")
     fit.add_argument("--indirect-from-other-steps", action="store_true",
@@ -87,11 +87,11 @@ def run_fit_space(args) -> int:
         extra = []
         if args.indirect_from_other_steps:
             extra = [logs.observation(run, s, layers) for s in steps if s != step]
-    space = ConceptEvoSpace(
-        dim=args.dim, epochs=args.epochs, repetitions=args.repetitions, k=args.k,
-        sample_fraction=args.sample_fraction, n_groups=args.groups, random_state=args.seed,
-        progress=progress,
-    )
+    # Hyper-parameters not given on the command line keep ConceptEvoSpace's defaults.
+    given = {name: getattr(args, name) for name in ("dim", "epochs", "repetitions", "k")
+             if getattr(args, name) is not None}
+    space = ConceptEvoSpace(sample_fraction=args.sample_fraction, n_groups=args.groups, random_state=args.seed,
+                            progress=progress, **given)
     print(f"fitting on run {run!r}, step {step}: {len(base)} layers, {base.n_neurons} neurons")
     space.fit(base, indirect_observations=extra)
     space.save(args.out)

@@ -11,7 +11,8 @@ any training step in the same space:
 * Step 2.2 (:meth:`ConceptEvoSpace.embed`): any neuron = mean of its stimuli's image
   embeddings.
 * A 2-D :class:`~tb_conceptevo.spaces.layout.StableLayout` fitted once on the base
-  neuron embeddings, applied to everything embedded later.
+  neurons' Step 2.2 vectors, applied to everything embedded later (UMAP's transform
+  optimisation per neuron: the base sits exactly on its fitted map).
 
 Example::
 
@@ -52,10 +53,12 @@ class ConceptEvoSpace(Space):
             rate: 0.1).
         epochs: passes over the pair multisets (paper: ~20).
         repetitions: E, how many times the shuffled sliding-window sampling of Step 1.2
-            is repeated.  Default 10: a pair of neurons sharing an image that ``c``
-            neurons share is then sampled ``20 / c`` times in expectation, so even
-            large co-activation groups contribute most of their pairs, while the
-            multiset stays O(E * neurons * k) (the cost of Step 1.3 is linear in E).
+            is repeated (the cost of Step 1.3 is linear in E).  Default 2, by
+            measurement (``benchmarks/bench_space.py --reference``: 960 neurons, 5,000
+            images, 60 concepts, 3 seeds): against the reference procedure (one plain
+            SGD update per co-activated pair, 20 epochs, R = 3, dim 30, lr 0.05; 30,652
+            pairs, 5-NN concept purity 0.902) E = 2 with 20 epochs is 33x faster at
+            purity 0.957; E = 10 was 8x faster at 0.970, E = 1 95x at 0.874.
         k: stimuli per neuron (paper: 10).  Observations recorded with more than ``k``
             images per neuron use their first ``k`` as stimuli; the remaining columns
             of the base observation feed the indirect image embeddings.
@@ -68,10 +71,11 @@ class ConceptEvoSpace(Space):
         n_groups: None, or the number of k-means concept groups fitted on the base
             neuron embeddings (``Embedding.groups``).
         umap_kwargs: extra :class:`StableLayout` arguments (``n_neighbors``,
-            ``min_dist``, ``metric``, ``refine``).  Default ``refine=False``: every
-            neuron is placed from its own embedding only (see ``layout.py``).
-        ridge: relative ridge of the Step 2.1 least-squares solve (see
-            :meth:`_solve_image_embeddings`).
+            ``min_dist``, ``metric``, ``refine``, ``n_epochs``).  Default
+            ``refine=False``: every neuron is placed from its own embedding only, by
+            UMAP's transform optimisation (see ``layout.py``).
+        ridge: relative ridge of the Step 2.1 least-squares solve; 0 = the
+            minimum-norm solution (see :meth:`_solve_image_embeddings`).
         batch_size: skip-gram mini-batch size; None = half the number of rows
             (clipped to [32, 8192]): each row is then touched about 4 times per batch
             (2 + 2R rows per pair), so the summed mini-batch gradient stays close to
@@ -103,12 +107,12 @@ class ConceptEvoSpace(Space):
         lr_neuron: float = 0.05,
         lr_image: float = 0.1,
         epochs: int = 20,
-        repetitions: int = 10,
+        repetitions: int = 2,
         k: int = 10,
         sample_fraction: Optional[float] = None,
         n_groups: Optional[int] = None,
         umap_kwargs: Optional[Dict] = None,
-        ridge: float = 1e-3,
+        ridge: float = 1e-4,
         batch_size: Optional[int] = None,
         random_state: int = 0,
         device=None,
@@ -145,16 +149,18 @@ class ConceptEvoSpace(Space):
                 which images make the same neurons respond, for the indirect image
                 embeddings.
 
-        Why the indirect step is approximate here: the paper pairs images through
-        their k most-activating base neurons, which needs the full image x neuron
-        activation matrix.  Observations keep only each neuron's top images, so the
-        image -> neurons index is the inverse of those lists: an image is linked to
-        the neurons that have it among their recorded top images.  Within the base
-        observation the first ``k`` columns are the stimuli (covered images); the
-        columns beyond ``k`` (record with a larger k to get them) and
-        ``indirect_observations`` link uncovered images to covered ones.  Uncovered
-        images linked to no covered image (directly or through other images) stay
-        without embedding; neurons whose stimuli are all such images are unplaced.
+        Indirect embeddings (the paper's Step 2.1, last paragraph) pair images through
+        the base neurons they activate most.  Observations recorded by
+        ``ConceptWriter`` (or with an :class:`~tb_conceptevo.image_links.ImageLinksRecorder`)
+        carry ``image_links``, each probe image's most responsive channels per
+        layer: an uncovered image is then linked to those neurons and through them
+        to their stimuli, from the one base step alone.  The neurons' own top-image
+        lists add the inverse links (an image is linked to the neurons that have it
+        among their recorded top images: the columns beyond ``k``, and
+        ``indirect_observations``); for observations without ``image_links`` (logs
+        written before them) these are the only links.  Uncovered images linked to
+        no covered image (directly or through other images) stay without embedding;
+        neurons whose stimuli are all such images are unplaced.
         """
         self._check_params()
         layers = _layer_list(observations, "observations")
@@ -185,6 +191,9 @@ class ConceptEvoSpace(Space):
             )
         all_ids = [ids] + [_row_ids(obs) for obs in extra]
         n_images = int(max(int(a.max(initial=-1)) for a in all_ids)) + 1
+        # images recorded with links may lie beyond every neuron's top-k
+        n_images = max([n_images] + [obs.image_links.shape[0] for obs in layers + extra
+                                     if obs.image_links is not None])
         neuron_of_entry, image_of_entry = np.nonzero(stimulus)
         image_of_entry = ids[neuron_of_entry, image_of_entry].astype(np.int64)
 
@@ -224,7 +233,7 @@ class ConceptEvoSpace(Space):
 
         # ---- Step 2.1 (cont.): indirect embeddings of uncovered images
         indirect = self._indirect_embeddings(
-            image_embeddings, status, ids, invalid, extra, rng, generator, device, dtype
+            image_embeddings, status, layers, extra, rng, generator, device, dtype
         )
         status[indirect] = 2
         clock.lap("indirect")
@@ -247,7 +256,11 @@ class ConceptEvoSpace(Space):
         layout_params = {"random_state": self.random_state, "refine": False}
         layout_params.update(self.umap_kwargs or {})
         clock.lap("groups")
-        self.layout_ = StableLayout(**layout_params).fit(self.neuron_embeddings_[valid_neurons])
+        # The map is fitted on the base's own Step 2.2 vectors (what ``embed`` logs for
+        # it), not on the Step 1.3 ones: the base model then sits exactly on the fitted
+        # map at its own step, and every logged vector is placed by the same transform.
+        base_vectors, base_placed = self.embed_vectors(ids, invalid)
+        self.layout_ = StableLayout(**layout_params).fit(base_vectors[base_placed])
         clock.lap("layout")
         self.timings_ = clock.laps
         return self
@@ -261,25 +274,32 @@ class ConceptEvoSpace(Space):
         return eligible & (np.cumsum(eligible, axis=1) <= self.k)
 
     def _solve_image_embeddings(self, neuron_of_entry, image_of_entry, neuron_embeddings, valid_neurons):
-        """Eq. 4-6 as one sparse ridge least-squares problem, solved directly.
+        """Eq. 4-6 as one sparse least-squares problem, solved directly.
 
         With ``A[n, x] = 1 / |X_n|`` for every stimulus x of base neuron n (rows:
         neurons with stimuli, columns: covered images) and ``U`` the Step 1.3
-        embeddings, J2 (Eq. 5) is ``0.5 ||A V - U||^2``.  The paper minimises it by
-        gradient descent from a random start (Eq. 6); the minimiser is available in
-        closed form, so we solve it directly instead of iterating:
+        embeddings, J2 (Eq. 5) is ``0.5 ||A V - U||^2``.  There are usually more
+        covered images than neurons, so J2 has infinitely many minimisers.  The
+        paper's gradient descent (Eq. 6) converges to the one nearest its random
+        start: the minimum-norm solution ``A^+ U`` plus the start's component in the
+        null space of ``A``, i.e. a solution that depends on the initial noise.  We
+        solve instead for the start-independent part:
 
-        * usually there are more covered images than neurons (underdetermined), and
-          J2 has infinitely many minimisers; gradient descent from a small start
-          drifts to (nearly) the minimum-norm one, which spreads a neuron's
-          embedding evenly over its unshared stimuli;
-        * a small ridge ``lam = ridge * mean diag(A A^T)`` keeps near-collinear
-          neurons (almost identical stimuli, different embeddings) from blowing up
-          the image embeddings, and makes the system positive definite.
+        * ``ridge > 0`` (default 1e-4): ``V = A^T (A A^T + lam I)^-1 U`` with
+          ``lam = ridge * mean diag(A A^T)``, one sparse LU of the smaller Gram matrix
+          for all ``dim`` right-hand sides; it tends to the minimum-norm solution as
+          ``ridge -> 0`` and stays well-posed for near-collinear neurons (almost
+          identical stimuli, different embeddings);
+        * ``ridge = 0``: the minimum-norm least-squares solution itself (LSMR).
 
-        The ridge solution is ``V = A^T (A A^T + lam I)^-1 U`` = ``(A^T A + lam I)^-1 A^T U``;
-        we factorise the smaller of the two sparse Gram matrices once (sparse LU)
-        and solve all ``dim`` right-hand sides together.
+        Measured downstream (``benchmarks/bench_space.py --ridge``: 960 neurons, 5,000
+        images, a later model with fresh noise, 3 seeds): ridge 1e-3 / 1e-4 / 0 give
+        reconstruction errors 0.0026 / 0.0003 / 0.0000, mean image norms 2.578 /
+        2.595 / 2.597 (the 1e-3 ridge shrinks them by 0.7 %; on the demo ~8 %),
+        identical 5-NN purity (0.957 base, 0.965 later), evolution speed 0.580 / 0.584
+        / 0.585, map entropy 3.320 / 3.301 / 3.328 (seed noise), solve 0.17 / 0.23 /
+        2.1 s.  Hence the default 1e-4: within 0.1 % of the minimum-norm solution at a
+        tenth of its cost.
 
         Returns ``(covered image ids, their embeddings, relative RMS error of Eq. 4)``.
         """
@@ -297,7 +317,13 @@ class ConceptEvoSpace(Space):
         )
         U = neuron_embeddings[rows_used]
         lam = self.ridge * float(np.mean(1.0 / stimuli_count))
-        if covered.size <= rows_used.size:
+        if lam == 0.0:
+            # minimum-norm least squares (what plain gradient descent on J2 from 0 converges to)
+            from scipy.sparse.linalg import lsmr
+
+            V = np.stack([lsmr(A, U[:, j], atol=1e-12, btol=1e-12, maxiter=20 * A.shape[0])[0]
+                          for j in range(U.shape[1])], axis=1)
+        elif covered.size <= rows_used.size:
             gram = (A.T @ A + lam * sp.identity(covered.size)).tocsc()
             V = splu(gram, permc_spec="MMD_AT_PLUS_A").solve(np.asarray(A.T @ U))
         else:
@@ -307,22 +333,37 @@ class ConceptEvoSpace(Space):
         error = math.sqrt(float((residual ** 2).sum()) / max(float((U ** 2).sum()), 1e-30))
         return covered, V, error
 
-    def _indirect_embeddings(self, image_embeddings, status, base_ids, base_invalid, extra, rng, generator, device,
-                             dtype):
+    def _indirect_embeddings(self, image_embeddings, status, layers, extra, rng, generator, device, dtype):
         """Skip-gram over image pairs linked through a shared neuron (Sec. 3.2, Step
         2.1, last paragraph), covered images held fixed.  Returns the ids of the
-        uncovered images that received an embedding."""
-        sources = [(base_ids, base_invalid)] + [
-            (_row_ids(obs), np.asarray(obs.invalid, dtype=bool).reshape(-1)) for obs in extra
-        ]
+        uncovered images that received an embedding.
+
+        A neuron groups its recorded top images and, where the observation carries
+        ``image_links`` (each probe image's most responsive channels), the uncovered
+        images that respond most to it: the paper's link from an uncovered image to
+        its most activated neurons, and through them to their covered stimuli."""
         groups, members, offset = [], [], 0
-        for ids, invalid in sources:
+        for obs in list(layers) + list(extra):
+            ids = _row_ids(obs)
+            invalid = np.asarray(obs.invalid, dtype=bool).reshape(-1)
             usable = (ids >= 0) & ~invalid[:, None]
             if self.sample_fraction is not None:
                 usable &= _in_sample(ids, self.sample_fraction, self.random_state)
             neuron, column = np.nonzero(usable)
             groups.append(neuron + offset)
             members.append(ids[neuron, column].astype(np.int64))
+            if obs.image_links is not None:
+                links = np.asarray(obs.image_links, dtype=np.int64)
+                linked = (links >= 0) & (links < ids.shape[0])
+                image, column = np.nonzero(linked)
+                channel = links[image, column]
+                # only uncovered images need the forward links; covered ones are
+                # already in their neurons' lists
+                keep = (status[image] == 0) & ~invalid[channel]
+                if self.sample_fraction is not None:
+                    keep &= _in_sample(image, self.sample_fraction, self.random_state)
+                groups.append(channel[keep] + offset)
+                members.append(image[keep])
             offset += ids.shape[0]
         groups = np.concatenate(groups)
         members = np.concatenate(members)
@@ -518,8 +559,8 @@ class ConceptEvoSpace(Space):
             raise ValueError(f"sample_fraction must be None or in (0, 1], got {self.sample_fraction!r}")
         if self.n_groups is not None and (not isinstance(self.n_groups, (int, np.integer)) or self.n_groups < 1):
             raise ValueError(f"n_groups must be None or a positive integer, got {self.n_groups!r}")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge!r}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0 (0 = minimum-norm least squares), got {self.ridge!r}")
         if self.dtype not in (None, "float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
 

@@ -15,24 +15,46 @@ Usage (any space)::
     >>> xy = layout.transform(reference[:5])                    # float32 [5, 2]
     >>> xy.shape
     (5, 2)
-    >>> np.isnan(layout.transform(np.full((2, 8), np.nan))).all()  # NaN rows stay NaN
+    >>> bool(np.isnan(layout.transform(np.full((2, 8), np.nan))).all())  # NaN rows stay NaN
     True
 
 Serialise with :meth:`StableLayout.state` / :meth:`StableLayout.from_state` (what
 ``spaces.io`` stores inside a space file).
 
-How ``transform`` places a vector (default ``refine=False``): at the
-membership-weighted mean of the fitted positions of its ``n_neighbors`` nearest
-reference vectors, with UMAP's own out-of-sample weights ``exp(-d / sigma)`` (this is
-the initialisation step of UMAP's ``transform``).  It depends on that vector alone
-(not on the other rows of the call), is exactly deterministic, takes a few
-milliseconds per thousand rows, and needs no pickled UMAP model (only the reference
-vectors and their positions are stored).  ``refine=True`` runs UMAP's full
-``transform`` instead (a further 100 epochs of negative-sampling SGD against the fixed
-map): deterministic for identical input (fixed ``transform_seed``, single-threaded),
-but a point then depends slightly on the other rows of the call (shared random
-stream, batch-relative edge threshold: up to ~0.5 map units measured), it takes
-seconds for 4,000 rows, and the UMAP object is pickled into the file.
+How ``transform`` places a vector (default ``refine=False``): it runs UMAP's own
+out-of-sample optimisation (``umap.UMAP.transform``) for that vector alone, against
+the fixed fitted map:
+
+1. its ``n_neighbors`` nearest reference vectors (exact distances, ties by index);
+2. UMAP's transform memberships ``w_j = exp(-d_j / sigma)`` with ``sigma`` such that
+   ``sum_{j >= 2} w_j = log2(n_neighbors)`` (UMAP's ``smooth_knn_dist`` with
+   ``local_connectivity - 1 = 0``);
+3. start at the membership-weighted mean of the neighbours' fitted positions;
+4. ``n_epochs`` (100, UMAP's transform default) epochs of UMAP's edge-sampled SGD on
+   the fuzzy cross-entropy: attraction to each neighbour ``n_epochs * w_j`` times,
+   ``negative_sample_rate`` repulsions from uniformly drawn reference positions per
+   attraction, the learning rate ``1/4`` decaying linearly, gradients clipped at 4 -
+   UMAP's ``optimize_layout_euclidean`` with ``move_other=False``.
+
+What differs from ``umap.transform`` is only what made its result depend on the other
+rows of the call: UMAP divides the weights by their maximum over the *batch* (edge
+threshold and sampling rate) and picks 100 or 30 epochs from the batch size; here
+the maximum is the fixed 1 (the weight of an exact match) and the epochs are fixed;
+the negative samples come from a per-row random stream seeded by the row's content
+(a splitmix64 hash of its float32 bits and ``transform_seed``), not from the row's
+position.  So a row's position is a function of that row alone (one at a time ==
+batched, bit for bit; the same vector at two steps lands at the same place), and
+a row identical to a reference vector gets exactly that vector's fitted position
+(UMAP's own rule for a membership of 1) - the base model sits exactly on the fitted
+map.  Distances, memberships and the SGD run per row in one compiled numba kernel
+(float64, parallel over rows, cached on disk); the BLAS product only preselects
+``n_neighbors + 16`` candidates per row, whose distances are then recomputed
+exactly, so the neighbour set does not depend on how BLAS blocks the batch.
+``n_epochs=0`` gives the initial weighted mean only (the former default: a convex
+combination of base positions, which shrinks the map and pulls new concepts into
+existing clusters).  ``refine=True``
+runs ``umap.UMAP.transform`` itself (rows then depend on each other; the UMAP object
+is pickled into the file).
 """
 
 from __future__ import annotations
@@ -46,6 +68,16 @@ import numpy as np
 
 #: smallest reference set UMAP can lay out meaningfully
 MIN_REFERENCE = 4
+#: UMAP's defaults for the transform optimisation (``umap.UMAP``: n_epochs of
+#: transform, learning_rate, repulsion_strength, negative_sample_rate)
+TRANSFORM_EPOCHS = 100
+LEARNING_RATE = 1.0
+REPULSION_STRENGTH = 1.0
+NEGATIVE_SAMPLE_RATE = 5
+#: extra BLAS-preselected candidates per row beyond n_neighbors (their distances are
+#: recomputed exactly, so rounding in the blocked product cannot change the neighbours
+#: unless more than this many reference vectors tie at rounding level)
+CANDIDATE_MARGIN = 16
 
 
 class StableLayout:
@@ -58,13 +90,17 @@ class StableLayout:
         metric: distance in the input space (``"euclidean"`` or ``"cosine"``...).
         random_state: seed of the fit; also makes UMAP single-threaded and hence
             deterministic.
-        transform_seed: seed of the negative sampling in ``transform``.
-        refine: False (default) = per-point placement from the reference neighbours
-            (see above); True = UMAP's full ``transform``.
+        transform_seed: mixed into every row's negative-sampling seed in ``transform``.
+        refine: False (default) = per-row UMAP transform optimisation (see above);
+            True = ``umap.UMAP.transform`` itself.
+        n_epochs: SGD epochs of the per-row transform (UMAP's transform default: 100);
+            0 = the membership-weighted mean of the neighbours' positions only.
 
     Attributes (after ``fit``):
         umap_: the fitted ``umap.UMAP``.
-        reference_layout_: float32 ``[R, 2]`` positions of the reference vectors.
+        reference_vectors_: float32 ``[R, d]`` the distinct finite reference vectors.
+        reference_layout_: float32 ``[R, 2]`` their fitted positions.
+        curve_: ``(a, b)`` of UMAP's low-dimensional similarity ``1 / (1 + a d^(2b))``.
         n_features_in_: input dimensionality.
     """
 
@@ -76,6 +112,7 @@ class StableLayout:
         random_state: int = 0,
         transform_seed: int = 42,
         refine: bool = False,
+        n_epochs: int = TRANSFORM_EPOCHS,
     ):
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
@@ -83,21 +120,28 @@ class StableLayout:
         self.random_state = random_state
         self.transform_seed = transform_seed
         self.refine = refine
+        self.n_epochs = n_epochs
 
     # ------------------------------------------------------------------ fitting
     def fit(self, reference_vectors) -> "StableLayout":
-        """Fit UMAP on the finite rows of ``reference_vectors`` ``[R, d]`` (NaN rows are
-        ignored).  Needs at least 4 finite rows."""
+        """Fit UMAP on the distinct finite rows of ``reference_vectors`` ``[R, d]`` (NaN
+        rows are ignored, repeated rows kept once).  Needs at least 4 distinct rows."""
         reference = as_matrix(reference_vectors, "reference_vectors")
         finite = np.isfinite(reference).all(axis=1)
         reference = reference[finite]
+        # Identical vectors must share one position (transform places a vector by its
+        # content): UMAP is fitted on the distinct rows, in order of first occurrence.
+        _, first = np.unique(reference, axis=0, return_index=True)
+        reference = reference[np.sort(first)]
         n = reference.shape[0]
         if n < MIN_REFERENCE:
             raise ValueError(
-                f"StableLayout.fit needs at least {MIN_REFERENCE} finite reference vectors, "
+                f"StableLayout.fit needs at least {MIN_REFERENCE} distinct finite reference vectors, "
                 f"got {n}; fit on more neurons/concepts"
             )
         import umap  # heavy import (numba): only when fitting
+
+        cache_umap_on_disk()
 
         n_neighbors = int(max(2, min(self.n_neighbors, n - 1)))
         model = umap.UMAP(
@@ -121,6 +165,7 @@ class StableLayout:
         self.reference_layout_ = layout.astype(np.float32)
         self.n_features_in_ = reference.shape[1]
         self.n_neighbors_ = n_neighbors
+        self.curve_ = (float(model._a), float(model._b))
         return self
 
     # --------------------------------------------------------------- transform
@@ -148,56 +193,96 @@ class StableLayout:
                     raise RuntimeError("refine=True needs the fitted UMAP model, which this layout lacks")
                 placed = self.umap_.transform(rows)
             else:
-                placed = self._initial_positions(rows)
+                placed = self._optimised_positions(rows)
         out[finite] = placed
         return out
 
-    def _initial_positions(self, rows: np.ndarray) -> np.ndarray:
-        """Membership-weighted mean of the reference neighbours' positions, per row
-        (UMAP's out-of-sample initialisation; independent of the other rows).
+    def _optimised_positions(self, rows: np.ndarray) -> np.ndarray:
+        """UMAP's transform optimisation, row by row (see the module docstring)."""
+        if not 0 <= int(self.n_epochs) <= 10000:
+            raise ValueError(f"n_epochs must be in [0, 10000], got {self.n_epochs!r}")
+        from ._layout_kernels import place_rows, row_seeds
 
-        Weights follow UMAP's transform: ``exp(-d_j / sigma)`` over the
-        ``n_neighbors`` nearest reference vectors, ``sigma`` found by bisection so
-        that the weights sum to ``log2(n_neighbors)``."""
-        dists, indices = self._neighbors(rows)
-        weights = membership_weights(dists, float(np.log2(self.n_neighbors_)))
-        positions = np.einsum("nk,nkc->nc", weights, self.reference_layout_[indices].astype(np.float64))
-        return positions.astype(np.float32)
+        k = self.n_neighbors_
+        n_candidates = min(self.reference_layout_.shape[0], k + CANDIDATE_MARGIN)
+        candidates, given = self._candidates(rows, n_candidates)
+        a, b = self._curve()
+        return place_rows(
+            np.ascontiguousarray(rows, dtype=np.float64),
+            np.ascontiguousarray(candidates, dtype=np.int64),
+            np.ascontiguousarray(given, dtype=np.float64),
+            {"euclidean": 0, "cosine": 1}.get(self.metric, 2),
+            self._reference64(),
+            np.ascontiguousarray(self.reference_layout_, dtype=np.float64),
+            row_seeds(rows, self.transform_seed),
+            k, int(self.n_epochs), a, b, REPULSION_STRENGTH, LEARNING_RATE / 4.0, NEGATIVE_SAMPLE_RATE,
+        ).astype(np.float32)
 
-    def _neighbors(self, rows: np.ndarray):
-        """``(distances, indices)`` ``[n, n_neighbors]`` of the nearest reference vectors.
+    def _reference64(self) -> np.ndarray:
+        cached = getattr(self, "_reference64_cache", None)
+        if cached is None:
+            cached = self._reference64_cache = np.ascontiguousarray(self.reference_vectors_, dtype=np.float64)
+        return cached
 
-        Euclidean and cosine: exact brute force with one BLAS product per chunk of
-        rows (no per-call thread-pool start-up, which dominated for small layers);
-        other metrics: scikit-learn."""
-        reference = self.reference_vectors_.astype(np.float64)
+    def _candidate_index(self):
+        """``(reference^T float32 [d, R], offsets [R])`` for the candidate search:
+        euclidean ``|r|^2``, cosine unit vectors and zero offsets."""
+        cached = getattr(self, "_candidate_cache", None)
+        if cached is None:
+            reference = self._reference64()
+            if self.metric == "cosine":
+                reference = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+                offsets = np.zeros(reference.shape[0], dtype=np.float32)
+            else:
+                offsets = (reference ** 2).sum(axis=1).astype(np.float32)
+            cached = self._candidate_cache = (np.ascontiguousarray(reference.T, dtype=np.float32), offsets)
+        return cached
+
+    def _curve(self) -> Tuple[float, float]:
+        """UMAP's ``(a, b)`` for ``min_dist`` (recomputed for layouts stored without it)."""
+        if getattr(self, "curve_", None) is None:
+            from umap.umap_ import find_ab_params
+
+            a, b = find_ab_params(1.0, float(self.min_dist))
+            self.curve_ = (float(a), float(b))
+        return self.curve_
+
+    def _candidates(self, rows: np.ndarray, n_candidates: int):
+        """``(indices [n, c], distances [n, c])``: a superset of each row's nearest
+        reference vectors.  Euclidean/cosine: by one BLAS product per chunk (the kernel
+        recomputes their distances exactly, so only membership in the candidate set
+        comes from BLAS; distances returned as zeros); other metrics: scikit-learn's
+        neighbours and distances, used as given."""
+        from ._layout_kernels import smallest_columns
+
+        reference = self._reference64()
         queries = rows.astype(np.float64)
         if self.metric not in ("euclidean", "cosine"):
             from sklearn.neighbors import NearestNeighbors
 
             if getattr(self, "_neighbors_index", None) is None:
                 self._neighbors_index = NearestNeighbors(
-                    n_neighbors=self.n_neighbors_, metric=self.metric, algorithm="brute"
+                    n_neighbors=n_candidates, metric=self.metric, algorithm="brute"
                 ).fit(reference)
-            return self._neighbors_index.kneighbors(queries)
+            dists, indices = self._neighbors_index.kneighbors(queries, n_neighbors=n_candidates)
+            return indices, dists
+        # float32 product in row chunks into one reused buffer: only the candidate
+        # set comes from it, and large float64 temporaries cost more than the product
+        transposed, offsets = self._candidate_index()
+        queries = queries.astype(np.float32)
         if self.metric == "cosine":
-            reference = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        k = self.n_neighbors_
-        reference_sq = (reference ** 2).sum(axis=1)
-        dists = np.empty((queries.shape[0], k))
-        indices = np.empty((queries.shape[0], k), dtype=np.int64)
-        for start in range(0, queries.shape[0], 2048):  # bounds memory to 2048 x R
-            chunk = queries[start:start + 2048]
-            squared = (chunk ** 2).sum(axis=1)[:, None] + reference_sq[None] - 2.0 * chunk @ reference.T
-            nearest = np.argpartition(squared, k - 1, axis=1)[:, :k]
-            part = np.take_along_axis(squared, nearest, axis=1)
-            order = np.lexsort((nearest, part), axis=1)  # by distance, ties by index: deterministic
-            indices[start:start + chunk.shape[0]] = np.take_along_axis(nearest, order, axis=1)
-            dists[start:start + chunk.shape[0]] = np.sqrt(np.maximum(np.take_along_axis(part, order, axis=1), 0.0))
-        if self.metric == "cosine":
-            dists = dists ** 2 / 2.0  # 1 - cos for unit vectors
-        return dists, indices
+            queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        indices = np.empty((queries.shape[0], n_candidates), dtype=np.int64)
+        if n_candidates >= transposed.shape[1]:
+            indices[:] = np.arange(n_candidates)[None]
+            return indices, np.zeros(indices.shape)
+        buffer = np.empty((min(512, queries.shape[0]), transposed.shape[1]), dtype=np.float32)
+        for start in range(0, queries.shape[0], 512):
+            chunk = queries[start:start + 512]
+            products = buffer[:chunk.shape[0]]
+            np.matmul(chunk, transposed, out=products)
+            indices[start:start + chunk.shape[0]] = smallest_columns(products, offsets, n_candidates)
+        return indices, np.zeros(indices.shape)
 
     # ---------------------------------------------------------- serialisation
     def state(self) -> Tuple[Dict, Dict[str, np.ndarray]]:
@@ -212,6 +297,7 @@ class StableLayout:
             "params": self.get_params(),
             "n_features_in": int(self.n_features_in_),
             "n_neighbors_fitted": int(self.n_neighbors_),
+            "curve": [float(v) for v in self._curve()],
             "umap_version": getattr(umap, "__version__", "unknown"),
         }
         arrays = {
@@ -233,6 +319,9 @@ class StableLayout:
             layout.reference_layout_ = np.asarray(arrays["reference_layout"], dtype=np.float32)
             layout.n_features_in_ = int(header["n_features_in"])
             layout.n_neighbors_ = int(header["n_neighbors_fitted"])
+            # layouts stored before the per-row optimisation lack the curve: recomputed
+            curve = header.get("curve")
+            layout.curve_ = (float(curve[0]), float(curve[1])) if curve is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"stored layout is incomplete or malformed ({exc!r})") from None
         if (
@@ -265,11 +354,14 @@ class StableLayout:
             "random_state": int(self.random_state),
             "transform_seed": int(self.transform_seed),
             "refine": bool(self.refine),
+            "n_epochs": int(self.n_epochs),
         }
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_neighbors_index", None)  # cache, rebuilt on demand
+        state.pop("_neighbors_index", None)  # caches, rebuilt on demand
+        state.pop("_reference64_cache", None)
+        state.pop("_candidate_cache", None)
         return state
 
     def __setstate__(self, state):
@@ -284,24 +376,34 @@ class StableLayout:
         return f"StableLayout({params})"
 
 
-def membership_weights(dists: np.ndarray, target: float, iterations: int = 64) -> np.ndarray:
-    """Row-normalised UMAP membership weights ``exp(-d / sigma)`` of ``[n, k]`` neighbour
-    distances, ``sigma`` per row found by vectorised bisection so that the raw weights
-    sum to ``target`` (UMAP: ``log2(k)``)."""
-    dists = np.asarray(dists, dtype=np.float64)
-    low = np.zeros(dists.shape[0])
-    high = np.full(dists.shape[0], np.inf)
-    sigma = np.ones(dists.shape[0])
-    for _ in range(iterations):
-        total = np.exp(-dists / sigma[:, None]).sum(axis=1)
-        too_wide = total > target
-        high = np.where(too_wide, sigma, high)
-        low = np.where(too_wide, low, sigma)
-        sigma = np.where(np.isinf(high), sigma * 2.0, (low + high) / 2.0)
-    # UMAP's floor on the bandwidth, relative to the mean neighbour distance
-    sigma = np.maximum(sigma, 1e-3 * dists.mean(axis=1) + 1e-12)
-    weights = np.exp(-dists / sigma[:, None])
-    return weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
+def cache_umap_on_disk() -> int:
+    """Turn on numba's disk cache for umap-learn's compiled functions (umap compiles
+    them without ``cache=True``, which cost most of the first fit in every process:
+    measured 60 s -> 22 s for import + first fit of 1,000 points on a busy 2-core
+    machine, see ``benchmarks/bench_space.py --cold``).  Nothing is compiled here:
+    each function is compiled (or loaded from the cache) when UMAP first uses it.
+    Only changes where compiled code is kept; returns how many functions it enabled."""
+    import numba
+
+    enabled = 0
+    try:
+        import umap.distances
+        import umap.layouts
+        import umap.sparse
+        import umap.spectral
+        import umap.umap_
+        import umap.utils
+
+        modules = (umap.umap_, umap.layouts, umap.utils, umap.spectral, umap.distances, umap.sparse)
+        for module in modules:
+            for value in vars(module).values():
+                if isinstance(value, numba.core.registry.CPUDispatcher) and \
+                        type(getattr(value, "_cache", None)).__name__ == "NullCache":
+                    value.enable_caching()
+                    enabled += 1
+    except Exception:  # an optimisation only: never let it break a fit
+        pass
+    return enabled
 
 
 def as_matrix(values, what: str, dtype=np.float32) -> np.ndarray:

@@ -1,0 +1,138 @@
+"""How faithful the stable 2-D layout is to UMAP (issue 15 targets).
+
+    python benchmarks/bench_alignment.py                  # 4,224 neurons, 3 later steps
+    python benchmarks/bench_alignment.py --neurons 1024   # quicker
+
+Data: the synthetic concept-detector observations of ``bench_space.py`` (every neuron
+detects one or two of 400 concepts); a ConceptEvo space is fitted on the base model
+and the neurons of later "steps" are embedded with ``embed_vectors`` (Step 2.2).  At
+step t a growing fraction of the neurons has new stimuli (the same detectors with fresh
+noise: a partly different top-k), the others keep the base's stimuli exactly, so their
+vectors are unchanged.  All layers of a step are measured together.
+
+Printed, side by side in one run:
+
+* trustworthiness@10 of the 2-D layout w.r.t. the d-dimensional vectors: at the base
+  step ours (``StableLayout.transform`` of the base vectors) vs UMAP's own fit; at the
+  later steps ours vs ``umap.transform`` of the same fitted UMAP (and the former
+  weighted-mean placement, ``n_epochs=0``);
+* mean distance of our positions to ``umap.transform``'s, as a fraction of the map width;
+* differential-entropy bias against the fitted layout at the base step (target <= 0.05);
+* the largest movement of a neuron whose vector is unchanged (target 0);
+* one-at-a-time == batched (bit for bit) and the transform time for all neurons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_space import synthetic_model  # noqa: E402
+from tb_conceptevo.metrics.evolution import differential_entropy  # noqa: E402
+from tb_conceptevo.spaces.conceptevo import ConceptEvoSpace  # noqa: E402
+from tb_conceptevo.spaces.layout import StableLayout  # noqa: E402
+
+
+def trust(vectors, layout, k=10):
+    from sklearn.manifold import trustworthiness
+
+    rows = np.isfinite(vectors).all(1) & np.isfinite(layout).all(1)
+    return float(trustworthiness(vectors[rows].astype(np.float64), layout[rows].astype(np.float64), n_neighbors=k))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--neurons", type=int, default=4224)
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+
+    t0 = time.perf_counter()
+    base_ids = synthetic_model(0, n_neurons=args.neurons, n_images=args.images)
+    from bench_space import layer_observations  # noqa: E402
+
+    if args.neurons == 4224:
+        base = layer_observations(base_ids)
+        layers = list(base.layers.values())
+    else:
+        from tb_conceptevo.observation import LayerObservation
+
+        layers = [LayerObservation(layer="all", image_ids=base_ids, activations=np.zeros(base_ids.shape, np.float32),
+                                   positions=np.zeros(base_ids.shape, np.int32), invalid=np.zeros(len(base_ids), bool),
+                                   map_size=(7, 7), input_size=(224, 224), probe_hash="bench")]
+    space = ConceptEvoSpace(random_state=0, progress=False).fit(layers)
+    print(f"data + space fit: {time.perf_counter() - t0:.1f} s ({args.neurons} neurons, {args.images} images)")
+    layout = space.layout_
+    fitted = layout.reference_layout_
+    width = float(np.ptp(fitted, axis=0).max())
+
+    base_vectors, base_placed = space.embed_vectors(base_ids)
+    # the fitted layout of the base neurons: each at the fitted position of its (distinct) vector
+    lookup = {row.tobytes(): i for i, row in enumerate(layout.reference_vectors_)}
+    ours_base = layout.transform(base_vectors)
+    import umap
+
+    # UMAP's own fit of all base vectors (repeated vectors included), same parameters
+    own_fit = umap.UMAP(n_neighbors=layout.n_neighbors_, min_dist=layout.min_dist, random_state=0).fit_transform(
+        base_vectors[base_placed])
+    t_umap_fit = trust(base_vectors[base_placed], own_fit)
+    t_ours_base = trust(base_vectors, ours_base)
+    fitted_base = fitted[[lookup[row.tobytes()] for row in base_vectors[base_placed]]]
+    bias = differential_entropy(ours_base) - differential_entropy(fitted_base)
+    exact_base = bool(np.array_equal(ours_base[base_placed], fitted_base))
+    print(f"map width {width:.2f}; base step: trustworthiness@10 ours {t_ours_base:.4f} vs UMAP fit {t_umap_fit:.4f}; "
+          f"entropy bias vs the fitted layout {bias:+.4f} nats (ours {differential_entropy(ours_base):.4f}, "
+          f"fitted {differential_entropy(fitted_base):.4f}; for scale, UMAP refitted on all rows with repeats: "
+          f"{differential_entropy(own_fit):.4f}, {len(base_vectors[base_placed]) - len(fitted)} repeated rows); base neurons exactly at fitted positions: "
+          f"{exact_base}")
+
+    knn_mean = StableLayout.from_state(*layout.state())
+    knn_mean.n_epochs = 0
+    rows = []
+    for step in range(1, args.steps + 1):
+        changed_fraction = min(1.0, 0.3 * step)
+        later_ids = synthetic_model(step, n_neurons=args.neurons, n_images=args.images)
+        changed = np.random.default_rng(100 + step).random(args.neurons) < changed_fraction
+        ids = np.where(changed[:, None], later_ids, base_ids)
+        vectors, placed = space.embed_vectors(ids)
+        start, cpu = time.perf_counter(), time.process_time()
+        ours = layout.transform(vectors)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        umap_xy = np.full_like(ours, np.nan)
+        umap_xy[placed] = layout.umap_.transform(vectors[placed])
+        mean_xy = knn_mean.transform(vectors)
+        unchanged = ~changed & placed & base_placed
+        movement = float(np.abs(ours[unchanged] - ours_base[unchanged]).max()) if unchanged.any() else 0.0
+        distance = float(np.nanmean(np.linalg.norm(ours - umap_xy, axis=1))) / width
+        one_by_one = np.concatenate([layout.transform(vectors[i:i + 1]) for i in range(0, 200)])
+        same = np.array_equal(one_by_one, ours[:200], equal_nan=True)
+        shuffled = np.random.default_rng(step).permutation(len(vectors))
+        same &= np.array_equal(layout.transform(vectors[shuffled]), ours[shuffled], equal_nan=True)
+        row = dict(step=step, changed=changed_fraction, ours=trust(vectors, ours), umap=trust(vectors, umap_xy),
+                   mean=trust(vectors, mean_xy), distance=distance, movement=movement, same=same, seconds=seconds,
+                   h_ours=differential_entropy(ours), h_umap=differential_entropy(umap_xy),
+                   h_mean=differential_entropy(mean_xy))
+        rows.append(row)
+        print(f"step {step} ({changed_fraction:.0%} changed): trustworthiness@10 ours {row['ours']:.4f} vs "
+              f"umap.transform {row['umap']:.4f} (weighted mean {row['mean']:.4f}); distance to umap.transform "
+              f"{distance:.3f} of the width; entropy ours {row['h_ours']:.3f} / umap.transform {row['h_umap']:.3f} / "
+              f"weighted mean {row['h_mean']:.3f}; unchanged-neuron movement {movement:g}; one-at-a-time and "
+              f"shuffled == batched: {same}; transform {seconds:.3f} s wall ({cpu_seconds:.3f} s CPU, all threads) for {len(vectors)} neurons "
+              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    ok = (exact_base and t_ours_base >= t_umap_fit and abs(bias) <= 0.05 and all(r["ours"] >= r["umap"] - 1e-3 for r in rows)
+          and all(r["movement"] == 0 and r["same"] for r in rows))
+    print("targets met" if ok else "TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""StableLayout.transform: UMAP's transform optimisation, row by row.
+
+Exact comparisons are made only where the computation is per row by construction (the
+kernel computes everything a row depends on inside that row's loop iteration); the
+closeness to ``umap.transform`` is checked with margins relative to the map width.
+"""
+
+import numpy as np
+import pytest
+
+from tb_conceptevo.spaces.layout import StableLayout
+
+
+def _clusters(seed, n_clusters=6, per_cluster=40, dim=8):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, dim)) * 6.0
+    labels = np.repeat(np.arange(n_clusters), per_cluster)
+    return (centers[labels] + rng.normal(size=(labels.size, dim))).astype(np.float32), centers, labels
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    reference, centers, labels = _clusters(0)
+    layout = StableLayout(random_state=0).fit(reference)
+    rng = np.random.default_rng(1)
+    moved = (reference + 0.5 * rng.normal(size=reference.shape)).astype(np.float32)
+    return layout, reference, moved, centers, labels
+
+
+def test_rows_are_placed_independently_bit_for_bit(fitted):
+    layout, reference, moved, _, _ = fitted
+    batch = layout.transform(moved)
+    one_by_one = np.concatenate([layout.transform(moved[i:i + 1]) for i in range(moved.shape[0])])
+    np.testing.assert_array_equal(one_by_one, batch)
+    order = np.random.default_rng(2).permutation(moved.shape[0])
+    np.testing.assert_array_equal(layout.transform(moved[order]), batch[order])
+    # other rows in the same call (reference rows, NaN rows, duplicates) change nothing
+    mixed = np.concatenate([reference[:50], moved[:20], np.full((3, moved.shape[1]), np.nan), moved[:20]])
+    placed = layout.transform(mixed)
+    np.testing.assert_array_equal(placed[50:70], batch[:20])
+    np.testing.assert_array_equal(placed[73:], batch[:20])
+    assert np.isnan(placed[70:73]).all()
+
+
+def test_deterministic_and_restored_from_state(fitted):
+    layout, _, moved, _, _ = fitted
+    first = layout.transform(moved)
+    np.testing.assert_array_equal(layout.transform(moved), first)
+    restored = StableLayout.from_state(*layout.state())
+    np.testing.assert_array_equal(restored.transform(moved), first)
+    # a layout stored before the per-row optimisation (no curve, no n_epochs) still loads
+    header, arrays = layout.state()
+    header = {**header, "params": {k: v for k, v in header["params"].items() if k != "n_epochs"}}
+    header.pop("curve")
+    old = StableLayout.from_state(header, arrays)
+    np.testing.assert_allclose(old.transform(moved), first, rtol=0, atol=1e-3 * _width(layout))
+
+
+def test_reference_vectors_sit_at_their_fitted_positions(fitted):
+    layout, reference, _, _, _ = fitted
+    np.testing.assert_array_equal(layout.transform(reference), layout.reference_layout_)
+    np.testing.assert_array_equal(layout.transform(reference[::-1]), layout.reference_layout_[::-1])
+
+
+def test_repeated_reference_vectors_share_one_position():
+    reference, _, _ = _clusters(3, per_cluster=20)
+    with_repeats = np.concatenate([reference, reference[:7]])
+    layout = StableLayout(random_state=0).fit(with_repeats)
+    assert layout.reference_vectors_.shape[0] == reference.shape[0]
+    placed = layout.transform(with_repeats)
+    np.testing.assert_array_equal(placed[-7:], placed[:7])
+    np.testing.assert_array_equal(placed[:reference.shape[0]], layout.reference_layout_)
+
+
+def test_unchanged_vector_does_not_move(fitted):
+    layout, reference, moved, _, _ = fitted
+    rng = np.random.default_rng(4)
+    step_a = moved.copy()
+    step_b = (moved + rng.normal(size=moved.shape)).astype(np.float32)
+    unchanged = rng.random(moved.shape[0]) < 0.3
+    step_b[unchanged] = step_a[unchanged]
+    a, b = layout.transform(step_a), layout.transform(step_b)
+    np.testing.assert_array_equal(a[unchanged], b[unchanged])
+    assert (np.abs(a[~unchanged] - b[~unchanged]).max(axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 5, 9])
+def test_close_to_umap_transform_and_not_shrunk(seed):
+    reference, centers, labels = _clusters(seed)
+    layout = StableLayout(random_state=seed).fit(reference)
+    rng = np.random.default_rng(seed + 100)
+    queries = (reference + 0.7 * rng.normal(size=reference.shape)).astype(np.float32)
+    ours = layout.transform(queries)
+    theirs = layout.umap_.transform(queries)
+    mean_only = StableLayout.from_state(*layout.state())
+    mean_only.n_epochs = 0
+    initial = mean_only.transform(queries)
+    width = _width(layout)
+    ours_gap = np.linalg.norm(ours - theirs, axis=1).mean()
+    initial_gap = np.linalg.norm(initial - theirs, axis=1).mean()
+    # same optimisation, other random negatives: a small fraction of the width, and
+    # closer to UMAP than the starting point (the weighted mean) is
+    assert ours_gap < 0.05 * width
+    assert ours_gap < initial_gap
+    # each point stays with its cluster: its nearest fitted position is of its label
+    nearest = ((ours[:, None] - layout.reference_layout_[None]) ** 2).sum(-1).argmin(1)
+    assert (labels[nearest] == labels).mean() > 0.95
+
+
+def test_weighted_mean_only_is_a_convex_combination(fitted):
+    layout, _, moved, _, _ = fitted
+    mean_only = StableLayout.from_state(*layout.state())
+    mean_only.n_epochs = 0
+    placed = mean_only.transform(moved).astype(np.float64)
+    low, high = layout.reference_layout_.min(0), layout.reference_layout_.max(0)
+    assert ((placed >= low - 1e-4) & (placed <= high + 1e-4)).all()
+
+
+def test_bad_parameters_and_input(fitted):
+    layout, reference, _, _, _ = fitted
+    with pytest.raises(ValueError, match="dimensions"):
+        layout.transform(np.zeros((2, 3)))
+    broken = StableLayout.from_state(*layout.state())
+    broken.n_epochs = -1
+    with pytest.raises(ValueError, match="n_epochs"):
+        broken.transform(reference[:2])
+    with pytest.raises(ValueError, match="at least 4 distinct"):
+        StableLayout().fit(np.repeat(reference[:1], 10, axis=0))
+    assert layout.transform(np.zeros((0, reference.shape[1]))).shape == (0, 2)
+
+
+def _width(layout):
+    return float(np.ptp(layout.reference_layout_, axis=0).max())
