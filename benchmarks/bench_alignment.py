@@ -2,6 +2,7 @@
 
     python benchmarks/bench_alignment.py                  # 4,224 neurons, 3 later steps
     python benchmarks/bench_alignment.py --neurons 1024   # quicker
+    python benchmarks/bench_alignment.py --logdir LOGS    # on logged runs (e.g. the demo's)
 
 Data: the synthetic concept-detector observations of ``bench_space.py`` (every neuron
 detects one or two of 400 concepts); a ConceptEvo space is fitted on the base model
@@ -53,8 +54,15 @@ def main(argv=None):
     parser.add_argument("--neurons", type=int, default=4224)
     parser.add_argument("--images", type=int, default=6000)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--logdir", default=None,
+                        help="measure logged runs instead: every run/step of the space, against a UMAP "
+                             "fitted on the base run's last step")
+    parser.add_argument("--space", default="conceptevo")
+    parser.add_argument("--base-run", default="baseline")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
+    if args.logdir is not None:
+        return logged_runs(args.logdir, args.space, args.base_run)
 
     t0 = time.perf_counter()
     base_ids = synthetic_model(0, n_neurons=args.neurons, n_images=args.images)
@@ -132,6 +140,46 @@ def main(argv=None):
           and all(r["movement"] == 0 and r["same"] for r in rows))
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1
+
+
+def logged_runs(logdir: str, space: str, base_run: str) -> int:
+    """Trustworthiness@10 of every logged step's layout (all layers together) w.r.t. its
+    logged d-dimensional vectors, beside a UMAP fitted on the base run's last step: its
+    own fit there, ``umap.transform`` elsewhere."""
+    import umap
+
+    from tb_conceptevo.reading import LogReader
+
+    def step_vectors(logs, run, step, layers):
+        parts = [logs.embedding(run, space, layer, step) for layer in layers]
+        return (np.concatenate([p.vectors for p in parts]).astype(np.float64),
+                np.concatenate([p.layout for p in parts]).astype(np.float64))
+
+    with LogReader(logdir) as logs:
+        layers = logs.layers(base_run)
+        base_step = logs.space_steps(base_run, space, layers[0])[-1]
+        base_vectors, base_layout = step_vectors(logs, base_run, base_step, layers)
+        rows = np.isfinite(base_vectors).all(1)
+        reference = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=0).fit(base_vectors[rows])
+        fitted = np.full_like(base_layout, np.nan)
+        fitted[rows] = reference.embedding_
+        print(f"base {base_run!r} step {base_step}: trustworthiness@10 ours {trust(base_vectors, base_layout):.4f} "
+              f"vs UMAP's own fit {trust(base_vectors, fitted):.4f}")
+        ours_all, theirs_all = [], []
+        for run in logs.runs():
+            for step in logs.space_steps(run, space, layers[0]):
+                if run == base_run and step == base_step:
+                    continue
+                vectors, layout = step_vectors(logs, run, step, layers)
+                rows = np.isfinite(vectors).all(1)
+                transformed = np.full_like(layout, np.nan)
+                transformed[rows] = reference.transform(vectors[rows])
+                ours_all.append(trust(vectors, layout))
+                theirs_all.append(trust(vectors, transformed))
+        print(f"other {len(ours_all)} steps: median trustworthiness@10 ours {np.median(ours_all):.4f} "
+              f"(range {min(ours_all):.4f}-{max(ours_all):.4f}) vs umap.transform {np.median(theirs_all):.4f} "
+              f"(range {min(theirs_all):.4f}-{max(theirs_all):.4f})")
+    return 0
 
 
 if __name__ == "__main__":
