@@ -275,8 +275,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
             return web.respond(request, b"", web.JSON, etag=etag)
 
         def encode():
-            header, arrays = self._store.payload(ctx, datum, ["top_concepts", "top_similarity"],
-                                                 layout_key=(eid, run, tag))
+            header, arrays = self._store.payload(ctx, datum, views.LABEL_ARRAYS,
+                                                 optional=views.LABEL_OPTIONAL_ARRAYS, layout_key=(eid, run, tag))
             return web.dumps(views.labels_answer(header, arrays))
 
         return web.respond(request, self._store.memo(key, encode), web.JSON, etag=etag)
@@ -365,8 +365,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         for other, (_, a) in zip(space_series, space_all):
             if channel < a["layout"].shape[0]:
                 story["trajectory"].append(views.trajectory_point(int(other.step), a["layout"], channel))
-        detector_all = self._store.payloads(ctx, detector_series, ["top_concepts", "top_similarity"],
-                                            layout_key=(eid, run, detector_tag))
+        detector_all = self._store.payloads(ctx, detector_series, views.LABEL_ARRAYS,
+                                            optional=views.LABEL_OPTIONAL_ARRAYS, layout_key=(eid, run, detector_tag))
         for other, (h, a) in zip(detector_series, detector_all):
             if channel < a["top_concepts"].shape[0]:
                 story["labels"].append(views.label_point(int(other.step), h, a, channel))
