@@ -136,6 +136,8 @@ class Detector(abc.ABC):
     threshold: float = 0.0
     #: softmax temperature a TextSpace uses with this detector's similarities by default
     default_temperature: float = 0.1
+    #: why this detector's labels mean nothing (e.g. random weights), or None
+    unlabelled_reason: Optional[str] = None
 
     @abc.abstractmethod
     def consumer(self, probe, layers: Sequence[str]):

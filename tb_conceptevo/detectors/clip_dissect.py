@@ -303,6 +303,8 @@ class CLIPDissect(Detector):
         vocabulary = resolve_vocabulary(concepts, categories, fallback=english_vocabulary)
         self.concepts: List[str] = list(vocabulary.names)
         self.categories: List[str] = list(vocabulary.categories)
+        if clip_model is None and self.pretrained is None:
+            self.unlabelled_reason = f"{self.name} has random CLIP weights (no pretrained= file or tag)"
         if clip_model is not None:
             self.model = clip_model.eval()
         else:

@@ -131,7 +131,7 @@ class NetDissect(Detector):
         self.progress = bool(progress)
         self._vocabulary: Optional[ConceptVocabulary] = None
         if isinstance(vocabulary, ProbeSet) or (vocabulary is not None and hasattr(vocabulary, "masks")):
-            self._vocabulary = probe_vocabulary(vocabulary)
+            self._vocabulary = probe_vocabulary(vocabulary, "NetDissect(vocabulary=[...])")
         elif vocabulary is not None:
             self._vocabulary = make_vocabulary(vocabulary, what="NetDissect vocabulary")
 
@@ -167,7 +167,7 @@ class NetDissect(Detector):
                 f"NetDissect needs concept masks but the probe set {type(probe).__name__} has none; "
                 "use probes.ConceptShapes (or a probe set with masks), or CLIPDissect for unlabelled images"
             )
-        probe_vocab = probe_vocabulary(probe)
+        probe_vocab = probe_vocabulary(probe, "NetDissect(vocabulary=[...])")
         if self._vocabulary is None:
             self._vocabulary = probe_vocab
         if tuple(self._vocabulary.names) == tuple(probe_vocab.names):
