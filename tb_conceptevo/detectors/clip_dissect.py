@@ -434,7 +434,7 @@ class CLIPDissect(Detector):
         the softmax over them.  With unrelated towers (random weights: the text
         projection is an i.i.d. Gaussian matrix, so its rotation has the same
         distribution) the real words are exactly one more draw of this null, so about
-        1 % of the neurons pass; permuting images instead would keep the accidental but
+        0.5 % of the neurons pass; permuting images instead would keep the accidental but
         real link between a random image tower and the neurons (both see brightness and
         colour) and mark most neurons of a random CLIP model interpretable.  Draws are
         seeded, so the levels are reproducible.
