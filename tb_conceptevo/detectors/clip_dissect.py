@@ -62,9 +62,9 @@ SIMILARITIES = ("soft_wpmi", "cos3")
 #: default tau per similarity function (soft-WPMI is in nats: e^2 ~ 7x more likely
 #: than for the layer's average neuron; cos^3 lies in [-1, 1])
 DEFAULT_THRESHOLDS = {"soft_wpmi": 2.0, "cos3": 0.2}
-#: elements of one block of soft-WPMI terms (4 MB float32: stays in a core's cache;
-#: 1-8 MB blocks were equally fast on the benchmark, larger ones slower)
-_WPMI_BLOCK = 1 << 20
+#: elements of one block of soft-WPMI terms (1 MB float32: stays in a core's cache;
+#: 1-4 MB blocks were fastest on the benchmark, larger ones slower)
+_WPMI_BLOCK = 1 << 18
 
 # In-memory caches shared by all detectors of the process, keyed by content.
 _FEATURE_CACHE: Dict[str, torch.Tensor] = {}
@@ -161,7 +161,23 @@ def soft_wpmi(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int
               block_elements: int = _WPMI_BLOCK) -> torch.Tensor:
     """Soft-WPMI ``[N, K]`` of neurons vs concepts (see the module docstring).
 
-    Same value as :func:`soft_wpmi_plain`, computed faster: the sum of ``top_k`` logs
+    ``log p(d|n)`` from :func:`soft_wpmi_log_given`, minus ``lam`` times the layer's
+    ``log p(d)``; arguments as there."""
+    log_given = soft_wpmi_log_given(clip_similarity, responses, top_k, a, p_start, p_end, min_prob, block_elements)
+    return log_given - lam * soft_wpmi_log_prior(log_given)
+
+
+def soft_wpmi_log_prior(log_given: torch.Tensor) -> torch.Tensor:
+    """``[1, K]`` ``log p(d) = logsumexp_n log p(d|n) - log N``."""
+    return torch.logsumexp(log_given, dim=0, keepdim=True) - math.log(log_given.shape[0])
+
+
+def soft_wpmi_log_given(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
+                        p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
+                        block_elements: int = _WPMI_BLOCK) -> torch.Tensor:
+    """``log p(d|n)`` ``[N, K]`` of soft-WPMI: how well neuron n's top images agree on word d.
+
+    Same value as in :func:`soft_wpmi_plain`, computed faster: the sum of ``top_k`` logs
     is the log of their product, so the terms are multiplied in groups of ``g`` and
     only one log per group is taken (``g`` as large as the dtype allows: every term is
     at least ``1 - p_start + min_prob``, so a product of ``g`` terms stays a normal
@@ -201,8 +217,7 @@ def soft_wpmi(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int
         terms = probs[top_images[start:start + step]].view(-1, n_groups, group, n_concepts)
         terms.mul_(scale).add_(offset)
         log_given[start:start + step] = terms.prod(dim=2).log_().sum(dim=1)
-    log_prior = torch.logsumexp(log_given, dim=0, keepdim=True) - math.log(n_neurons)
-    return log_given - lam * log_prior
+    return log_given
 
 
 def soft_wpmi_plain(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
@@ -413,20 +428,36 @@ class CLIPDissect(Detector):
     def similarity_from_responses(self, clip_similarity: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """``[N, K]`` similarity of neurons (responses ``[M, N]``) to concepts; NaN rows
         for neurons with any non-finite response."""
+        return self._scores(clip_similarity, responses)[0]
+
+    def _scores(self, clip_similarity: torch.Tensor, responses: torch.Tensor):
+        """``(similarity, evidence)``, both ``[N, K]`` with NaN rows for non-finite neurons.
+
+        ``evidence`` is what the chance level tests: for soft-WPMI ``log p(d|n)`` (the
+        score minus ``lam log p(d)``, which depends only on the other neurons of the
+        layer and saturates at ``log N`` for a word no other neuron has, real or not);
+        for cos^3 the similarity itself."""
         bad = ~torch.isfinite(responses).all(dim=0)
         clean = torch.where(torch.isfinite(responses), responses, torch.zeros((), device=responses.device))
         clip_similarity = clip_similarity.to(clean.device)
         if self.similarity == "soft_wpmi":
-            sim = soft_wpmi(clip_similarity, clean, self.top_k, self.a, self.lam, self.p_start, self.p_end)
+            evidence = soft_wpmi_log_given(clip_similarity, clean, self.top_k, self.a, self.p_start, self.p_end)
+            sim = evidence - self.lam * soft_wpmi_log_prior(evidence)
         else:
-            sim = cos_cubed(clip_similarity, clean)
+            sim = evidence = cos_cubed(clip_similarity, clean)
         sim[bad] = float("nan")
-        return sim
+        evidence[bad] = float("nan")
+        return sim, evidence
 
     def chance_levels(self, responses: torch.Tensor, image_features: torch.Tensor,
                       text_features: torch.Tensor) -> np.ndarray:
         """float32 ``[N]`` chance level of each neuron's top similarity (see
         :class:`~tb_conceptevo.detectors.base.ChanceLevel`).
+
+        What is tested is the evidence of :meth:`_scores` (for soft-WPMI ``log p(d|n)``
+        of the top word); its level is given back in similarity units, as the score the
+        top word would have with its evidence exactly at chance, so ``similarity >
+        null_similarity`` is the test.
 
         Null: the same similarity with the text features rotated by a random orthogonal
         matrix.  A rotation keeps everything about the words except how they line up
@@ -447,8 +478,13 @@ class CLIPDissect(Detector):
             rotation = rotation * torch.sign(torch.diagonal(upper))[None, :]   # Haar-distributed
             rotated = text_features.double() @ rotation
             null_similarity = (image_features.double() @ rotated.t()).float()
-            level.add(self.similarity_from_responses(null_similarity, responses).cpu().numpy())
-        return level.levels()
+            level.add(self._scores(null_similarity, responses)[1].cpu().numpy())
+        sim, evidence = self._scores(image_features @ text_features.t(), responses)
+        sim, evidence = sim.double().cpu().numpy(), evidence.double().cpu().numpy()
+        top = np.nan_to_num(sim, nan=-np.inf).argmax(axis=1)
+        rows = np.arange(sim.shape[0])
+        # similarity = evidence + (similarity - evidence) for the top word
+        return (level.levels() + (sim[rows, top] - evidence[rows, top])).astype(np.float32)
 
     def consumer(self, probe, layers: Sequence[str]) -> "CLIPDissectConsumer":
         return CLIPDissectConsumer(self, probe, list(layers))
