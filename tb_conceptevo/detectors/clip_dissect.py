@@ -3,7 +3,9 @@
 For probe images ``x_1..x_M``, concept words ``w_1..w_K`` and a layer's neurons:
 
 * ``S[m, k] = cos(I(x_m), T(w_k))`` -- open_clip image and text features (computed
-  once per probe set and model, cached by content);
+  once per probe set and weights, with a progress bar, and cached on disk under
+  :func:`default_cache_dir` by probe hash + weights hash: later processes and runs
+  read them back);
 * ``A[m, n]`` -- neuron ``n``'s spatial-mean (or max) activation on image ``m``, gathered
   during the recording pass.  Keeping this ``[images, neurons]`` response matrix is
   inherent to CLIP-Dissect (both similarity functions need every image's response),
@@ -23,6 +25,10 @@ Similarity functions (Oikarinen & Weng 2022; vectorised over all neurons x conce
   Unbounded and relative to the other neurons of the layer: not a probability.
 * **cos^3**: centre ``A`` and ``S`` over images, cube, L2-normalise each column over
   images, dot product: ``sim = A'^T S'`` in [-1, 1].
+
+Chance level (:meth:`CLIPDissect.chance_levels`): the same scores with the text
+features randomly rotated; a neuron is interpretable when its top score beats both
+tau and that level (with random weights about 0.5 % of the neurons do).
 
 Weights come from a local checkpoint file (``pretrained="/path/to/open_clip_model.bin"``),
 any open_clip pretrained tag (downloaded by open_clip when online) or ``None``
