@@ -71,6 +71,8 @@ DEFAULT_THRESHOLDS = {"soft_wpmi": 2.0, "cos3": 0.2}
 #: elements of one block of soft-WPMI terms (1 MB float32: stays in a core's cache;
 #: 1-4 MB blocks were fastest on the benchmark, larger ones slower)
 _WPMI_BLOCK = 1 << 18
+#: ... on other devices (GPUs: few large kernels beat many cache-sized ones; 256 MB)
+_WPMI_BLOCK_DEVICE = 1 << 26
 
 # In-memory caches shared by all detectors of the process, keyed by content.
 _FEATURE_CACHE: Dict[str, torch.Tensor] = {}
@@ -164,7 +166,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------- similarities
 def soft_wpmi(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
               lam: float = 1.0, p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
-              block_elements: int = _WPMI_BLOCK) -> torch.Tensor:
+              block_elements: Optional[int] = None) -> torch.Tensor:
     """Soft-WPMI ``[N, K]`` of neurons vs concepts (see the module docstring).
 
     ``log p(d|n)`` from :func:`soft_wpmi_log_given`, minus ``lam`` times the layer's
@@ -180,7 +182,7 @@ def soft_wpmi_log_prior(log_given: torch.Tensor) -> torch.Tensor:
 
 def soft_wpmi_log_given(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
                         p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
-                        block_elements: int = _WPMI_BLOCK) -> torch.Tensor:
+                        block_elements: Optional[int] = None) -> torch.Tensor:
     """``log p(d|n)`` ``[N, K]`` of soft-WPMI: how well neuron n's top images agree on word d.
 
     Same value as in :func:`soft_wpmi_plain`, computed faster: the sum of ``top_k`` logs
@@ -195,7 +197,8 @@ def soft_wpmi_log_given(clip_similarity: torch.Tensor, responses: torch.Tensor, 
         clip_similarity: ``[M, K]`` image-text cosine similarities.
         responses: ``[M, N]`` neuron responses on the same M images (finite).
         top_k: images per neuron (clipped to M).
-        block_elements: elements of one block of terms.
+        block_elements: elements of one block of terms (default: cache-sized on CPU,
+            large on other devices).
     """
     _check_pair(clip_similarity, responses)
     dtype = clip_similarity.dtype if clip_similarity.dtype == torch.float64 else torch.float32
@@ -218,6 +221,8 @@ def soft_wpmi_log_given(clip_similarity: torch.Tensor, responses: torch.Tensor, 
     if pad:
         top_images = torch.cat([top_images, top_images[:, :1].expand(-1, pad)], dim=1)
     log_given = torch.empty((n_neurons, n_concepts), dtype=dtype, device=probs.device)
+    if block_elements is None:
+        block_elements = _WPMI_BLOCK if probs.device.type == "cpu" else _WPMI_BLOCK_DEVICE
     step = max(1, block_elements // max(1, n_groups * group * n_concepts))
     for start in range(0, n_neurons, step):  # blocks of neurons: the terms stay in cache
         terms = probs[top_images[start:start + step]].view(-1, n_groups, group, n_concepts)
