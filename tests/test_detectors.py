@@ -456,10 +456,14 @@ def test_chance_level_is_the_pooled_quantile_in_each_neurons_units():
     level = ChanceLevel()
     for draw in draws:
         level.add(draw)
+    from tb_conceptevo.detectors.base import NULL_QUANTILE
+
     stacked = np.stack(draws)                                           # [draws, N, C]
     mean, spread = stacked.mean(axis=(0, 2)), stacked.std(axis=(0, 2))
-    z = (stacked.max(axis=2) - mean[None]) / spread[None]
-    expected = mean + np.quantile(z, 0.99, method="higher") * spread
+    # each draw's top is standardised by the other draws
+    z = np.stack([(stacked[r].max(axis=1) - np.delete(stacked, r, axis=0).mean(axis=(0, 2)))
+                  / np.delete(stacked, r, axis=0).std(axis=(0, 2)) for r in range(len(draws))])
+    expected = mean + np.quantile(z, NULL_QUANTILE, method="higher") * spread
     np.testing.assert_allclose(level.levels(), expected.astype(np.float32), rtol=1e-6)
     constant = ChanceLevel()
     constant.add(np.array([[np.nan, np.nan], [0.5, 0.5]]))
