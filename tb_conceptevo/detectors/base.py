@@ -66,7 +66,7 @@ class Detection:
         return passed
 
 
-def null_draws(n_neurons: int, minimum: int = 2, maximum: int = 64) -> int:
+def null_draws(n_neurons: int, minimum: int = 2, maximum: int = 16) -> int:
     """Null draws that give about :data:`NULL_SAMPLES` pooled top scores for a layer."""
     return int(min(maximum, max(minimum, -(-NULL_SAMPLES // max(1, n_neurons)))))
 
