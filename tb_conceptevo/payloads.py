@@ -82,7 +82,11 @@ def detection_payload(detector_name: str, detection, top: int = 3) -> Payload:
         "interpretable_counts": {k: int(v) for k, v in interpretable_counts(detection).items()},
         "interpretable_fraction": float(interpretable_fraction(detection)),
     }
-    return header, {"top_concepts": order, "top_similarity": best.astype(np.float32)}
+    arrays = {"top_concepts": order, "top_similarity": best.astype(np.float32),
+              "interpretable": detection.interpretable().astype(np.uint8)}
+    if detection.null_similarity is not None:
+        arrays["null_similarity"] = np.asarray(detection.null_similarity, np.float32)
+    return header, arrays
 
 
 def anchors_payload(space_name: str, anchors) -> Payload:

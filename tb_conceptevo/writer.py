@@ -174,6 +174,8 @@ class ConceptWriter(SummaryWriter):
             rotate_bytes = REMOTE_ROTATE_BYTES if is_url(self.log_dir) else None
         self.rotate_bytes = int(rotate_bytes) if rotate_bytes else None
         self._bytes_in_file = 0
+        if self._is_writer_rank:
+            _say_when_unlabelled(self.all_detectors(), probe)
 
     def _get_file_writer(self):
         if not getattr(self, "_is_writer_rank", True):
@@ -501,6 +503,31 @@ def servable_layers(model: torch.nn.Module, layers=None) -> List[str]:
         if not names:
             raise ValueError("no layer of the model has a name that can be logged; pass layers=[...]")
     return names
+
+
+def labels_notice(detectors: Sequence, probe) -> Optional[str]:
+    """One line saying why a run will have no concept labels and how to get them, or None.
+
+    No detector at all, or only detectors that say their labels mean nothing
+    (``Detector.unlabelled_reason``, e.g. CLIP-Dissect with random weights)."""
+    how = ('to get labels see the README section "Your own data" (NetDissect(vocabulary=probe) for a probe '
+           'set with concept masks, CLIPDissect(pretrained=<checkpoint file or open_clip tag>) for any images)')
+    if not detectors:
+        masks = " and its probe set has no concept masks" if probe is not None and not getattr(
+            probe, "has_masks", False) else ""
+        return f"tb_conceptevo: no concept labels in this run: no detector is given{masks}; {how}"
+    reasons = [getattr(d, "unlabelled_reason", None) for d in detectors]
+    if all(reasons):
+        return f"tb_conceptevo: no meaningful concept labels in this run: {'; '.join(reasons)}; {how}"
+    return None
+
+
+def _say_when_unlabelled(detectors: Sequence, probe) -> None:
+    import logging
+
+    notice = labels_notice(detectors, probe)
+    if notice is not None:
+        logging.getLogger("tb_conceptevo").warning(notice)
 
 
 def _warn_unservable_run_name(log_dir) -> None:

@@ -11,8 +11,16 @@ import torch.nn as nn
 
 from tb_conceptevo.detectors import CLIPDissect, cos_cubed, soft_wpmi
 from tb_conceptevo.detectors import clip_dissect as cd
+from tb_conceptevo.detectors.clip_dissect import soft_wpmi_plain
 from tb_conceptevo.probes import ConceptShapes
 from tb_conceptevo.recording import record
+
+@pytest.fixture(autouse=True)
+def feature_cache_dir(tmp_path, monkeypatch):
+    """CLIP features go to a per-test disk cache, never the user's."""
+    monkeypatch.setenv("TB_CONCEPTEVO_CACHE", str(tmp_path / "feature_cache"))
+    return tmp_path / "feature_cache"
+
 
 ARCH = "ViT-S-32-alt"  # smallest open_clip config (no pretrained tags: never downloads)
 CONCEPTS = ["red", "green", "circle", "square", "striped", "dotted"]
@@ -157,3 +165,117 @@ def test_regularizer_with_clip_concepts(clip_model, probe):
     loss = loss_fn(model(images), images=images)
     loss.backward()
     assert torch.isfinite(loss) and model[0].weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------- soft-WPMI speed-up is exact
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top_k,p_start,block", [(100, 0.998, 1 << 20), (37, 0.998, 5000), (64, 0.9999, 1),
+                                                 (500, 0.5, 1 << 20)])
+def test_grouped_soft_wpmi_equals_the_plain_form(seed, top_k, p_start, block):
+    """Grouped products in blocks == the straightforward full-tensor form, to 1e-4 in float64
+    (groups padded or not, one neuron per block, tiny least terms, top_k above M)."""
+    generator = torch.Generator().manual_seed(seed)
+    clip_sim = torch.rand(300, 40, generator=generator, dtype=torch.float64) * 0.6 - 0.1
+    responses = torch.randn(300, 23, generator=generator, dtype=torch.float64)
+    fast = soft_wpmi(clip_sim, responses, top_k=top_k, p_start=p_start, block_elements=block)
+    plain = soft_wpmi_plain(clip_sim, responses, top_k=top_k, p_start=p_start)
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    # float32 (the detector's dtype) stays close too: its error grows with the k summed
+    # logs (measured 2.1e-2 at k = 300, 4e-3 at k = 100); 2e-4 per term bounds both
+    fast32 = soft_wpmi(clip_sim.float(), responses.float(), top_k=top_k, p_start=p_start, block_elements=block)
+    k = min(top_k, clip_sim.shape[0])
+    torch.testing.assert_close(fast32.double(), plain, rtol=0, atol=2e-4 * k)
+
+
+# --------------------------------------------------------------- chance level
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_clip_weights_label_almost_no_neuron(seed):
+    """Random CLIP weights: with tau = 0 every neuron has a 'label', but the chance level
+    (rotated text features) lets at most 5 % through (measured 0 % on seeds 0-2)."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = cd.load_open_clip(ARCH, None)
+    probe = ConceptShapes(n=48, size=32, seed=seed)
+    words = CONCEPTS + ["blue", "yellow", "star", "triangle", "checkered", "wood", "sky", "dog", "car", "tree"]
+    detector = CLIPDissect(ARCH, clip_model=clip, concepts=words, top_k=10, threshold=0.0, progress=False)
+    torch.manual_seed(100 + seed)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, stride=2, padding=1))
+    consumer = detector.consumer(probe, ["0", "2"])
+    record(model, probe, ["0", "2"], k=3, consumers=[consumer], progress=False)
+    detections = consumer.result().values()
+    best = np.concatenate([d.top()[1] for d in detections])
+    interpretable = np.concatenate([d.interpretable() for d in detections])
+    assert (best > 0).all()  # tau alone would call them all interpretable
+    assert interpretable.mean() <= 0.05
+
+
+def planted_features(seed, n_concepts=40, dim=64, per_concept=20, strength=0.3):
+    """Image features leaning towards one concept's text feature each (cosine spread
+    ~0.09, like real CLIP), one neuron per concept responding to its images, and twice
+    as many neurons responding to none: CLIP-Dissect with a real image-text link."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.nn.functional.normalize(torch.randn(n_concepts, dim, generator=generator, dtype=torch.float64), dim=1)
+    concept_of_image = torch.arange(n_concepts).repeat_interleave(per_concept)
+    images = strength * text[concept_of_image] + torch.randn(len(concept_of_image), dim, generator=generator,
+                                                             dtype=torch.float64) / dim ** 0.5
+    images = torch.nn.functional.normalize(images, dim=1)
+    preferred = torch.arange(n_concepts)
+    detectors = (concept_of_image[:, None] == preferred[None, :]).double() * 3.0
+    detectors += torch.rand(detectors.shape, generator=generator, dtype=torch.float64)
+    unrelated = torch.rand(len(concept_of_image), 2 * n_concepts, generator=generator, dtype=torch.float64)
+    return images.float(), text.float(), torch.cat([detectors, unrelated], dim=1).float(), preferred
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("similarity", ["soft_wpmi", "cos3"])
+def test_chance_level_passes_real_links_and_stops_random_words(clip_model, seed, similarity):
+    """A planted image-text link: the detector neurons pass their chance level with the
+    right word (>= 95 %; measured 100 %), the unrelated neurons and the same neurons with
+    unrelated words (a random rotation of the text) do not (<= 5 %; measured 0-2 %)."""
+    detector = CLIPDissect(ARCH, clip_model=clip_model, similarity=similarity,
+                           concepts=[f"w{i}" for i in range(40)], top_k=20, threshold=-1e9, progress=False)
+    images, text, responses, preferred = planted_features(seed)
+    planted = len(preferred)
+    sim = detector.similarity_from_responses(images @ text.t(), responses)
+    passed = sim.max(dim=1).values.numpy() > detector.chance_levels(responses, images, text)
+    assert torch.equal(sim.argmax(dim=1)[:planted], preferred)
+    assert passed[:planted].mean() >= 0.95
+    assert passed[planted:].mean() <= 0.05
+    rotation, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(50 + seed),
+                                              dtype=torch.float64))
+    unrelated = (text.double() @ rotation).float()
+    sim = detector.similarity_from_responses(images @ unrelated.t(), responses)
+    assert (sim.max(dim=1).values.numpy() > detector.chance_levels(responses, images, unrelated)).mean() <= 0.05
+
+
+# --------------------------------------------------------------- disk cache
+def test_feature_cache_on_disk_by_default(clip_model, probe, feature_cache_dir, monkeypatch):
+    """The default cache directory serves a later process: nothing is computed again."""
+    cd._FEATURE_CACHE.clear()
+    first = CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS, progress=False)
+    assert first.cache_dir == feature_cache_dir
+    expected = first.clip_similarity(probe)
+    assert len(list(feature_cache_dir.glob("clip_features_*.npy"))) == 2
+    cd._FEATURE_CACHE.clear()  # a new process
+    monkeypatch.setattr(CLIPDissect, "_compute_image_features", None)
+    monkeypatch.setattr(CLIPDissect, "_compute_text_features", None)
+    again = CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS, progress=False)
+    torch.testing.assert_close(again.clip_similarity(probe), expected, rtol=0, atol=0)
+    assert CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS, cache_dir=False).cache_dir is None
+    monkeypatch.delenv("TB_CONCEPTEVO_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(feature_cache_dir.parent / "xdg"))
+    assert cd.default_cache_dir() == feature_cache_dir.parent / "xdg" / "tb_conceptevo"
+
+
+def test_random_weights_say_labels_mean_nothing(clip_model):
+    from tb_conceptevo.writer import labels_notice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        random = CLIPDissect(ARCH, pretrained=None, concepts=CONCEPTS, progress=False)
+    assert "random CLIP weights" in random.unlabelled_reason
+    assert CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS).unlabelled_reason is None
+    notice = labels_notice([random], ConceptShapes(n=4, size=16))
+    assert "Your own data" in notice and "\n" not in notice

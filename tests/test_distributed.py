@@ -64,8 +64,10 @@ def _detector_worker(rank, world, port, out_dir):
         probe, model, consumers = _detector_setup()
         record(model, probe, LAYERS, k=3, batch_size=4, consumers=consumers, progress=False)
         netdissect, clip = consumers
+        dissected = netdissect.result()
         np.savez(os.path.join(out_dir, f"detectors{rank}.npz"),
-                 **{f"iou_{n}": d.similarity for n, d in netdissect.result().items()},
+                 **{f"iou_{n}": d.similarity for n, d in dissected.items()},
+                 **{f"chance_{n}": d.null_similarity for n, d in dissected.items()},
                  **{f"responses_{n}": r.numpy() for n, r in clip.responses.items()})
     finally:
         dist.destroy_process_group()
@@ -118,4 +120,5 @@ def test_detectors_under_two_process_gloo_equal_single_process(tmp_path):
         got = np.load(tmp_path / f"detectors{rank}.npz")
         for name in LAYERS:
             np.testing.assert_array_equal(got[f"iou_{name}"], single[name].similarity)
+            np.testing.assert_array_equal(got[f"chance_{name}"], single[name].null_similarity)
             np.testing.assert_array_equal(got[f"responses_{name}"], clip.responses[name].numpy())

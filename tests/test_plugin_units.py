@@ -245,3 +245,34 @@ def test_run_summary_sorts_layers_naturally_and_lists_everything():
     assert summary["revert"] == [{"class": 3, "steps": [1]}] and summary["anchors"] == ["text"]
     answer = views.runs_answer([summary, dict(summary, run="s", probe_hash="other")], [])
     assert answer["comparable"] is False and len(answer["probe_groups"]) == 2
+
+
+# ----------------------------------------------------------------------------- detector labels
+
+def test_labels_carry_interpretable_flags_and_chance_levels():
+    from tb_conceptevo.detectors.base import Detection
+    from tb_conceptevo.payloads import detection_payload
+
+    sim = np.array([[0.5, 0.1], [0.3, 0.0], [0.03, 0.0], [np.nan, np.nan]], np.float32)
+    detection = Detection("l", sim, ["red", "circle"], ["colour", "shape"], 0.04,
+                          null_similarity=np.array([0.2, 0.4, 0.01, np.nan], np.float32))
+    header, arrays = detection_payload("netdissect", detection)
+    header = dict(header, kind="detector")
+    answer = views.labels_answer(header, arrays)
+    assert answer["interpretable"] == [True, False, False, False]
+    np.testing.assert_array_equal(answer["null_similarity"], detection.null_similarity)
+    point = views.label_point(3, header, arrays, 1)
+    assert point == {"step": 3, "concept": "red", "category": "colour", "similarity": pytest.approx(0.3),
+                     "interpretable": False, "threshold": pytest.approx(0.04), "null_similarity": pytest.approx(0.4)}
+    unscored = views.label_point(3, header, arrays, 3)
+    assert unscored["concept"] is None and unscored["interpretable"] is False and unscored["null_similarity"] is None
+
+
+def test_labels_of_older_logs_fall_back_to_tau():
+    header = {"kind": "detector", "concepts": ["red", "circle"], "categories": ["colour", "shape"], "threshold": 0.04}
+    arrays = {"top_concepts": np.array([[0, 1], [1, 0], [-1, -1]], np.int32),
+              "top_similarity": np.array([[0.5, 0.1], [0.03, 0.0], [np.nan, np.nan]], np.float32)}
+    answer = views.labels_answer(header, arrays)
+    assert answer["interpretable"] == [True, False, False] and "null_similarity" not in answer
+    point = views.label_point(0, header, arrays, 0)
+    assert point["interpretable"] is True and point["threshold"] == 0.04 and point["null_similarity"] is None

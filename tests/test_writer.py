@@ -186,3 +186,24 @@ def test_importance_since_last_snapshot(tmp_path):
         np.testing.assert_allclose(arrays["importance"], result.layers["stem"].importance)
         revert_header, _ = logs.payload("run", metadata.revert_tag(1), 1)
         assert revert_header["to_step"] == 1
+
+
+def test_writer_says_when_a_run_gets_no_labels(tmp_path, caplog):
+    from tb_conceptevo import ConceptWriter
+    from tb_conceptevo.detectors import NetDissect
+    from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.writer import labels_notice
+
+    from tests.conftest import random_probe
+
+    probe = ConceptShapes(n=4, size=16)
+    with caplog.at_level("WARNING", logger="tb_conceptevo"):
+        ConceptWriter(str(tmp_path / "a"), probe=random_probe()).close()
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "no detector" in line and "no concept masks" in line and '"Your own data"' in line and "\n" not in line
+    assert labels_notice([NetDissect(vocabulary=probe)], probe) is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tb_conceptevo"):
+        ConceptWriter(str(tmp_path / "b"), probe=probe, detectors=[NetDissect(vocabulary=probe)]).close()
+    assert not caplog.records

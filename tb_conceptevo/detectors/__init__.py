@@ -12,7 +12,7 @@ and returns ``{layer: Detection}`` from ``consumer.result()``.
 from typing import Dict
 
 from .base import Detection, Detector
-from .clip_dissect import CLIPDissect, cos_cubed, soft_wpmi
+from .clip_dissect import CLIPDissect, cos_cubed, soft_wpmi, soft_wpmi_plain
 from .netdissect import NetDissect
 from .text_encoders import MiniLMTextEncoder, OpenCLIPTextEncoder, TextEncoder, encoder_from_spec
 from .vocabulary import english_vocabulary, load_words, make_vocabulary, probe_vocabulary
@@ -35,7 +35,7 @@ def detector_from_config(config: Dict) -> Detector:
 
 
 __all__ = [
-    "Detection", "Detector", "NetDissect", "CLIPDissect", "soft_wpmi", "cos_cubed",
+    "Detection", "Detector", "NetDissect", "CLIPDissect", "soft_wpmi", "soft_wpmi_plain", "cos_cubed",
     "TextEncoder", "MiniLMTextEncoder", "OpenCLIPTextEncoder", "encoder_from_spec",
     "make_vocabulary", "probe_vocabulary", "english_vocabulary", "load_words", "detector_from_config",
 ]

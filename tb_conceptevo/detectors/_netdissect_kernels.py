@@ -130,10 +130,12 @@ def screen_channels_last(flat, shape, blocks, low, image_ids, values, keys, arou
 @numba.njit(parallel=True, cache=True, nogil=True)
 def count_pixels(values, keys, around, count, passing, height, width,
                  weight_y, pixel_y, weight_x, pixel_x, out_height, out_width, pixel_pattern,
-                 hits, active_pixels):  # pragma: no cover
+                 image_map, hits, active_pixels):  # pragma: no cover
     """Add the upsampled pixels passing ``passing[n]`` around every candidate of row ``n``.
 
-    ``hits[n, pattern]`` counts them per mask pattern, ``active_pixels[n]`` in total.
+    ``hits[d, n, pattern]`` counts them per mask pattern of image ``image_map[d, image]``
+    (row 0: the image itself; the others: the permutations of the chance-level null),
+    ``active_pixels[n]`` in total.
     The blocks of output pixels between the cells ``{y0, y0+1} x {x0, x0+1}`` whose
     corners include a passing cell are evaluated once each, by their first passing
     corner in row-major order (see ``NetDissectConsumer._active_pixels``).
@@ -154,7 +156,8 @@ def count_pixels(values, keys, around, count, passing, height, width,
             image = key // cells_per_map
             within = key - image * cells_per_map
             if height == out_height and width == out_width:  # identity: the cell is the pixel
-                hits[n, pixel_pattern[image * out_per_image + within]] += 1
+                for d in range(image_map.shape[0]):
+                    hits[d, n, pixel_pattern[image_map[d, image] * out_per_image + within]] += 1
                 active_pixels[n] += 1
                 continue
             y = within // width
@@ -168,7 +171,6 @@ def count_pixels(values, keys, around, count, passing, height, width,
             g[2, 0] = around[n, s, 5]
             g[2, 1] = around[n, s, 6]
             g[2, 2] = around[n, s, 7]
-            pattern_base = image * out_per_image
             for ay in range(-1, 1):
                 if y + ay < 0:
                     continue
@@ -203,7 +205,9 @@ def count_pixels(values, keys, around, count, passing, height, width,
                             top = (_ONE - wx) * v00 + wx * v01
                             bottom = (_ONE - wx) * v10 + wx * v11
                             if (_ONE - wy) * top + wy * bottom >= threshold:
-                                hits[n, pixel_pattern[pattern_base + row * out_width + col]] += 1
+                                pixel = row * out_width + col
+                                for d in range(image_map.shape[0]):
+                                    hits[d, n, pixel_pattern[image_map[d, image] * out_per_image + pixel]] += 1
                                 active_pixels[n] += 1
 
 

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
+
+#: chance level = this upper quantile of the null's top scores (about 0.5-1 % of the
+#: neurons of a detector with no real relation to the concepts pass; measured 0.9 %
+#: for NetDissect on noise maps, 0 % for CLIP-Dissect with random weights)
+NULL_QUANTILE = 0.995
+#: null top scores wanted per layer (pooled over its neurons) to estimate that quantile
+NULL_SAMPLES = 2000
 
 
 @dataclass
@@ -25,7 +32,11 @@ class Detection:
             IoU for NetDissect, soft-WPMI score or cos^3 for CLIP-Dissect).
         concepts: the C concept words.
         categories: the category of each concept (e.g. "colour", "shape", "texture").
-        threshold: tau; a neuron is *interpretable* when its top similarity exceeds it.
+        threshold: tau; a neuron is *interpretable* when its top similarity exceeds it
+            and its chance level.
+        null_similarity: float32 ``[N]`` chance level of each neuron's top similarity:
+            the score its best concept would reach by chance (see :class:`ChanceLevel`);
+            None when the detector computed no null (then only tau counts).
     """
 
     layer: str
@@ -33,6 +44,7 @@ class Detection:
     concepts: List[str]
     categories: List[str]
     threshold: float
+    null_similarity: Optional[np.ndarray] = None
 
     def top(self):
         """``(index [N] int32, similarity [N] float32)`` of each neuron's best concept;
@@ -45,8 +57,78 @@ class Detection:
         return idx, best
 
     def interpretable(self) -> np.ndarray:
+        """bool ``[N]``: the top similarity exceeds tau and the neuron's chance level."""
         _, best = self.top()
-        return np.nan_to_num(best, nan=-np.inf) > self.threshold
+        best = np.nan_to_num(best, nan=-np.inf)
+        passed = best > self.threshold
+        if self.null_similarity is not None:
+            passed &= best > np.nan_to_num(np.asarray(self.null_similarity, np.float32), nan=np.inf)
+        return passed
+
+
+def null_draws(n_neurons: int, minimum: int = 2, maximum: int = 16) -> int:
+    """Null draws that give about :data:`NULL_SAMPLES` pooled top scores for a layer."""
+    return int(min(maximum, max(minimum, -(-NULL_SAMPLES // max(1, n_neurons)))))
+
+
+class ChanceLevel:
+    """Chance level of each neuron's top score, from draws of a null similarity matrix.
+
+    A null draw is the detector's own similarity ``[N, C]`` recomputed with the link
+    between neurons and concepts broken (NetDissect: concept masks of other images;
+    CLIP-Dissect: randomly rotated text features).  Per neuron, its null scores give a
+    mean ``mu_n`` and spread ``sd_n`` over draws and concepts; each draw's top null
+    score becomes ``z = (max_c null[n, c] - mu_n) / sd_n``, with ``mu_n, sd_n`` of the
+    *other* draws (as the real top score is standardised by draws it is not part of;
+    including the draw itself shrinks its z and lets too many neurons pass).  The z of
+    all neurons and draws are pooled (one draw gives only one top score per neuron, the
+    layer gives many) and their :data:`NULL_QUANTILE` quantile ``z*`` sets the chance
+    level ``mu_n + z* sd_n`` in the neuron's own units.  A detector unrelated to the
+    concepts therefore marks about 0.5-1 % of the neurons interpretable, whatever its
+    score scale.
+
+    Memory O(N x draws): per draw only per-neuron sums and the top score are kept.
+    """
+
+    def __init__(self):
+        self._sums: List[np.ndarray] = []      # per draw: [3, N] count, sum, sum of squares
+        self._tops: List[np.ndarray] = []      # per draw: [N] top score (-inf: none)
+
+    def add(self, null_similarity) -> None:
+        """Add one null draw ``[N, C]`` (NaN rows: neurons without a score)."""
+        null = np.asarray(null_similarity, np.float64)
+        finite = np.isfinite(null)
+        values = np.where(finite, null, 0.0)
+        self._sums.append(np.stack([finite.sum(axis=1), values.sum(axis=1), (values * values).sum(axis=1)]))
+        self._tops.append(np.where(finite, null, -np.inf).max(axis=1, initial=-np.inf))
+
+    @staticmethod
+    def _moments(sums: np.ndarray):
+        """(mean, spread) from ``[..., 3, N]`` sums; spread 0 where the scores are constant."""
+        count = np.maximum(sums[..., 0, :], 1.0)
+        mean = sums[..., 1, :] / count
+        spread = np.sqrt(np.maximum(sums[..., 2, :] / count - mean * mean, 0.0))
+        # a spread below float rounding of the mean is no spread
+        spread = np.where(spread > 1e-9 * np.maximum(np.abs(mean), 1e-30), spread, 0.0)
+        return mean, spread
+
+    def levels(self, quantile: float = NULL_QUANTILE) -> np.ndarray:
+        """float32 ``[N]`` chance levels (NaN for neurons without null scores)."""
+        if not self._sums:
+            raise ValueError("ChanceLevel.levels() needs at least one null draw (add())")
+        per_draw = np.stack(self._sums)                                     # [draws, 3, N]
+        total = per_draw.sum(axis=0)
+        mean, spread = self._moments(total)
+        others = total[None] - per_draw if len(per_draw) > 1 else per_draw  # leave each draw out
+        other_mean, other_spread = self._moments(others)
+        tops = np.stack(self._tops)                                         # [draws, N]
+        usable = np.isfinite(tops) & (other_spread > 0)
+        z = (tops - other_mean) / np.where(other_spread > 0, other_spread, 1.0)
+        pooled = z[usable]
+        z_star = float(np.quantile(pooled, quantile, method="higher")) if pooled.size else 0.0
+        level = mean + z_star * spread
+        level[total[0] == 0] = np.nan
+        return level.astype(np.float32)
 
 
 class Detector(abc.ABC):
@@ -62,6 +144,8 @@ class Detector(abc.ABC):
     threshold: float = 0.0
     #: softmax temperature a TextSpace uses with this detector's similarities by default
     default_temperature: float = 0.1
+    #: why this detector's labels mean nothing (e.g. random weights), or None
+    unlabelled_reason: Optional[str] = None
 
     @abc.abstractmethod
     def consumer(self, probe, layers: Sequence[str]):

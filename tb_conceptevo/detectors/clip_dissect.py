@@ -3,7 +3,9 @@
 For probe images ``x_1..x_M``, concept words ``w_1..w_K`` and a layer's neurons:
 
 * ``S[m, k] = cos(I(x_m), T(w_k))`` -- open_clip image and text features (computed
-  once per probe set and model, cached by content);
+  once per probe set and weights, with a progress bar, and cached on disk under
+  :func:`default_cache_dir` by probe hash + weights hash: later processes and runs
+  read them back);
 * ``A[m, n]`` -- neuron ``n``'s spatial-mean (or max) activation on image ``m``, gathered
   during the recording pass.  Keeping this ``[images, neurons]`` response matrix is
   inherent to CLIP-Dissect (both similarity functions need every image's response),
@@ -23,6 +25,10 @@ Similarity functions (Oikarinen & Weng 2022; vectorised over all neurons x conce
   Unbounded and relative to the other neurons of the layer: not a probability.
 * **cos^3**: centre ``A`` and ``S`` over images, cube, L2-normalise each column over
   images, dot product: ``sim = A'^T S'`` in [-1, 1].
+
+Chance level (:meth:`CLIPDissect.chance_levels`): the same scores with the text
+features randomly rotated; a neuron is interpretable when its top score beats both
+tau and that level (with random weights about 0.5 % of the neurons do).
 
 Weights come from a local checkpoint file (``pretrained="/path/to/open_clip_model.bin"``),
 any open_clip pretrained tag (downloaded by open_clip when online) or ``None``
@@ -50,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Detection, Detector
+from .base import ChanceLevel, Detection, Detector, null_draws
 from .vocabulary import english_vocabulary, resolve_vocabulary
 
 try:
@@ -62,12 +68,28 @@ SIMILARITIES = ("soft_wpmi", "cos3")
 #: default tau per similarity function (soft-WPMI is in nats: e^2 ~ 7x more likely
 #: than for the layer's average neuron; cos^3 lies in [-1, 1])
 DEFAULT_THRESHOLDS = {"soft_wpmi": 2.0, "cos3": 0.2}
-#: elements of one ``[neurons, top_k, concepts]`` block of soft-WPMI (~256 MB float32)
-_WPMI_BLOCK = 64 * 1024 * 1024
+#: elements of one block of soft-WPMI terms (1 MB float32: stays in a core's cache;
+#: 1-4 MB blocks were fastest on the benchmark, larger ones slower)
+_WPMI_BLOCK = 1 << 18
+#: ... on other devices (GPUs: few large kernels beat many cache-sized ones; 256 MB)
+_WPMI_BLOCK_DEVICE = 1 << 26
 
 # In-memory caches shared by all detectors of the process, keyed by content.
 _FEATURE_CACHE: Dict[str, torch.Tensor] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def default_cache_dir() -> Path:
+    """Where CLIP features are cached on disk by default: ``$TB_CONCEPTEVO_CACHE``, else
+    ``$XDG_CACHE_HOME/tb_conceptevo``, else ``~/.cache/tb_conceptevo``.
+
+    Files are named by a hash of (probe hash, weights hash, preprocessing / words), so
+    one directory serves every probe set, model and run; delete it to free the space."""
+    explicit = os.environ.get("TB_CONCEPTEVO_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tb_conceptevo"
 
 
 # ---------------------------------------------------------------------------- weights
@@ -144,26 +166,87 @@ def weights_hash(model: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------- similarities
 def soft_wpmi(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
               lam: float = 1.0, p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
-              block_elements: int = _WPMI_BLOCK) -> torch.Tensor:
+              block_elements: Optional[int] = None) -> torch.Tensor:
     """Soft-WPMI ``[N, K]`` of neurons vs concepts (see the module docstring).
+
+    ``log p(d|n)`` from :func:`soft_wpmi_log_given`, minus ``lam`` times the layer's
+    ``log p(d)``; arguments as there."""
+    log_given = soft_wpmi_log_given(clip_similarity, responses, top_k, a, p_start, p_end, min_prob, block_elements)
+    return log_given - lam * soft_wpmi_log_prior(log_given)
+
+
+def soft_wpmi_log_prior(log_given: torch.Tensor) -> torch.Tensor:
+    """``[1, K]`` ``log p(d) = logsumexp_n log p(d|n) - log N``."""
+    return torch.logsumexp(log_given, dim=0, keepdim=True) - math.log(log_given.shape[0])
+
+
+def soft_wpmi_log_given(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
+                        p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
+                        block_elements: Optional[int] = None) -> torch.Tensor:
+    """``log p(d|n)`` ``[N, K]`` of soft-WPMI: how well neuron n's top images agree on word d.
+
+    Same value as in :func:`soft_wpmi_plain`, computed faster: the sum of ``top_k`` logs
+    is the log of their product, so the terms are multiplied in groups of ``g`` and
+    only one log per group is taken (``g`` as large as the dtype allows: every term is
+    at least ``1 - p_start + min_prob``, so a product of ``g`` terms stays a normal
+    float); and the ``[neurons, top_k, K]`` terms are made in blocks of neurons that
+    stay in cache, updated in place.  Computed in the dtype of ``clip_similarity``
+    (float32 by default; float64 for exact comparisons).
 
     Args:
         clip_similarity: ``[M, K]`` image-text cosine similarities.
         responses: ``[M, N]`` neuron responses on the same M images (finite).
         top_k: images per neuron (clipped to M).
+        block_elements: elements of one block of terms (default: cache-sized on CPU,
+            large on other devices).
     """
     _check_pair(clip_similarity, responses)
+    dtype = clip_similarity.dtype if clip_similarity.dtype == torch.float64 else torch.float32
     n_images, n_neurons = responses.shape
     k = int(min(top_k, n_images))
-    probs = torch.softmax(a * clip_similarity.float(), dim=1)                       # [M, K]
-    top_images = torch.topk(responses.float(), k, dim=0).indices.t().contiguous()   # [N, k]
-    weights = (p_start - torch.arange(k, device=probs.device, dtype=torch.float32) / top_k
-               * (p_start - p_end))[None, :, None]                                  # [1, k, 1]
-    log_given = torch.empty((n_neurons, probs.shape[1]), device=probs.device)
-    step = max(1, block_elements // max(1, k * probs.shape[1]))
-    for start in range(0, n_neurons, step):  # blocks of neurons bound the [n, k, K] temporary
-        gathered = probs[top_images[start:start + step]]                            # [n, k, K]
-        log_given[start:start + step] = torch.log1p(weights * (gathered - 1.0) + min_prob).sum(dim=1)
+    probs = torch.softmax(a * clip_similarity.to(dtype), dim=1)                      # [M, K]
+    n_concepts = probs.shape[1]
+    top_images = torch.topk(responses.to(dtype), k, dim=0).indices.t()               # [N, k]
+    weights = p_start - torch.arange(k, dtype=torch.float64) / top_k * (p_start - p_end)
+    smallest = 1.0 - p_start + min_prob                    # least possible term (P = 0)
+    tiny = 1e-30 if dtype == torch.float32 else 1e-290     # well above the dtype's least normal
+    group = max(1, min(k, int(math.log(tiny) / math.log(smallest))))
+    n_groups = -(-k // group)
+    group = -(-k // n_groups)                              # equal groups, the last padded
+    pad = n_groups * group - k
+    # term = weight * P + offset; padding terms are exactly 1 (weight 0, offset 1)
+    scale = torch.cat([weights, torch.zeros(pad, dtype=torch.float64)]).to(device=probs.device, dtype=dtype)
+    offset = torch.cat([1.0 - weights + min_prob, torch.ones(pad, dtype=torch.float64)]).to(device=probs.device, dtype=dtype)
+    scale, offset = scale.view(1, n_groups, group, 1), offset.view(1, n_groups, group, 1)
+    if pad:
+        top_images = torch.cat([top_images, top_images[:, :1].expand(-1, pad)], dim=1)
+    log_given = torch.empty((n_neurons, n_concepts), dtype=dtype, device=probs.device)
+    if block_elements is None:
+        block_elements = _WPMI_BLOCK if probs.device.type == "cpu" else _WPMI_BLOCK_DEVICE
+    step = max(1, block_elements // max(1, n_groups * group * n_concepts))
+    for start in range(0, n_neurons, step):  # blocks of neurons: the terms stay in cache
+        terms = probs[top_images[start:start + step]].view(-1, n_groups, group, n_concepts)
+        terms.mul_(scale).add_(offset)
+        log_given[start:start + step] = terms.prod(dim=2).log_().sum(dim=1)
+    return log_given
+
+
+def soft_wpmi_plain(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
+                    lam: float = 1.0, p_start: float = 0.998, p_end: float = 0.97,
+                    min_prob: float = 1e-7) -> torch.Tensor:
+    """Soft-WPMI the straightforward way of the public CLIP-Dissect code, on the full
+    tensor: one ``[N, top_k, K]`` gather of probabilities, ``torch.log``, a sum.
+
+    The reference that :func:`soft_wpmi` is tested (``tests/test_detectors_clip.py``)
+    and benchmarked (``benchmarks/bench_detectors.py``) against; memory O(N x top_k x K).
+    """
+    _check_pair(clip_similarity, responses)
+    n_neurons = responses.shape[1]
+    k = int(min(top_k, responses.shape[0]))
+    probs = torch.softmax(a * clip_similarity, dim=1)
+    top_images = torch.topk(responses, k, dim=0).indices.t()
+    weights = (p_start - torch.arange(k, dtype=probs.dtype) / top_k * (p_start - p_end))[None, :, None]
+    log_given = torch.log(1 + weights * (probs[top_images] - 1) + min_prob).sum(dim=1)
     log_prior = torch.logsumexp(log_given, dim=0, keepdim=True) - math.log(n_neurons)
     return log_given - lam * log_prior
 
@@ -202,7 +285,8 @@ class CLIPDissect(Detector):
         categories: categories of a plain word list (default "other").
         threshold: tau (default: 2.0 for soft-WPMI, 0.2 for cos^3).
         device: device of the CLIP model (default CPU or ``clip_model``'s).
-        cache_dir: directory for image/text feature caches on disk (None = memory only).
+        cache_dir: directory of the image/text feature caches on disk, shared by every
+            process and run (default :func:`default_cache_dir`; ``False`` = memory only).
         clip_model: an already built open_clip model (shares weights, skips loading).
         reduce: spatial reduction of the activation maps, ``"mean"`` (CLIP-Dissect's
             default) or ``"max"``.
@@ -240,11 +324,13 @@ class CLIPDissect(Detector):
         self.top_k, self.a, self.lam, self.p_start, self.p_end = int(top_k), float(a), float(lam), float(p_start), float(p_end)
         self.template = template
         self.batch_size = int(batch_size)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = None if cache_dir is False else Path(cache_dir if cache_dir is not None else default_cache_dir())
         self.progress = bool(progress)
         vocabulary = resolve_vocabulary(concepts, categories, fallback=english_vocabulary)
         self.concepts: List[str] = list(vocabulary.names)
         self.categories: List[str] = list(vocabulary.categories)
+        if clip_model is None and self.pretrained is None:
+            self.unlabelled_reason = f"{self.name} has random CLIP weights (no pretrained= file or tag)"
         if clip_model is not None:
             self.model = clip_model.eval()
         else:
@@ -264,7 +350,7 @@ class CLIPDissect(Detector):
                 "pretrained": pretrained, "similarity": self.similarity, "threshold": self.threshold,
                 "reduce": self.reduce, "top_k": self.top_k, "a": self.a, "lam": self.lam,
                 "p_start": self.p_start, "p_end": self.p_end, "template": self.template,
-                "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+                "cache_dir": str(self.cache_dir) if self.cache_dir else False,
                 "concepts": self.concepts, "categories": self.categories}
 
     # ------------------------------------------------------------- features
@@ -353,15 +439,63 @@ class CLIPDissect(Detector):
     def similarity_from_responses(self, clip_similarity: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """``[N, K]`` similarity of neurons (responses ``[M, N]``) to concepts; NaN rows
         for neurons with any non-finite response."""
+        return self._scores(clip_similarity, responses)[0]
+
+    def _scores(self, clip_similarity: torch.Tensor, responses: torch.Tensor):
+        """``(similarity, evidence)``, both ``[N, K]`` with NaN rows for non-finite neurons.
+
+        ``evidence`` is what the chance level tests: for soft-WPMI ``log p(d|n)`` (the
+        score minus ``lam log p(d)``, which depends only on the other neurons of the
+        layer and saturates at ``log N`` for a word no other neuron has, real or not);
+        for cos^3 the similarity itself."""
         bad = ~torch.isfinite(responses).all(dim=0)
         clean = torch.where(torch.isfinite(responses), responses, torch.zeros((), device=responses.device))
         clip_similarity = clip_similarity.to(clean.device)
         if self.similarity == "soft_wpmi":
-            sim = soft_wpmi(clip_similarity, clean, self.top_k, self.a, self.lam, self.p_start, self.p_end)
+            evidence = soft_wpmi_log_given(clip_similarity, clean, self.top_k, self.a, self.p_start, self.p_end)
+            sim = evidence - self.lam * soft_wpmi_log_prior(evidence)
         else:
-            sim = cos_cubed(clip_similarity, clean)
+            sim = evidence = cos_cubed(clip_similarity, clean)
         sim[bad] = float("nan")
-        return sim
+        evidence[bad] = float("nan")
+        return sim, evidence
+
+    def chance_levels(self, responses: torch.Tensor, image_features: torch.Tensor,
+                      text_features: torch.Tensor) -> np.ndarray:
+        """float32 ``[N]`` chance level of each neuron's top similarity (see
+        :class:`~tb_conceptevo.detectors.base.ChanceLevel`).
+
+        What is tested is the evidence of :meth:`_scores` (for soft-WPMI ``log p(d|n)``
+        of the top word); its level is given back in similarity units, as the score the
+        top word would have with its evidence exactly at chance, so ``similarity >
+        null_similarity`` is the test.
+
+        Null: the same similarity with the text features rotated by a random orthogonal
+        matrix.  A rotation keeps everything about the words except how they line up
+        with the images: their norms, their similarities to each other, the spread of
+        the softmax over them.  With unrelated towers (random weights: the text
+        projection is an i.i.d. Gaussian matrix, so its rotation has the same
+        distribution) the real words are exactly one more draw of this null, so about
+        0.5 % of the neurons pass; permuting images instead would keep the accidental but
+        real link between a random image tower and the neurons (both see brightness and
+        colour) and mark most neurons of a random CLIP model interpretable.  Draws are
+        seeded, so the levels are reproducible.
+        """
+        generator = torch.Generator().manual_seed(0)
+        level = ChanceLevel()
+        dim = text_features.shape[1]
+        for _ in range(null_draws(responses.shape[1])):
+            rotation, upper = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+            rotation = rotation * torch.sign(torch.diagonal(upper))[None, :]   # Haar-distributed
+            rotated = text_features.double() @ rotation
+            null_similarity = (image_features.double() @ rotated.t()).float()
+            level.add(self._scores(null_similarity, responses)[1].cpu().numpy())
+        sim, evidence = self._scores(image_features @ text_features.t(), responses)
+        sim, evidence = sim.double().cpu().numpy(), evidence.double().cpu().numpy()
+        top = np.nan_to_num(sim, nan=-np.inf).argmax(axis=1)
+        rows = np.arange(sim.shape[0])
+        # similarity = evidence + (similarity - evidence) for the top word
+        return (level.levels() + (sim[rows, top] - evidence[rows, top])).astype(np.float32)
 
     def consumer(self, probe, layers: Sequence[str]) -> "CLIPDissectConsumer":
         return CLIPDissectConsumer(self, probe, list(layers))
@@ -425,14 +559,19 @@ class CLIPDissectConsumer(RecordingConsumer):
     def result(self) -> Dict[str, Detection]:
         if not self.responses:
             raise RuntimeError("CLIPDissect: result() called before the recording pass ran")
-        clip_similarity = self.detector.clip_similarity(self.probe)
+        image_features = self.detector.image_features(self.probe)
+        text_features = self.detector.text_features()
+        clip_similarity = image_features @ text_features.t()
         detections = {}
         for layer in self.layers:
-            sim = self.detector.similarity_from_responses(clip_similarity, self.responses[layer])
+            responses = self.responses[layer]
+            sim = self.detector.similarity_from_responses(clip_similarity, responses)
             detections[layer] = Detection(layer=layer, similarity=sim.float().cpu().numpy(),
                                           concepts=list(self.detector.concepts),
                                           categories=list(self.detector.categories),
-                                          threshold=self.detector.threshold)
+                                          threshold=self.detector.threshold,
+                                          null_similarity=self.detector.chance_levels(
+                                              responses, image_features, text_features))
         return detections
 
 

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from ..probes.base import ConceptVocabulary, ProbeSet
-from .base import Detection, Detector
+from .base import ChanceLevel, Detection, Detector, null_draws
 from .vocabulary import make_vocabulary, probe_vocabulary
 
 try:  # the protocol class lives in recording.py; fall back to a plain base if absent
@@ -131,7 +131,7 @@ class NetDissect(Detector):
         self.progress = bool(progress)
         self._vocabulary: Optional[ConceptVocabulary] = None
         if isinstance(vocabulary, ProbeSet) or (vocabulary is not None and hasattr(vocabulary, "masks")):
-            self._vocabulary = probe_vocabulary(vocabulary)
+            self._vocabulary = probe_vocabulary(vocabulary, "NetDissect(vocabulary=[...])")
         elif vocabulary is not None:
             self._vocabulary = make_vocabulary(vocabulary, what="NetDissect vocabulary")
 
@@ -167,7 +167,7 @@ class NetDissect(Detector):
                 f"NetDissect needs concept masks but the probe set {type(probe).__name__} has none; "
                 "use probes.ConceptShapes (or a probe set with masks), or CLIPDissect for unlabelled images"
             )
-        probe_vocab = probe_vocabulary(probe)
+        probe_vocab = probe_vocabulary(probe, "NetDissect(vocabulary=[...])")
         if self._vocabulary is None:
             self._vocabulary = probe_vocab
         if tuple(self._vocabulary.names) == tuple(probe_vocab.names):
@@ -482,8 +482,11 @@ class _LayerState:
         self.thresholds: Optional[torch.Tensor] = None  # [N]
         self.strict: Optional[torch.Tensor] = None      # [N] use '>' instead of '>='
         self.passing: Optional[torch.Tensor] = None     # [N] value an upsampled pixel must reach
-        self.pattern_hits: Optional[torch.Tensor] = None  # [N, P] int64 active pixels per mask pattern
-        self.intersection: Optional[torch.Tensor] = None  # [N, C] float64 (many patterns only)
+        # row 0 of these: the counts; rows 1+: the same counts against the masks of other
+        # images (image_map[d]), the draws of the chance-level null
+        self.image_map: Optional[torch.Tensor] = None     # [1 + draws, n_images] int64
+        self.pattern_hits: Optional[torch.Tensor] = None  # [1 + draws, N, P] int64 active pixels per mask pattern
+        self.intersection: Optional[torch.Tensor] = None  # [1 + draws, N, C] float64 (many patterns only)
         self.active_count: Optional[torch.Tensor] = None  # [N] float64
         self.any_bad = False
 
@@ -552,6 +555,7 @@ class NetDissectConsumer(RecordingConsumer):
             m = max(1, math.ceil((1.0 - self.detector.quantile) * self.n_images * shape[1] * shape[2]))
             self.states[layer] = _LayerState(shape, m)
             self.states[layer].neighbours = tuple(shape[1:]) != mask_size
+            self.states[layer].image_map = _null_image_maps(self.n_images, null_draws(shape[0]))
         # one pass for the layers whose candidates fit the budget, smallest first
         budget = self.detector.memory_bytes
         for state in sorted(self.states.values(), key=_LayerState.one_pass_bytes):
@@ -608,16 +612,21 @@ class NetDissectConsumer(RecordingConsumer):
             if state.pattern_hits is not None:
                 intersection = state.pattern_hits.double() @ patterns.bits.to(state.pattern_hits.device)
             else:
-                intersection = state.intersection
+                intersection = state.intersection                                   # [1 + draws, N, C]
             concept_count = patterns.concept_count.to(intersection.device)
-            union = state.active_count[:, None] + concept_count[None, :] - intersection
+            # a permutation of the images keeps every concept's pixel count: same unions
+            union = state.active_count[None, :, None] + concept_count[None, None, :] - intersection
             iou = torch.where(union > 0, intersection / union.clamp(min=1.0), torch.zeros_like(union))
             iou = iou.float()
-            iou[state.bad] = float("nan")
+            iou[:, state.bad] = float("nan")
+            iou = iou.cpu().numpy().astype(np.float32)
+            chance = ChanceLevel()
+            for draw in iou[1:]:
+                chance.add(draw)
             detections[layer] = Detection(
-                layer=layer, similarity=iou.cpu().numpy().astype(np.float32),
-                concepts=list(self.detector.concepts), categories=list(self.detector.categories),
-                threshold=self.detector.threshold,
+                layer=layer, similarity=iou[0], concepts=list(self.detector.concepts),
+                categories=list(self.detector.categories), threshold=self.detector.threshold,
+                null_similarity=chance.levels(),
             )
         return detections
 
@@ -679,7 +688,8 @@ class NetDissectConsumer(RecordingConsumer):
                                  store.count.numpy(), state.passing.float().contiguous().numpy(),
                                  state.height, state.width, ys.block_weight.numpy(), ys.pixels.numpy(),
                                  xs.block_weight.numpy(), xs.pixels.numpy(), patterns.height, patterns.width,
-                                 patterns.pixel_pattern.numpy(), state.pattern_hits.numpy(), active.numpy())
+                                 patterns.pixel_pattern.numpy(), state.image_map.numpy(), state.pattern_hits.numpy(),
+                                 active.numpy())
             state.active_count += active.double()
             return
         cells_per_map = state.height * state.width
@@ -695,12 +705,15 @@ class NetDissectConsumer(RecordingConsumer):
     def _prepare_counts(self, state: _LayerState, patterns: "_MaskPatterns", device) -> None:
         if state.active_count is not None:
             return
-        channels = state.channels
+        channels, tables = state.channels, state.image_map.shape[0]
+        state.image_map = state.image_map.to(device)
         state.active_count = torch.zeros(channels, dtype=torch.float64, device=device)
-        if channels * patterns.n_patterns <= _MAX_PATTERN_TABLE:
-            state.pattern_hits = torch.zeros((channels, patterns.n_patterns), dtype=torch.int64, device=device)
+        if tables * channels * patterns.n_patterns <= _MAX_PATTERN_TABLE:
+            state.pattern_hits = torch.zeros((tables, channels, patterns.n_patterns), dtype=torch.int64,
+                                             device=device)
         else:
-            state.intersection = torch.zeros((channels, self.n_concepts), dtype=torch.float64, device=device)
+            state.intersection = torch.zeros((tables, channels, self.n_concepts), dtype=torch.float64,
+                                             device=device)
 
     def _count(self, state: _LayerState, neuron: torch.Tensor, image: torch.Tensor, y: torch.Tensor,
                x: torch.Tensor, value: torch.Tensor, around: torch.Tensor) -> None:
@@ -724,18 +737,19 @@ class NetDissectConsumer(RecordingConsumer):
             parts = self._active_pixels(state, neuron, image, y, x, value, around, (out_h, out_w))
         pixel_pattern = patterns.pixel_pattern.to(device)
         for image, neuron, pixel in parts:
-            pattern = pixel_pattern[image * (out_h * out_w) + pixel]
             state.active_count += torch.bincount(neuron, minlength=channels).double()
-            if state.pattern_hits is not None:
-                state.pattern_hits += torch.bincount(neuron * patterns.n_patterns + pattern,
-                                                     minlength=channels * patterns.n_patterns
-                                                     ).view(channels, patterns.n_patterns)
-            else:  # too many patterns for a table: add each pixel's concept row
-                bits = patterns.bits.to(device)
-                step = max(1, _CHUNK_ELEMENTS // max(1, self.n_concepts))
-                for start in range(0, neuron.numel(), step):
-                    state.intersection.index_add_(0, neuron[start:start + step],
-                                                  bits[pattern[start:start + step]])
+            for table, image_map in enumerate(state.image_map):  # the counts, then the null's
+                pattern = pixel_pattern[image_map[image] * (out_h * out_w) + pixel]
+                if state.pattern_hits is not None:
+                    state.pattern_hits[table] += torch.bincount(neuron * patterns.n_patterns + pattern,
+                                                                minlength=channels * patterns.n_patterns
+                                                                ).view(channels, patterns.n_patterns)
+                else:  # too many patterns for a table: add each pixel's concept row
+                    bits = patterns.bits.to(device)
+                    step = max(1, _CHUNK_ELEMENTS // max(1, self.n_concepts))
+                    for start in range(0, neuron.numel(), step):
+                        state.intersection[table].index_add_(0, neuron[start:start + step],
+                                                             bits[pattern[start:start + step]])
 
     def _active_pixels(self, state: _LayerState, neuron, image, y, x, value, around,
                        out_size: Tuple[int, int]):
@@ -871,6 +885,26 @@ class NetDissectConsumer(RecordingConsumer):
         if self.mask_channels is not None:
             masks = masks[:, self.mask_channels.to(device)]
         return masks
+
+
+def _null_image_maps(n_images: int, draws: int) -> torch.Tensor:
+    """int64 ``[1 + draws, n_images]``: row 0 the identity, then ``draws`` random
+    permutations of the images without fixed points (each image is paired with the
+    masks of another one), seeded: the same on every rank and at every step.
+
+    The chance-level null of NetDissect: a neuron's active pixels on image ``x``
+    against the concept masks of image ``perm[x]``.  It keeps the neuron's active
+    region (size and place) and every concept's masks, and breaks only which image
+    they belong to, so a unit that fires on the left half of every image reaches the
+    IoU of "left" by chance, not by detecting it."""
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.arange(n_images)]
+    for _ in range(draws):
+        order = torch.randperm(n_images, generator=generator)
+        cycle = torch.empty(n_images, dtype=torch.int64)
+        cycle[order] = order.roll(-1)  # one cycle through a random order: no fixed point
+        maps.append(cycle)
+    return torch.stack(maps)
 
 
 def _pack_bits(masks: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ Three sources, all offline:
   :class:`CLIPDissect`.  Compiled by hand for this project.
 * :func:`load_words` -- a user file, one word a line (optionally ``word<TAB>category``).
 
+A word given without a category keeps its category in the shipped list when it is
+there ("red" is a colour in any list), else gets ``"other"``.
+
 All of them go through :func:`make_vocabulary`, which rejects empty lists and drops
 duplicates with a warning (first occurrence wins, order kept).
 
@@ -22,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -56,7 +60,7 @@ def make_vocabulary(
         if isinstance(concepts, str):
             raise TypeError(f"{what}: give a list of words, not one string ({concepts!r})")
         names = list(concepts)
-        cats = list(categories) if categories is not None else [UNKNOWN_CATEGORY] * len(names)
+        cats = list(categories) if categories is not None else [None] * len(names)
         if len(cats) != len(names):
             raise ValueError(f"{what}: {len(names)} concepts but {len(cats)} categories")
     if not names:
@@ -73,19 +77,22 @@ def make_vocabulary(
             continue
         seen.add(word)
         clean_names.append(word)
-        clean_cats.append(str(category).strip() or UNKNOWN_CATEGORY)
+        category = str(category).strip() if category is not None else ""
+        clean_cats.append(category or known_category(word))
     if duplicates:
         shown = ", ".join(repr(w) for w in duplicates[:10]) + (" ..." if len(duplicates) > 10 else "")
         warnings.warn(f"{what}: {len(duplicates)} duplicate concept(s) dropped: {shown}", UserWarning, stacklevel=3)
     return ConceptVocabulary(tuple(clean_names), tuple(clean_cats))
 
 
-def probe_vocabulary(probe) -> ConceptVocabulary:
-    """The probe set's own concepts (e.g. ConceptShapes), validated."""
+def probe_vocabulary(probe, argument: str = "concepts=[...]") -> ConceptVocabulary:
+    """The probe set's own concepts (e.g. ConceptShapes), validated.
+
+    ``argument``: how the detector is given words instead (named in the error)."""
     vocabulary = getattr(probe, "vocabulary", None)
     if vocabulary is None:
         raise ValueError(
-            f"probe set {type(probe).__name__} has no concept vocabulary; pass concepts=... "
+            f"probe set {type(probe).__name__} has no concept vocabulary; pass {argument} "
             "(a list of words, load_words(path) or english_vocabulary())"
         )
     return make_vocabulary(vocabulary, what=f"{type(probe).__name__}.vocabulary")
@@ -115,10 +122,28 @@ def load_words(path: Union[str, os.PathLike], default_category: str = UNKNOWN_CA
             continue
         word, _, category = line.partition("\t")
         names.append(word.strip())
-        cats.append(category.strip() or default_category)
+        cats.append(category.strip() or known_category(word.strip(), default_category))
     if not names:
         raise ValueError(f"concept file {str(path)!r} has no words (one word a line expected)")
     return make_vocabulary(names, cats, what=f"concept file {path.name!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_categories() -> dict:
+    """``{word: category}`` of the shipped list (read once; first category wins)."""
+    known = {}
+    for line in ENGLISH_FILE.read_text(encoding="utf-8").splitlines():
+        word, _, category = line.strip().partition("\t")
+        if word and not word.startswith("#") and category.strip():
+            known.setdefault(word.strip(), category.strip())
+            known.setdefault(word.strip().lower(), category.strip())
+    return known
+
+
+def known_category(word: str, default: str = UNKNOWN_CATEGORY) -> str:
+    """The category of ``word`` in the shipped list (exact, then lower case), else ``default``."""
+    known = _shipped_categories()
+    return known.get(word) or known.get(word.lower()) or default
 
 
 def english_vocabulary(categories: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> ConceptVocabulary:

@@ -4,7 +4,8 @@
   distance from the anchor to its closest neuron.  Lower = the neurons cover the
   anchors better (more diverse concepts).
 * :func:`interpretable_counts` / :func:`interpretable_fraction` -- neurons whose best
-  concept similarity exceeds the detector's tau, per concept category (data of the
+  concept similarity exceeds the detector's tau and the neuron's chance level
+  (:meth:`Detection.interpretable`), per concept category (data of the
   bar charts of the paper's Fig. 2) and as a fraction of all neurons.
 
 Example:
@@ -61,7 +62,7 @@ def d_anchor(neuron_vectors, anchor_vectors) -> float:
 
 
 def interpretable_counts(detection) -> Dict[str, int]:
-    """Interpretable neurons (best similarity > tau) per category of their best concept.
+    """Interpretable neurons (best similarity > tau and > chance) per category of their best concept.
 
     Every category of the detection's vocabulary appears (0 when none), in order of
     first appearance in ``detection.categories``.

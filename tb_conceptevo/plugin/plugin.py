@@ -275,8 +275,8 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
     def _serve_labels(self, request):
         ctx, eid = self._ctx(request)
         run, tag, datum = self._layer_datum(request, ctx, eid, "detector", metadata.detector_tag)
-        return self._json_answer(request, ctx, eid, run, tag, datum, views.labels_answer,
-                                 ["top_concepts", "top_similarity"], layout_key=(eid, run, tag))
+        return self._json_answer(request, ctx, eid, run, tag, datum, views.labels_answer, views.LABEL_ARRAYS,
+                                 optional=views.LABEL_OPTIONAL_ARRAYS, layout_key=(eid, run, tag))
 
     @route
     def _serve_categories(self, request):
@@ -340,15 +340,16 @@ class ConceptEvoPlugin(base_plugin.TBPlugin):
         if channel >= n_neurons:
             raise DataNotFound(f"layer {layer!r} of run {run!r} has {n_neurons} neurons; channel must be < {n_neurons}")
 
-        def every_step(series, names, tag):  # one concurrent batch per tag (cached afterwards)
-            read = self._store.payloads(ctx, series, names, layout_key=(eid, run, tag))
+        def every_step(series, names, tag, optional=()):  # one concurrent batch per tag (cached afterwards)
+            read = self._store.payloads(ctx, series, names, optional=optional, layout_key=(eid, run, tag))
             return [(int(d.step), h, a) for d, (h, a) in zip(series, read)]
 
         story = views.neuron_story(
             run, layer, channel, step, header, arrays,
             stimuli_steps=every_step(stimuli_series, stimuli_names, stimuli_tag),
             space_steps=every_step(space_series, ["layout"], space_tag),
-            label_steps=every_step(detector_series, ["top_concepts", "top_similarity"], detector_tag))
+            label_steps=every_step(detector_series, views.LABEL_ARRAYS, detector_tag,
+                                   optional=views.LABEL_OPTIONAL_ARRAYS))
         return web.respond(request, story, web.JSON, etag=etag)
 
     # ------------------------------------------------------------------ /metrics

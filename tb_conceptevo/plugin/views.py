@@ -117,6 +117,23 @@ def _plain_header(header: Mapping) -> Dict:
     return {k: v for k, v in header.items() if k not in ("arrays", "version", "kind")}
 
 
+#: arrays of a detector payload the label answers read (older logs lack the optional ones)
+LABEL_ARRAYS = ["top_concepts", "top_similarity"]
+LABEL_OPTIONAL_ARRAYS = ["interpretable", "null_similarity"]
+
+
+def interpretable_flags(header: Mapping, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """bool ``[N]``: the logged flag, or (logs written before it) top similarity > tau."""
+    flags = arrays.get("interpretable")
+    if flags is not None:
+        return np.asarray(flags).astype(bool).reshape(-1)
+    sims = np.asarray(arrays["top_similarity"], np.float32)
+    threshold = header.get("threshold")
+    if threshold is None or sims.ndim != 2 or not sims.shape[1]:
+        return np.zeros(sims.shape[0] if sims.ndim else 0, bool)
+    return np.nan_to_num(sims[:, 0], nan=-np.inf) > float(threshold)
+
+
 def labels_answer(header: Mapping, arrays: Mapping[str, np.ndarray]) -> Dict:
     answer = {
         "concepts": list(header.get("concepts", [])),
@@ -126,7 +143,10 @@ def labels_answer(header: Mapping, arrays: Mapping[str, np.ndarray]) -> Dict:
         "interpretable_fraction": header.get("interpretable_fraction"),
         "top_concepts": np.asarray(arrays["top_concepts"], np.int64),
         "top_similarity": np.asarray(arrays["top_similarity"], np.float32),
+        "interpretable": interpretable_flags(header, arrays).tolist(),
     }
+    if arrays.get("null_similarity") is not None:
+        answer["null_similarity"] = np.asarray(arrays["null_similarity"], np.float32)
     answer.update({k: v for k, v in _plain_header(header).items() if k not in answer})
     return answer
 
@@ -169,23 +189,29 @@ def trajectory_point(step: int, layout: np.ndarray, channel: int) -> Dict:
 
 
 def label_point(step: int, header: Mapping, arrays: Mapping[str, np.ndarray], channel: int) -> Dict:
+    """One step of a neuron's label timeline; ``interpretable`` as in :func:`interpretable_flags`,
+    ``null_similarity`` (chance level of the top score) null for older logs."""
     concepts = header.get("concepts", [])
     categories = header.get("categories", [])
     top = np.asarray(arrays["top_concepts"])
     sims = np.asarray(arrays["top_similarity"])
     index = int(top[channel, 0]) if top.shape[1] else -1
     similarity = float(sims[channel, 0]) if sims.shape[1] else float("nan")
-    if not 0 <= index < len(concepts):
-        return {"step": step, "concept": None, "category": None, "similarity": None, "interpretable": False}
-    finite = bool(np.isfinite(similarity))
     threshold = header.get("threshold")
-    return {
-        "step": step,
+    nulls = arrays.get("null_similarity")
+    null = float(nulls[channel]) if nulls is not None and channel < len(nulls) else float("nan")
+    point = {"step": step, "concept": None, "category": None, "similarity": None, "interpretable": False,
+             "threshold": threshold, "null_similarity": null if np.isfinite(null) else None}
+    if not 0 <= index < len(concepts):
+        return point
+    finite = bool(np.isfinite(similarity))
+    point.update({
         "concept": concepts[index],
         "category": categories[index] if index < len(categories) else None,
         "similarity": similarity if finite else None,
-        "interpretable": bool(finite and threshold is not None and similarity > threshold),
-    }
+        "interpretable": bool(finite and interpretable_flags(header, arrays)[channel]),
+    })
+    return point
 
 
 def neuron_story(run: str, layer: str, channel: int, step: int, header: Mapping, arrays: Mapping[str, np.ndarray],
