@@ -20,7 +20,7 @@ STAGES = {
     "tb_conceptevo.metadata": 0, "tb_conceptevo.summary": 0, "tb_conceptevo._arrays": 0,
     "tb_conceptevo._torch": 0,
     "tb_conceptevo.probes": 1, "tb_conceptevo.observation": 1,
-    "tb_conceptevo.recording": 2,
+    "tb_conceptevo.recording": 2, "tb_conceptevo.image_links": 2,
     "tb_conceptevo.detectors": 3,
     "tb_conceptevo.spaces": 4,
     "tb_conceptevo.metrics": 5,
