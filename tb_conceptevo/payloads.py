@@ -6,7 +6,7 @@ One function per tag kind; the layouts are documented in ``docs/FORMAT.md``.
 from __future__ import annotations
 
 import io
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -66,23 +66,19 @@ def embedding_payload(space_name: str, layer: str, embedding, probe_hash: str = 
     return header, arrays
 
 
-def detection_payload(detector_name: str, detection, top: int = 3) -> Payload:
-    from .metrics.anchors import interpretable_counts, interpretable_fraction
-
-    sim = np.where(np.isfinite(detection.similarity), detection.similarity, -np.inf).astype(np.float32)
-    top = min(top, sim.shape[1])
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :top].astype(np.int32)
-    best = np.take_along_axis(sim, order, axis=1)
-    order[~np.isfinite(best)] = -1
-    best[~np.isfinite(best)] = np.nan
+def detection_payload(detector_name: str, detection, interpretable_counts: Mapping[str, int],
+                      interpretable_fraction: float, top: int = 3) -> Payload:
+    """Each neuron's ``top`` concepts and similarities, its interpretable flag and chance
+    level, with the layer's interpretable counts (computed by ``metrics.anchors``)."""
+    order, best = detection.ranked(top)
     header = {
         "kind": "detector", "detector": detector_name, "layer": detection.layer,
         "concepts": list(detection.concepts), "categories": list(detection.categories),
         "threshold": float(detection.threshold),
-        "interpretable_counts": {k: int(v) for k, v in interpretable_counts(detection).items()},
-        "interpretable_fraction": float(interpretable_fraction(detection)),
+        "interpretable_counts": {k: int(v) for k, v in interpretable_counts.items()},
+        "interpretable_fraction": float(interpretable_fraction),
     }
-    arrays = {"top_concepts": order, "top_similarity": best.astype(np.float32),
+    arrays = {"top_concepts": order, "top_similarity": best,
               "interpretable": detection.interpretable().astype(np.uint8)}
     if detection.null_similarity is not None:
         arrays["null_similarity"] = np.asarray(detection.null_similarity, np.float32)

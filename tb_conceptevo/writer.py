@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import metadata
 from .observation import Observation
+from .metrics.anchors import interpretable_counts, interpretable_fraction
 from .metrics.snapshot import embedding_metrics, whole_model
 from .image_links import DEFAULT_LINKS, ImageLinksRecorder, attach_links
 from .payloads import (anchors_payload, detection_payload, embedding_payload, image_links_payload, probe_payload,
@@ -375,7 +376,7 @@ class ConceptWriter(SummaryWriter):
             for name, layer_obs in observation.items():
                 header, arrays = stimuli_payload(layer_obs)
                 self.add_payload(metadata.stimuli_tag(name), header, arrays, step)
-                n_invalid += header["n_invalid"]
+                n_invalid += int(layer_obs.invalid.sum())
                 if layer_obs.image_links is not None:
                     self.add_payload(metadata.image_links_tag(name), *image_links_payload(layer_obs), step)
             self._scalar(metadata.scalar_tag("invalid_neurons", "stimuli", "all"), n_invalid, step)
@@ -398,10 +399,10 @@ class ConceptWriter(SummaryWriter):
         self._previous_vectors[(space_name, layer)] = (embedding.vectors, embedding.placed)
 
     def add_detection(self, detector_name: str, detection, step: int) -> None:
-        header, arrays = detection_payload(detector_name, detection)
+        fraction = interpretable_fraction(detection)
+        header, arrays = detection_payload(detector_name, detection, interpretable_counts(detection), fraction)
         self.add_payload(metadata.detector_tag(detector_name, detection.layer), header, arrays, step)
-        self._scalar(metadata.scalar_tag("interpretable_fraction", detector_name, detection.layer),
-                     header["interpretable_fraction"], step)
+        self._scalar(metadata.scalar_tag("interpretable_fraction", detector_name, detection.layer), fraction, step)
 
     def _write_snapshot(self, observation, detections, embeddings, step) -> None:
         with self._all_or_nothing():

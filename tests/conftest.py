@@ -84,3 +84,18 @@ def float64_defaults():
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):
+    """CLIP-Dissect caches features on disk by default (``~/.cache/tb_conceptevo``): the
+    tests use a folder of their own, so they neither read a user's cache nor leave one."""
+    import os
+
+    previous = os.environ.get("TB_CONCEPTEVO_CACHE")
+    os.environ["TB_CONCEPTEVO_CACHE"] = str(tmp_path_factory.mktemp("feature_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TB_CONCEPTEVO_CACHE", None)
+    else:
+        os.environ["TB_CONCEPTEVO_CACHE"] = previous

@@ -251,12 +251,14 @@ def test_run_summary_sorts_layers_naturally_and_lists_everything():
 
 def test_labels_carry_interpretable_flags_and_chance_levels():
     from tb_conceptevo.detectors.base import Detection
+    from tb_conceptevo.metrics.anchors import interpretable_counts, interpretable_fraction
     from tb_conceptevo.payloads import detection_payload
 
     sim = np.array([[0.5, 0.1], [0.3, 0.0], [0.03, 0.0], [np.nan, np.nan]], np.float32)
     detection = Detection("l", sim, ["red", "circle"], ["colour", "shape"], 0.04,
                           null_similarity=np.array([0.2, 0.4, 0.01, np.nan], np.float32))
-    header, arrays = detection_payload("netdissect", detection)
+    header, arrays = detection_payload("netdissect", detection, interpretable_counts(detection),
+                                       interpretable_fraction(detection))
     header = dict(header, kind="detector")
     answer = views.labels_answer(header, arrays)
     assert answer["interpretable"] == [True, False, False, False]

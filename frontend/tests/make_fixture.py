@@ -57,25 +57,11 @@ def grid_layout(n_total: int, seed_offset: float, step: int, rng: np.random.Gene
     return out.astype(np.float32)
 
 
-def detection_payload_safe(detection: Detection):
-    try:
-        from tb_conceptevo.payloads import detection_payload
+def detector_payload(detection: Detection):
+    from tb_conceptevo.metrics.anchors import interpretable_counts, interpretable_fraction
+    from tb_conceptevo.payloads import detection_payload
 
-        return detection_payload(DETECTOR, detection)
-    except ImportError:  # metrics module not there yet: same layout by hand
-        sim = np.nan_to_num(detection.similarity, nan=-np.inf)
-        order = np.argsort(-sim, axis=1, kind="stable")[:, :3].astype(np.int32)
-        best = np.take_along_axis(sim, order, axis=1).astype(np.float32)
-        interpretable = best[:, 0] > detection.threshold
-        counts = {}
-        for i in np.flatnonzero(interpretable):
-            cat = detection.categories[order[i, 0]]
-            counts[cat] = counts.get(cat, 0) + 1
-        header = {"kind": "detector", "detector": DETECTOR, "layer": detection.layer,
-                  "concepts": list(detection.concepts), "categories": list(detection.categories),
-                  "threshold": float(detection.threshold), "interpretable_counts": counts,
-                  "interpretable_fraction": float(interpretable.mean())}
-        return header, {"top_concepts": order, "top_similarity": best}
+    return detection_payload(DETECTOR, detection, interpretable_counts(detection), interpretable_fraction(detection))
 
 
 def write_run(out: str, run: str, run_index: int, probe, steps, layers, channels, k, with_extras: bool):
@@ -120,7 +106,7 @@ def write_run(out: str, run: str, run_index: int, probe, steps, layers, channels
                 boosted = np.arange(n) % 6 != 5
                 sim[np.arange(n)[boosted], favourite[boosted]] += 0.1 + 0.05 * t
                 det = Detection(layer=layer, similarity=sim, concepts=concepts, categories=categories, threshold=0.15)
-                header, arrays = detection_payload_safe(det)
+                header, arrays = detector_payload(det)
                 writer.add_payload(metadata.detector_tag(DETECTOR, layer), header, arrays, step)
                 writer.add_scalar(metadata.scalar_tag("entropy", SPACE, layer), 1.0 + 0.2 * t + 0.1 * li, step)
                 writer.add_scalar(metadata.scalar_tag("d_anchor", SPACE, layer), 2.0 - 0.3 * t + 0.1 * run_index, step)

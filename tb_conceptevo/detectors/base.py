@@ -46,15 +46,23 @@ class Detection:
     threshold: float
     null_similarity: Optional[np.ndarray] = None
 
+    def ranked(self, count: int):
+        """``(index [N, m] int32, similarity [N, m] float32)`` of each neuron's ``m =
+        min(count, C)`` best concepts, best first (ties: lower concept index); index -1
+        and NaN where a row has fewer finite similarities."""
+        sim = np.where(np.isfinite(self.similarity), self.similarity, -np.inf).astype(np.float32)
+        count = min(count, sim.shape[1])
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :count].astype(np.int32)
+        best = np.take_along_axis(sim, order, axis=1)
+        order[~np.isfinite(best)] = -1
+        best[~np.isfinite(best)] = np.nan
+        return order, best
+
     def top(self):
         """``(index [N] int32, similarity [N] float32)`` of each neuron's best concept;
         index -1 where the row is all NaN."""
-        sim = np.where(np.isfinite(self.similarity), self.similarity, -np.inf)
-        idx = sim.argmax(axis=1).astype(np.int32)
-        best = sim[np.arange(sim.shape[0]), idx].astype(np.float32)
-        idx[~np.isfinite(best)] = -1
-        best[~np.isfinite(best)] = np.nan
-        return idx, best
+        order, best = self.ranked(1)
+        return order[:, 0], best[:, 0]
 
     def interpretable(self) -> np.ndarray:
         """bool ``[N]``: the top similarity exceeds tau and the neuron's chance level."""
