@@ -1,7 +1,9 @@
 """The unit of data every later stage consumes: per neuron, its top-k probe stimuli.
 
-A *neuron* is one output channel of a conv layer.  Its response to an image is the
-spatial max (or mean) of that channel's activation map.  An observation of one layer
+A *neuron* is one output channel of a layer, read where the next layer reads it (for a
+conv: after the normalisation and activation that directly follow it).  Its response to
+an image is the spatial max (or mean) of that channel's activation map (for a
+transformer: over the tokens, placed on the patch grid).  An observation of one layer
 at one step keeps, for every neuron, the k probe images with the highest response
 (sorted, highest first), the responses and the argmax position in the activation
 map, which is enough to crop example patches later without the original data.
@@ -32,6 +34,9 @@ class LayerObservation:
         probe_hash: content hash of the probe set (spaces refuse other hashes).
         step: training step, or ``None`` when not tied to one.
         reduce: ``"max"`` or ``"mean"``.
+        hook: where the layer's units were read, ``{"module", "call", "after"}`` (see
+            :class:`tb_conceptevo.recording.HookPoint`); None when unknown (logs written
+            before it was recorded read the layer's own output).
     """
 
     layer: str
@@ -44,6 +49,7 @@ class LayerObservation:
     probe_hash: str
     step: Optional[int] = None
     reduce: str = "max"
+    hook: Optional[Dict] = None
 
     @property
     def n_neurons(self) -> int:
