@@ -43,7 +43,8 @@ from torch import nn
 
 from . import metadata
 from .probes.base import ProbeSet
-from .recording import _base_name, model_device_dtype, point_hooks, resolve_points
+from .recording import (_base_name, _detect_layout, _token_model_options, model_device_dtype, point_hooks,
+                        resolve_points)
 
 __all__ = [
     "LayerImportance",
@@ -350,6 +351,13 @@ def _check_output(name: str, output) -> torch.Tensor:
     return output
 
 
+def _unit_axis(model: nn.Module, name: str, module: nn.Module, output: torch.Tensor, images: torch.Tensor) -> int:
+    """The channel axis of a layer's output, as the recorder reads it (1 for
+    ``[B, C, H, W]``, -1 for tokens ``[B, T, C]`` and Swin's ``[B, H, W, C]``)."""
+    options = _token_model_options(model, None)
+    return _detect_layout(name, module, output, tuple(images.shape[-2:]), options).channel_axis
+
+
 def _check_all_ran(layers: Sequence[str], store: Mapping[str, torch.Tensor], model: str) -> None:
     missing = [name for name in layers if name not in store]
     if missing:
@@ -596,6 +604,7 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
     # clone, not Z^t.  The first hooked layer's output does not require grad (parameters
     # are frozen), so it becomes a leaf; later ones are reached through it.
     z_from: Dict[str, torch.Tensor] = {}
+    axes: Dict[str, int] = {}
 
     def make_graph_hook(name: str):
         def hook(module, inputs, output):
@@ -605,6 +614,7 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
                     f"analysed module to run once per pass (pick another layer)"
                 )
             z = _check_output(name, output)
+            axes[name] = _unit_axis(model_from, name, module, z, images)
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             z_from[name] = z
@@ -632,8 +642,9 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
             )
         if grad is None:  # the layer does not reach the logits: no sensitivity
             grad = torch.zeros_like(z_t)
-        # Eq. 8 for all channels at once: dZ_n is zero outside channel n.
-        product = grad * (z_t2 - z_t)
+        # Eq. 8 for all channels at once: dZ_n is zero outside channel n (every
+        # position or token of it, class tokens included).
+        product = (grad * (z_t2 - z_t)).movedim(axes[name], 1)
         sensitivity[name] = product.flatten(2).sum(-1) if product.dim() > 2 else product
     return sensitivity
 
@@ -892,7 +903,10 @@ def revert_evaluation(
                             f"snapshots differ at layer {name!r}: its output has shape "
                             f"{list(stored.shape)} in model_from but {list(output.shape)} in model_to"
                         )
-                    shape = (1, -1) + (1,) * (output.dim() - 2)
+                    if _unit_axis(model_to, name, module, output, x_to) == 1:
+                        shape = (1, -1) + (1,) * (output.dim() - 2)
+                    else:  # channels last: tokens [B, T, C] or [B, H, W, C]
+                        shape = (1,) * (output.dim() - 1) + (-1,)
                     return torch.where(state["mask"].view(shape), stored, output)
 
                 with _forward_hooks(model_to, {name: substitute}, x_to[:1]):

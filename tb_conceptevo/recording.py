@@ -459,19 +459,25 @@ def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
     return tuple(torch.gather(t, 1, order) for t in (values, ids, positions))
 
 
-def _reduce(fmap: torch.Tensor, reduce: str):
+def _reduce(fmap: torch.Tensor, reduce: str, extra: Optional[torch.Tensor] = None):
     """``(response [B, C] with NaN where non-finite, sortable values, bad [C])``.
 
-    Non-finite values are detected from the reduction itself (max and mean propagate
-    NaN and +Inf; mean also -Inf), so the common all-finite case costs one pass over
-    the map.  With ``reduce="max"`` a -Inf that never reaches a channel's max changes
-    nothing recorded and is not flagged.  When something is non-finite, a slow exact
-    path ranks on the finite values only.
+    ``extra`` ``[B, C, P]``: values outside the map that count in the response (a
+    transformer's class/register tokens when asked for).  Non-finite values are
+    detected from the reduction itself (max and mean propagate NaN and +Inf; mean also
+    -Inf), so the common all-finite case costs one pass over the map.  With
+    ``reduce="max"`` a -Inf that never reaches a channel's max changes nothing recorded
+    and is not flagged.  When something is non-finite, a slow exact path ranks on the
+    finite values only.
     """
-    response = fmap.amax(dim=(2, 3)) if reduce == "max" else fmap.mean(dim=(2, 3))
+    if extra is None:
+        response = fmap.amax(dim=(2, 3)) if reduce == "max" else fmap.mean(dim=(2, 3))
+    else:
+        flat = torch.cat([fmap.flatten(2), extra], dim=2)
+        response = flat.amax(dim=2) if reduce == "max" else flat.mean(dim=2)
     if bool(torch.isfinite(response).all()):  # one sync per batch and layer, not per neuron
         return response, response, torch.zeros(fmap.shape[1], dtype=torch.bool, device=fmap.device)
-    flat = fmap.flatten(2)
+    flat = fmap.flatten(2) if extra is None else torch.cat([fmap.flatten(2), extra], dim=2)
     finite = torch.isfinite(flat)
     bad_pairs = (~finite).any(dim=2)
     minus_inf = torch.tensor(-math.inf, device=flat.device)
@@ -526,14 +532,132 @@ def _load(probe, indices: torch.Tensor, device, dtype: Optional[torch.dtype] = N
     return images.to(device=device, non_blocking=True)
 
 
-def _layer_output(name: str, output) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor) or output.dim() != 4:
-        kind = type(output).__name__ if not isinstance(output, torch.Tensor) else f"{output.dim()}-d tensor"
+@dataclass(frozen=True)
+class TokenLayout:
+    """How token outputs map onto the image, for layers whose output is ``[B, T, C]``.
+
+    Attributes:
+        grid: ``(h, w)`` patch grid of the non-prefix tokens; None infers it from T and
+            the input's aspect ratio (``T - prefix = h * w`` with ``h : w = H : W``).
+        prefix: class/register tokens before the grid tokens; None infers the smallest
+            count (0-8) that leaves such a grid (ViT: 1 class token).
+        include_prefix: whether those tokens count in a unit's response (max or mean
+            over tokens).  They have no place on the grid: the position is always the
+            best grid token.
+
+    Pass it as ``record(..., tokens=TokenLayout(...))``, or set
+    ``model.conceptevo_tokens = TokenLayout(...)`` so that ConceptWriter and
+    importance use it too.
+    """
+
+    grid: Optional[Tuple[int, int]] = None
+    prefix: Optional[int] = None
+    include_prefix: bool = False
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a hooked output becomes a ``[B, C, H, W]`` map: ``"map"`` (already is),
+    ``"channels_last"`` (``[B, H, W, C]``, e.g. Swin), ``"tokens"`` (``[B, T, C]``:
+    ``prefix`` tokens, then an ``h x w`` grid) or ``"vector"`` (``[B, C]``: a 1 x 1 map)."""
+
+    kind: str
+    prefix: int = 0
+    grid: Tuple[int, int] = (1, 1)
+    include_prefix: bool = False
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.kind in ("map", "vector") else -1
+
+    def describe(self) -> Dict:
+        out = {"layout": self.kind}
+        if self.kind == "tokens":
+            out.update(prefix_tokens=self.prefix, prefix_in_response=self.include_prefix)
+        return out
+
+    def to_map(self, output: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(map [B, C, H, W], prefix tokens [B, C, P] counted in the response or None)``."""
+        if self.kind == "map":
+            return output, None
+        if self.kind == "vector":
+            return output[:, :, None, None], None
+        if self.kind == "channels_last":
+            return output.permute(0, 3, 1, 2).contiguous(), None
+        grid = output[:, self.prefix:].transpose(1, 2).reshape(output.shape[0], output.shape[2], *self.grid)
+        extra = output[:, : self.prefix].transpose(1, 2) if self.include_prefix and self.prefix else None
+        return grid, extra
+
+
+def _token_model_options(model: nn.Module, tokens: Optional[TokenLayout]) -> TokenLayout:
+    tokens = tokens if tokens is not None else getattr(model, "conceptevo_tokens", None)
+    if tokens is None:
+        return TokenLayout()
+    if not isinstance(tokens, TokenLayout):
+        raise TypeError(f"tokens must be a tb_conceptevo.recording.TokenLayout, got {type(tokens).__name__}")
+    return tokens
+
+
+def _channel_last_module(module: nn.Module) -> bool:
+    # nn.Linear and nn.LayerNorm act on the last dimension (torchvision's LayerNorm2d
+    # permutes around it and returns [B, C, H, W]).
+    return isinstance(module, nn.Linear) or (type(module) is nn.LayerNorm)
+
+
+def _token_grid(name: str, tokens: int, input_size: Tuple[int, int], options: TokenLayout) -> Tuple[int, Tuple[int, int]]:
+    hint = ("pass tokens=TokenLayout(grid=(h, w), prefix=n) to record (or set model.conceptevo_tokens), "
+            "or record a module whose output is a [B, C, H, W] map")
+    prefixes = [options.prefix] if options.prefix is not None else range(0, 9)
+    for prefix in prefixes:
+        n = tokens - prefix
+        if n <= 0:
+            continue
+        if options.grid is not None:
+            if int(options.grid[0]) * int(options.grid[1]) == n:
+                return prefix, (int(options.grid[0]), int(options.grid[1]))
+            continue
+        height, width = input_size
+        for h in range(1, n + 1):
+            if n % h == 0 and h * width == (n // h) * height:
+                return prefix, (h, n // h)
+    given = f"grid {tuple(options.grid)} " if options.grid is not None else ""
+    given += f"with {options.prefix} prefix tokens" if options.prefix is not None else ""
+    raise ValueError(
+        f"layer {name!r} returns {tokens} tokens ([B, T, C]), which do not form {given or 'a patch grid'} "
+        f"with the input's aspect ratio {input_size[0]}:{input_size[1]} after 0-8 class/register tokens; {hint}")
+
+
+def _detect_layout(name: str, module: nn.Module, output, input_size: Tuple[int, int],
+                   options: TokenLayout) -> _Layout:
+    """The layout of a hooked output, or a clear error naming the layer."""
+    if isinstance(output, (tuple, list, dict)) or not isinstance(output, torch.Tensor):
+        kind = type(output).__name__
         raise ValueError(
-            f"layer {name!r} returns a {kind}, not a [B, C, H, W] feature map; choose conv-like "
-            "layers (tb_conceptevo.list_layers(model, conv_only=True))"
-        )
-    return output
+            f"layer {name!r} returns a {kind}, not a tensor; record a module inside it that returns one "
+            f"tensor (tb_conceptevo.list_layers(model) lists them, e.g. its linear or conv layers), or "
+            "the block around it")
+    if not output.is_floating_point():
+        raise ValueError(f"layer {name!r} returns a {output.dtype} tensor; record a layer with float activations")
+    if output.dim() == 2:
+        return _Layout("vector")
+    if output.dim() == 3:
+        prefix, grid = _token_grid(name, output.shape[1], input_size, options)
+        return _Layout("tokens", prefix, grid, options.include_prefix)
+    if output.dim() == 4:
+        height, width = input_size
+
+        def spatial(h, w):  # a grid no larger than the image, with about its aspect ratio
+            return h <= height and w <= width and abs(h * width - w * height) <= max(width, height)
+        first, last = spatial(*output.shape[2:4]), spatial(*output.shape[1:3])
+        if last and not first:
+            return _Layout("channels_last")
+        if first and not last:
+            return _Layout("map")
+        return _Layout("channels_last" if _channel_last_module(module) else "map")
+    raise ValueError(
+        f"layer {name!r} returns a {output.dim()}-d tensor {list(output.shape)}: no channel axis found (units "
+        "are read from [B, C, H, W] maps, [B, H, W, C] (Swin), [B, T, C] tokens or [B, C]); record another "
+        "module (tb_conceptevo.list_layers(model) lists them)")
 
 
 def _points_for(model: nn.Module, probe, layers, device, dtype) -> List[HookPoint]:
@@ -544,32 +668,39 @@ def _points_for(model: nn.Module, probe, layers, device, dtype) -> List[HookPoin
     return resolve_points(model, layers, example=_load(probe, torch.arange(1), device, dtype))
 
 
-def layer_shapes(model: nn.Module, probe, layers, device=None, calls: Optional[Dict[str, int]] = None
+def layer_shapes(model: nn.Module, probe, layers, device=None, calls: Optional[Dict[str, int]] = None,
+                 layouts: Optional[Dict[str, "_Layout"]] = None, tokens: Optional[TokenLayout] = None
                  ) -> Dict[str, Tuple[int, int, int]]:
-    """``{layer: (C, H, W)}`` at each layer's hook point from one forward pass of a
-    single probe image; ``layers`` are names/modules or :class:`HookPoint`; ``calls``
-    (a dict) receives how many times each point was reached in that pass."""
+    """``{layer: (C, H, W)}`` of each layer's map at its hook point from one forward
+    pass of a single probe image; ``layers`` are names/modules or :class:`HookPoint`;
+    ``calls`` (a dict) receives how many times each point was reached in that pass,
+    ``layouts`` how each output becomes a map (tokens, channels-last, ...)."""
     model_at, dtype = model_device_dtype(model)
     device = device or model_at
     points = _points_for(model, probe, layers, device, dtype)
+    options = _token_model_options(model, tokens)
     shapes: Dict[str, Tuple[int, int, int]] = {}
     counts: Dict[str, int] = {} if calls is None else calls
+    found: Dict[str, _Layout] = {} if layouts is None else layouts
+    image = _load(probe, torch.arange(1), device, dtype)
+    input_size = tuple(int(v) for v in image.shape[-2:])
 
     def make_hook(point):
         name = point.layer
 
-        def hook(_module, _inputs, output):
-            shape = tuple(_layer_output(name, output).shape[1:])
+        def hook(module, _inputs, output):
+            layout = _detect_layout(name, module, output, input_size, options)
+            shape = tuple(layout.to_map(output)[0].shape[1:])
             if name in shapes and shapes[name] != shape:
                 # positions are cells of one map size: calls at other sizes cannot share them
                 raise ValueError(
                     f"layer {name!r} runs several times per forward pass with different output shapes "
                     f"({shapes[name]} and {shape}); record the modules around it instead")
             shapes.setdefault(name, shape)
+            found.setdefault(name, layout)
             counts[name] = counts.get(name, 0) + 1
         return hook
 
-    image = _load(probe, torch.arange(1), device, dtype)
     with inference_mode_of(model), point_hooks(model, points, make_hook):
         try:
             model(image)
@@ -597,6 +728,7 @@ def record(
     consumers: Sequence[RecordingConsumer] = (),
     step: Optional[int] = None,
     progress: bool = True,
+    tokens: Optional[TokenLayout] = None,
 ) -> Observation:
     """Top-k stimuli of every channel of ``layers`` over ``probe``, in one pass.
 
@@ -648,7 +780,8 @@ def record(
             "distributed initialised), or leave them out under distributed training"
         )
     calls: Dict[str, int] = {}
-    shapes = layer_shapes(model, probe, points, device, calls)
+    layouts: Dict[str, _Layout] = {}
+    shapes = layer_shapes(model, probe, points, device, calls, layouts, tokens)
     repeated = {name: count for name, count in calls.items() if count > 1}
     if repeated:
         warnings.warn(
@@ -679,12 +812,14 @@ def record(
         def make_hook(point):
             name = point.layer
             top = tops[name]
+            layout = layouts[name]
 
             def hook(_module, _inputs, output):
-                fmap = _layer_output(name, output).detach()
+                fmap, extra = layout.to_map(output.detach())
                 if fmap.dtype != torch.float32:
                     fmap = fmap.float()
-                response, sortable, bad = _reduce(fmap, reduce)
+                    extra = None if extra is None else extra.float()
+                response, sortable, bad = _reduce(fmap, reduce, extra)
                 first_call = name not in pending
                 if pass_index == 0:
                     top.invalid |= bad
@@ -746,7 +881,7 @@ def record(
             layer=name, image_ids=ids, activations=values,
             positions=top.positions.cpu().numpy().astype(np.int32), invalid=invalid,
             map_size=tuple(shapes[name][1:]), input_size=input_size,
-            probe_hash=probe_hash, step=step, reduce=reduce, hook=point.describe(),
+            probe_hash=probe_hash, step=step, reduce=reduce, hook={**point.describe(), **layouts[name].describe()},
         )
     if n_bad_total:
         warnings.warn(

@@ -218,8 +218,24 @@ def test_bad_inputs_have_clear_errors():
         record(model, random_probe(n=0, size=8), k=1, progress=False)
     with pytest.raises(ValueError, match="cannot take the probe images"):
         record(torchvision.models.vgg11(), random_probe(n=4, size=8).__class__(torch.rand(4, 1, 8, 8)), k=1, progress=False)
-    with pytest.raises(ValueError, match="not a \\[B, C, H, W\\] feature map"):
-        record(model, probe, ["head"], k=2, progress=False)
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.pair(self.conv(x))[0]
+
+    with pytest.raises(ValueError, match=r"layer 'pair' returns a tuple, not a tensor; record a module inside it"):
+        record(Holder(), probe, ["pair"], k=2, progress=False)
+    five = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Unflatten(1, (2, 2)))
+    with pytest.raises(ValueError, match=r"layer '1' returns a 5-d tensor .*no channel axis found"):
+        record(five, probe, ["1"], k=2, progress=False)
     for module in model.modules():
         assert not module._forward_hooks
 
@@ -406,5 +422,5 @@ def test_negative_batchnorm_scales_rank_by_what_the_next_layer_reads(seed):
         # A flipped channel's raw conv ranking is (nearly) the reverse: the old unit was wrong.
         raw = obs[conv + ".raw"]
         differs_from_raw += int((raw.image_ids[channels] != got.image_ids[channels]).any(axis=1).sum())
-        assert raw.hook == {"module": conv, "call": None, "after": []}
+        assert raw.hook == {"module": conv, "call": None, "after": [], "layout": "map"}
     assert differs_from_raw > 0.8 * sum(len(flipped[_resnet_bn_of(c)[0]]) for c in convs)
