@@ -174,3 +174,98 @@ def test_stimuli_header_records_the_hook_point_and_old_logs_still_load():
     assert layer_observation(header, arrays, 0).hook == obs.hook
     del header["hook"]   # written before hook points were recorded
     assert layer_observation(header, arrays, 0).hook is None
+
+
+# ----------------------------------------------------------------------------- torchvision end to end
+
+def _perturbed(model, seed):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return other
+
+
+def _check_read_back(logdir, layers, observations, grid):
+    from tb_conceptevo.reading import LogReader
+
+    with LogReader(str(logdir)) as logs:
+        assert set(layers) <= set(logs.layers("run"))
+        for step, expected in enumerate(observations):
+            got = logs.observation("run", step)
+            for layer in layers:
+                np.testing.assert_array_equal(got[layer].image_ids, expected[layer].image_ids)
+                np.testing.assert_array_equal(got[layer].positions, expected[layer].positions)
+                assert got[layer].hook == expected[layer].hook and got[layer].map_size == grid[layer]
+
+
+def _check_ui_patches(logdir, layer, observation, channel=0):
+    """The plugin's neuron view serves the stimuli with their patch boxes on the image."""
+    from tests import plugin_checks as checks
+    from tests.test_plugin import fetcher, make_app
+
+    app, _, close = make_app(str(logdir), "python")
+    try:
+        reply = fetcher(app)(f"neuron?run=run&layer={layer}&channel={channel}&step={observation.step}")
+        assert reply.status == 200, reply.body[:300]
+        story = checks.Reply.json(reply)
+        keep = observation.image_ids[channel] >= 0
+        assert [s["image"] for s in story["stimuli"]] == observation.image_ids[channel][keep].tolist()
+        assert [s["box"] for s in story["stimuli"]] == observation.patch_boxes()[channel][keep].tolist()
+    finally:
+        close()
+
+
+def test_swin_t_through_stimuli_spaces_labels_importance_revert_and_the_ui(tmp_path):
+    from tb_conceptevo.detectors import MiniLMTextEncoder, NetDissect
+    from tb_conceptevo.importance import revert_evaluation
+    from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.spaces.conceptevo import ConceptEvoSpace
+    from tb_conceptevo.spaces.text import TextSpace
+    from tb_conceptevo.writer import ConceptWriter
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=4)
+    probe = ConceptShapes(n=6, size=32, seed=0)
+    layers = ["features.1.0.mlp.0", "features.7.1"]   # hidden MLP units ([B, 8, 8, 384]) and a last block
+    conceptevo = ConceptEvoSpace(dim=4, epochs=2, repetitions=2, k=2, progress=False)
+    conceptevo.fit(record(model, probe, layers, k=2, batch_size=6, progress=False))
+    text = TextSpace(NetDissect(vocabulary=probe, progress=False), text_encoder=MiniLMTextEncoder(),
+                     anchors=["red", "circle"])
+    writer = ConceptWriter(str(tmp_path / "run"), probe=probe, layers=layers, k=2, batch_size=6,
+                           spaces=[conceptevo, text], progress=False)
+    later = _perturbed(model, 1)
+    observations = [writer.add_concepts(model, step=0), writer.add_concepts(later, step=1)]
+    importance, revert = writer.add_concept_importance(later, 0, probe, step=1, from_model=model, from_step=0,
+                                                       layers=["features.1.0.mlp.0"], max_images=2)
+    writer.close()
+    assert importance["features.1.0.mlp.0"].n_neurons == 384 and np.isfinite(importance["features.1.0.mlp.0"].importance).all()
+    table = revert_evaluation(model, later, probe, 0, importance, n_bins=2, seeds=(0,), max_images=2, progress=False)
+    assert table.bin_sizes.tolist() == [[192, 192]]
+    _check_read_back(tmp_path, layers, observations, {"features.1.0.mlp.0": (8, 8), "features.7.1": (1, 1)})
+    _check_ui_patches(tmp_path, "features.1.0.mlp.0", observations[1]["features.1.0.mlp.0"])
+
+
+def test_vit_b_16_through_stimuli_labels_importance_and_the_ui(tmp_path):
+    from tb_conceptevo.detectors import MiniLMTextEncoder, NetDissect
+    from tb_conceptevo.importance import concept_evolution_importance
+    from tb_conceptevo.probes import ConceptShapes
+    from tb_conceptevo.spaces.text import TextSpace
+    from tb_conceptevo.writer import ConceptWriter
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(num_classes=4)
+    probe = ConceptShapes(n=2, size=224, seed=0)   # vit_b_16 takes 224 px only
+    layer = "encoder.layers.encoder_layer_1.mlp.0"
+    text = TextSpace(NetDissect(vocabulary=probe, progress=False), text_encoder=MiniLMTextEncoder(), anchors=["red"])
+    writer = ConceptWriter(str(tmp_path / "run"), probe=probe, layers=[layer], k=1, batch_size=2,
+                           spaces=[text], progress=False)
+    observation = writer.add_concepts(model, step=0)
+    writer.close()
+    assert observation[layer].hook["layout"] == "tokens" and observation[layer].hook["prefix_tokens"] == 1
+    _check_read_back(tmp_path, [layer], [observation], {layer: (14, 14)})
+    _check_ui_patches(tmp_path, layer, observation[layer])
+    result = concept_evolution_importance(model, _perturbed(model, 1), probe.images(np.arange(2)), 0,
+                                          layers=[layer], progress=False)
+    assert result[layer].n_neurons == 3072 and not result[layer].flagged.any()
