@@ -1,6 +1,8 @@
 """Streaming top-k stimuli of every neuron: one forward pass over the probe set.
 
-Forward hooks on the chosen layers reduce each batch's activation maps to one
+Forward hooks at each chosen layer's hook point (for a conv: after the normalisation
+and activation that directly follow it; see :func:`resolve_points`) reduce each
+batch's activation maps (token outputs are first placed on their patch grid) to one
 response per (image, channel) and merge them into a running per-neuron top-k with
 tensor ops on the model's device, so memory is O(neurons x k + one batch).  Hooks
 exist only inside :func:`record`, which always removes them and restores the
@@ -736,11 +738,19 @@ def record(
         model: any ``nn.Module``; it runs on its own device, in eval mode, without grad.
         probe: a :class:`~tb_conceptevo.probes.ProbeSet` (or any dataset of
             ``(image, label)`` with a ``hash`` attribute).
-        layers: module names (``"features.10"``), modules, or None for every ``nn.Conv2d``.
+        layers: module names (``"features.10"``), modules, or None for every ``nn.Conv2d``
+            (for a model with at most one conv, e.g. a ViT, also every MLP's hidden
+            units).  A conv or linear layer is read after the normalisation and
+            activation that directly follow it (:func:`resolve_points`); ``"name.raw"``
+            reads its own output.  Outputs may be ``[B, C, H, W]``, ``[B, H, W, C]``
+            (Swin), ``[B, T, C]`` tokens or ``[B, C]``; consumers always get the
+            ``[B, C, H, W]`` map (tokens on their patch grid).
         k: stimuli kept per neuron.
         reduce: ``"max"`` (ConceptEvo) or ``"mean"`` spatial reduction.
         consumers: extra :class:`RecordingConsumer` fed by the same pass (detectors).
         step: stored in the observation.
+        tokens: :class:`TokenLayout` for token outputs (default
+            ``model.conceptevo_tokens``, else inferred; class/register tokens left out).
 
     Returns:
         :class:`~tb_conceptevo.observation.Observation` with one
