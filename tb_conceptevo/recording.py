@@ -461,6 +461,31 @@ def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
     return tuple(torch.gather(t, 1, order) for t in (values, ids, positions))
 
 
+def _lazy_positions(device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _response(fmap: torch.Tensor, reduce: str, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ``[B, C]`` response, NaN/Inf propagated (see :func:`_reduce`)."""
+    if extra is None:
+        return fmap.amax(dim=(2, 3)) if reduce == "max" else fmap.mean(dim=(2, 3))
+    flat = torch.cat([fmap.flatten(2), extra], dim=2)
+    return flat.amax(dim=2) if reduce == "max" else flat.mean(dim=2)
+
+
+def _fast_reduce(fmap: torch.Tensor, reduce: str, extra: Optional[torch.Tensor] = None):
+    """``(response [B, C], argmax position [B, C])`` without any device sync; NaN and
+    +Inf propagate into the response (the caller checks once per batch, see
+    :func:`_reduce` for the exact path)."""
+    flat = fmap.flatten(2)
+    if reduce == "max" and extra is None:
+        return flat.max(dim=2)
+    positions = flat.argmax(dim=2)
+    if extra is not None:
+        flat = torch.cat([flat, extra], dim=2)
+    return (flat.amax(dim=2) if reduce == "max" else flat.mean(dim=2)), positions
+
+
 def _reduce(fmap: torch.Tensor, reduce: str, extra: Optional[torch.Tensor] = None):
     """``(response [B, C] with NaN where non-finite, sortable values, bad [C])``.
 
@@ -799,7 +824,19 @@ def record(
             "modules): a neuron's response to an image is the largest over the calls, at the position of "
             "that call; detectors see each layer's first call", RuntimeWarning, stacklevel=2)
     shard = torch.arange(rank, n, world, device=device)
-    tops = {p.layer: _TopK(shapes[p.layer][0], k, device) for p in points}
+    names = [p.layer for p in points]
+    # One top-k over the channels of every layer (layer after layer): a batch's
+    # responses of all layers are merged at once, after its forward pass, so the cost
+    # per layer is its reduction only, with no per-layer merge or device sync.
+    offsets = dict(zip(names, np.cumsum([0] + [shapes[nm][0] for nm in names])[:-1].tolist()))
+    top = _TopK(int(sum(shapes[nm][0] for nm in names)), k, device)
+    # Layers seen producing NaN/Inf: from then on ranked by the exact (slower) path.
+    exact_layers: set = set()
+    # On a CPU a sync costs nothing and a pass over a map is dear: one small sync per
+    # layer and batch lets the argmax run only for channels that may enter the top-k.
+    # On an accelerator syncs stall the pipeline and passes are cheap: max with indices
+    # for every channel, and one sync per batch.  Both give the same result.
+    lazy_positions = _lazy_positions(device)
     input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
 
     from tqdm.auto import tqdm
@@ -814,14 +851,14 @@ def record(
         n_passes = max([pass_index + 1] + [int(getattr(c, "passes", 1)) for c in consumers])
         for consumer in active:
             consumer.begin_pass(pass_index, dict(shapes), probe)
-        batch_indices = [None]
-        # Layers that run several times per forward: the best response over the calls
-        # so far, with its position, merged once the batch's forward pass is done.
-        pending: Dict[str, List[torch.Tensor]] = {}
+        state = {"indices": None, "feed": True}
+        # Per layer, this batch's [sortable, positions, finite flag, bad]: the best over
+        # the calls of a layer that runs several times per forward pass.
+        pending: Dict[str, List] = {}
+        seen: set = set()   # layers already called in this forward pass
 
         def make_hook(point):
             name = point.layer
-            top = tops[name]
             layout = layouts[name]
 
             def hook(_module, _inputs, output):
@@ -829,67 +866,112 @@ def record(
                 if fmap.dtype != torch.float32:
                     fmap = fmap.float()
                     extra = None if extra is None else extra.float()
-                response, sortable, bad = _reduce(fmap, reduce, extra)
-                first_call = name not in pending
+                first_call = name not in seen
+                seen.add(name)
+                response = None
                 if pass_index == 0:
-                    top.invalid |= bad
-                    # Argmax among finite values only: NaN would win torch's argmax.
-                    safe = fmap if not bool(bad.any()) else torch.nan_to_num(fmap, nan=-math.inf, posinf=-math.inf)
-                    if name not in repeated:
-                        top.merge(sortable, batch_indices[0], safe)
-                    else:
+                    if name in exact_layers:
+                        response, sortable, bad = _reduce(fmap, reduce, extra)
+                        # Argmax among finite values only: NaN would win torch's argmax.
+                        safe = fmap if not bool(bad.any()) else torch.nan_to_num(fmap, nan=-math.inf, posinf=-math.inf)
                         positions = safe.flatten(2).argmax(dim=2)
-                        if first_call:
-                            pending[name] = [sortable, positions]
+                        finite = None
+                    elif lazy_positions:
+                        sortable = _response(fmap, reduce, extra)
+                        # One sync: all finite? may anything enter the top-k?  Argmax
+                        # positions are then computed only for the channels that may.
+                        enters = sortable > top.values[offsets[name]: offsets[name] + sortable.shape[1], -1]
+                        finite_all, any_enters = torch.stack([torch.isfinite(sortable).all(), enters.any()]).tolist()
+                        if not finite_all:  # rare: this layer takes the exact path from now on
+                            exact_layers.add(name)
+                            response, sortable, bad = _reduce(fmap, reduce, extra)
+                            safe = torch.nan_to_num(fmap, nan=-math.inf, posinf=-math.inf)
+                            positions, finite = safe.flatten(2).argmax(dim=2), None
                         else:
-                            best, best_positions = pending[name]
-                            better = sortable > best
-                            pending[name] = [torch.where(better, sortable, best),
-                                             torch.where(better, positions, best_positions)]
-                elif name in repeated and first_call:
-                    pending[name] = []
-                if first_call:
+                            positions = torch.zeros(sortable.shape, dtype=torch.int64, device=sortable.device)
+                            if any_enters:  # only the (image, channel) pairs above the k-th value
+                                b, c = enters.nonzero(as_tuple=True)
+                                positions[b, c] = fmap[b, c].flatten(1).argmax(dim=1)
+                            finite, bad = None, None
+                            response = sortable
+                    else:
+                        sortable, positions = _fast_reduce(fmap, reduce, extra)
+                        finite, bad = torch.isfinite(sortable), None
+                    if first_call:
+                        pending[name] = [sortable, positions, finite, bad]
+                    else:
+                        best = pending[name]
+                        better = sortable > best[0]
+                        best[0] = torch.where(better, sortable, best[0])
+                        best[1] = torch.where(better, positions, best[1])
+                        if finite is not None:
+                            best[2] = finite if best[2] is None else best[2] & finite
+                        if bad is not None:
+                            best[3] = bad if best[3] is None else best[3] | bad
+                    if response is None and first_call and state["feed"] and active:
+                        response = torch.where(finite, sortable, torch.tensor(math.nan, device=sortable.device))
+                if first_call and state["feed"] and active:
+                    if response is None:
+                        response = _reduce(fmap, reduce, extra)[0]
                     for consumer in active:
-                        consumer.update(pass_index, name, fmap, response, batch_indices[0])
+                        consumer.update(pass_index, name, fmap, response, state["indices"])
             return hook
 
         batches = torch.split(shard, batch_size)
         label = "recording" if pass_index == 0 else f"recording (pass {pass_index + 1}/{n_passes})"
         with inference_mode_of(model), point_hooks(model, points, make_hook):
             for indices in tqdm(batches, desc=label, disable=not progress or rank != 0, leave=False):
-                batch_indices[0] = indices
+                state["indices"], state["feed"] = indices, True
                 pending.clear()
-                model(_load(probe, indices, device, dtype))
-                for name, merged in pending.items():
-                    if merged:
-                        tops[name].merge(merged[0], indices, None, positions=merged[1])
+                seen.clear()
+                images = _load(probe, indices, device, dtype)
+                model(images)
+                if pass_index > 0:
+                    continue
+                fast = [nm for nm in names if pending[nm][2] is not None]  # eager mode only
+                if fast:
+                    flags = torch.stack([pending[nm][2].all() for nm in fast]).tolist()  # one sync per batch
+                    newly = [nm for nm, ok in zip(fast, flags) if not ok]
+                    if newly:  # rare: redo this batch with the exact path for those layers
+                        exact_layers.update(newly)
+                        state["feed"] = False  # consumers already saw this batch
+                        pending.clear()
+                        seen.clear()
+                        model(images)
+                for nm in names:
+                    if pending[nm][3] is not None:
+                        top.invalid[offsets[nm]: offsets[nm] + shapes[nm][0]] |= pending[nm][3]
+                top.merge(torch.cat([pending[nm][0] for nm in names], dim=1), indices, None,
+                          positions=torch.cat([pending[nm][1] for nm in names], dim=1))
         for consumer in active:
             consumer.end_pass(pass_index)
         pass_index += 1
 
     if world > 1:
-        for top in tops.values():
-            _all_gather_topk(top)
+        _all_gather_topk(top)
         for consumer in consumers:
             if hasattr(consumer, "all_reduce"):
                 consumer.all_reduce()
 
+    all_values = top.values.cpu().numpy().astype(np.float32)
+    all_ids = top.ids.cpu().numpy().astype(np.int32)
+    all_positions = top.positions.cpu().numpy().astype(np.int32)
+    all_invalid = top.invalid.cpu().numpy()
     probe_hash = _probe_hash(probe)
     observation = Observation(step=step, probe_hash=probe_hash)
     n_bad_total = 0
     for point in points:
         name = point.layer
-        top = tops[name]
-        values = top.values.cpu().numpy().astype(np.float32)
-        ids = top.ids.cpu().numpy().astype(np.int32)
+        rows = slice(offsets[name], offsets[name] + shapes[name][0])
+        values, ids = all_values[rows].copy(), all_ids[rows].copy()
         missing = ~np.isfinite(values)
         ids[missing] = -1
         values[missing] = np.nan
-        invalid = top.invalid.cpu().numpy()
+        invalid = all_invalid[rows].copy()
         n_bad_total += int(invalid.sum())
         observation.layers[name] = LayerObservation(
             layer=name, image_ids=ids, activations=values,
-            positions=top.positions.cpu().numpy().astype(np.int32), invalid=invalid,
+            positions=all_positions[rows].copy(), invalid=invalid,
             map_size=tuple(shapes[name][1:]), input_size=input_size,
             probe_hash=probe_hash, step=step, reduce=reduce, hook={**point.describe(), **layouts[name].describe()},
         )

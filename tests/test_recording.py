@@ -424,3 +424,16 @@ def test_negative_batchnorm_scales_rank_by_what_the_next_layer_reads(seed):
         differs_from_raw += int((raw.image_ids[channels] != got.image_ids[channels]).any(axis=1).sum())
         assert raw.hook == {"module": conv, "call": None, "after": [], "layout": "map"}
     assert differs_from_raw > 0.8 * sum(len(flipped[_resnet_bn_of(c)[0]]) for c in convs)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["cpu-lazy-argmax", "accelerator-eager-argmax"])
+def test_both_position_strategies_give_the_brute_force_result(monkeypatch, lazy):
+    """The CPU path (argmax only where a pair may enter) and the accelerator path (max
+    with indices everywhere, one sync per batch) on exact data, shared modules and NaN."""
+    from tb_conceptevo import recording
+
+    monkeypatch.setattr(recording, "_lazy_positions", lambda device: lazy)
+    _check(ExactBranchy(), integer_probe(n=50, size=16), None, k=6, batch_size=8)
+    _check(ExactBranchy(), integer_probe(n=50, size=16), ["left", "right"], k=4, batch_size=9, reduce="mean")
+    test_module_called_twice_per_forward_merges_calls("relu")
+    test_nan_neurons_flagged_rest_recorded()
