@@ -1,10 +1,14 @@
 """add_concepts vs a bare no-grad forward pass, and peak memory of recording.
 
-Targets (issue 2): add_concepts wall time / bare forward <= 1.25 on resnet18 and on a
-VGG16-sized model, 2,048 probe images at 64 px, same batch size; peak extra memory
-with 4,096+ neurons and 10,000 probe images stays O(neurons x k + batch).
+Targets: add_concepts wall time / bare forward <= 1.25, same probe and batch size, on
+resnet18 and VGG16 (2,048 probe images at 64 px), on the many-layer nets
+mobilenet_v3_small, efficientnet_b0 and resnet50 (1,024 images at 64 px) and on
+vit_b_16 (256 images at 224 px, its MLP hidden units); peak extra memory with 4,096+
+neurons and 10,000 probe images stays O(neurons x k + batch).
 
-    python benchmarks/bench_recording.py [--images 2048] [--repeats 3]
+    python benchmarks/bench_recording.py [--images 2048] [--deep-images 1024] [--vit-images 256]
+                                         [--repeats 3] [--models resnet18,vgg16,mobilenet_v3_small,...]
+                                         [--device cuda]
 
 Timings are paired in one process (bare, then add_concepts, alternating) and the
 median of each is compared, since shared machines are noisy.
@@ -24,35 +28,50 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tb_conceptevo.probes import ConceptShapes  # noqa: E402
+from tb_conceptevo.recording import model_device_dtype  # noqa: E402
 from tb_conceptevo.writer import ConceptWriter  # noqa: E402
 
 
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bare_forward(model, probe, batch_size):
+    """The same work without recording: the probe loaded batch by batch onto the
+    model's device, one no-grad forward each."""
+    device, dtype = model_device_dtype(model)
     model.eval()
     with torch.no_grad():
         for start in range(0, len(probe), batch_size):
-            model(probe.load_batch(range(start, min(len(probe), start + batch_size))))
+            images = probe.load_batch(range(start, min(len(probe), start + batch_size)))
+            model(images.to(device=device, dtype=dtype, non_blocking=True))
+    _sync(device)
 
 
-def time_ratio(name, model, probe, batch_size, repeats):
+def time_ratio(name, model, probe, batch_size, repeats, layers=None):
+    device = model_device_dtype(model)[0]
     with tempfile.TemporaryDirectory() as tmp:
-        writer = ConceptWriter(tmp, probe=probe, k=10, batch_size=batch_size, progress=False)
-        writer.add_concepts(model, step=0)  # warm-up; also writes the thumbnails once
+        writer = ConceptWriter(tmp, probe=probe, layers=layers, k=10, batch_size=batch_size, progress=False)
+        observation = writer.add_concepts(model, step=0)  # warm-up; also writes the thumbnails once
+        bare_forward(model, probe, batch_size)
         bare, ours = [], []
         for step in range(1, repeats + 1):
             t0 = time.perf_counter()
             bare_forward(model, probe, batch_size)
             t1 = time.perf_counter()
             writer.add_concepts(model, step=step)
+            _sync(device)
             t2 = time.perf_counter()
             bare.append(t1 - t0)
             ours.append(t2 - t1)
         writer.close()
-    neurons = sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    neurons = observation.n_neurons
     ratio = float(np.median(ours) / np.median(bare))
     verdict = "PASS" if ratio <= 1.25 else "FAIL"
-    print(f"{name:10s} {neurons:5d} neurons  bare {np.median(bare):6.2f} s  add_concepts {np.median(ours):6.2f} s  "
-          f"ratio {ratio:.3f} (target <= 1.25) {verdict}")
+    print(f"{name:18s} {len(observation):3d} layers {neurons:6d} neurons {len(probe):5d} images  bare "
+          f"{np.median(bare):7.2f} s  add_concepts {np.median(ours):7.2f} s  ratio {ratio:.3f} (target <= 1.25) "
+          f"{verdict}", flush=True)
     return ratio
 
 
@@ -136,19 +155,44 @@ def memory(images: int):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--images", type=int, default=2048, help="probe images for resnet18 / vgg16")
+    parser.add_argument("--deep-images", type=int, default=1024, help="for mobilenet_v3_small, efficientnet_b0, resnet50")
+    parser.add_argument("--vit-images", type=int, default=256, help="for vit_b_16 (224 px)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--models", default=",".join(MODELS) + ",memory")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-images", type=int, default=10_000)
     parser.add_argument("--memory-child", choices=["bare", "record"])
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.images)
         return
-    torch.manual_seed(0)
-    probe = ConceptShapes(n=args.images, size=64, seed=0)
-    time_ratio("resnet18", torchvision.models.resnet18(), probe, 64, args.repeats)
-    time_ratio("vgg16", torchvision.models.vgg16(), probe, 64, args.repeats)
-    memory(args.memory_images)
+    probes = {}
+    for name in args.models.split(","):
+        if name == "memory":
+            memory(args.memory_images)
+            continue
+        factory, size, count = MODELS[name]
+        n = {"images": args.images, "deep": args.deep_images, "vit": args.vit_images}[count]
+        if (n, size) not in probes:
+            probes[(n, size)] = ConceptShapes(n=n, size=size, seed=0)
+            probes[(n, size)].load_batch(range(n))  # build the cache before timing
+        torch.manual_seed(0)
+        model = factory().to(args.device)
+        time_ratio(name, model, probes[(n, size)], args.batch_size, args.repeats)
+
+
+#: name -> (factory, image size, which image count); default layers everywhere (every
+#: conv, read after its BatchNorm/activation; vit_b_16: its patch conv and MLP hidden units)
+MODELS = {
+    "resnet18": (torchvision.models.resnet18, 64, "images"),
+    "vgg16": (torchvision.models.vgg16, 64, "images"),
+    "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, 64, "deep"),
+    "efficientnet_b0": (torchvision.models.efficientnet_b0, 64, "deep"),
+    "resnet50": (torchvision.models.resnet50, 64, "deep"),
+    "vit_b_16": (torchvision.models.vit_b_16, 224, "vit"),
+}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ _EXPORTS = {
     "record": "tb_conceptevo.recording",
     "list_layers": "tb_conceptevo.recording",
     "RecordingConsumer": "tb_conceptevo.recording",
+    "TokenLayout": "tb_conceptevo.recording",
     "Observation": "tb_conceptevo.observation",
     "LayerObservation": "tb_conceptevo.observation",
     "LogReader": "tb_conceptevo.reading",

@@ -52,7 +52,8 @@ from torch import nn
 
 from . import metadata
 from .probes.base import ProbeSet
-from .recording import hooks_on, model_device_dtype
+from .recording import (_base_name, _detect_layout, _token_model_options, model_device_dtype, point_hooks,
+                        resolve_points)
 
 __all__ = [
     "LayerImportance",
@@ -290,6 +291,7 @@ def check_same_architecture(model_from: nn.Module, model_to: nn.Module, layers: 
     modules_to = dict(model_to.named_modules())
     modules_from = dict(model_from.named_modules())
     for name in layers:
+        name = _base_name(name, modules_from)[0]  # "conv1.raw" -> "conv1"
         if name not in modules_to:
             raise ValueError(f"snapshots differ in architecture: layer {name!r} is missing in model_to")
         if type(modules_to[name]) is not type(modules_from[name]):
@@ -321,10 +323,14 @@ def _evaluation_state(model: nn.Module):
             param.requires_grad_(flag)
 
 
-def _forward_hooks(model: nn.Module, hooks: Mapping[str, Callable]):
-    """Register ``{module name: hook}``; always removed when the block ends."""
-    modules = dict(model.named_modules())
-    return hooks_on([(name, modules[name]) for name in hooks], lambda name: hooks[name])
+def _forward_hooks(model: nn.Module, hooks: Mapping[str, Callable], example: torch.Tensor):
+    """Register ``{layer name: hook}`` at each layer's hook point, the same point the
+    recorder reads (:func:`tb_conceptevo.recording.resolve_points`: a conv after its
+    normalisation and activation), so importance and revert act on what the next layer
+    sees.  ``example`` (one input) locates the points of models torch.fx cannot trace.
+    Always removed when the block ends."""
+    points = resolve_points(model, list(hooks), example)
+    return point_hooks(model, points, lambda point: hooks[point.layer])
 
 
 def _as_logits(output, class_index: int) -> torch.Tensor:
@@ -352,6 +358,13 @@ def _check_output(name: str, output) -> torch.Tensor:
             f"{type(output).__name__ if not isinstance(output, torch.Tensor) else list(output.shape)}"
         )
     return output
+
+
+def _unit_axis(model: nn.Module, name: str, module: nn.Module, output: torch.Tensor, images: torch.Tensor) -> int:
+    """The channel axis of a layer's output, as the recorder reads it (1 for
+    ``[B, C, H, W]``, -1 for tokens ``[B, T, C]`` and Swin's ``[B, H, W, C]``)."""
+    options = _token_model_options(model, None)
+    return _detect_layout(name, module, output, tuple(images.shape[-2:]), options).channel_axis
 
 
 def _check_all_ran(layers: Sequence[str], store: Mapping[str, torch.Tensor], model: str) -> None:
@@ -591,8 +604,9 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
     z_to: Dict[str, torch.Tensor] = {}
     make = _capture_hooks(z_to, stop_when_complete=len(layers))
     try:
-        with torch.no_grad(), _forward_hooks(model_to, {name: make(name) for name in layers}):
-            _as_logits(model_to(images.to(device_to, dtype_to)), class_index)
+        x_to = images.to(device_to, dtype_to)
+        with torch.no_grad(), _forward_hooks(model_to, {name: make(name) for name in layers}, x_to[:1]):
+            _as_logits(model_to(x_to), class_index)
     except _ForwardComplete:
         pass
     _check_all_ran(layers, z_to, "model_to")
@@ -602,6 +616,7 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
     # clone, not Z^t.  The first hooked layer's output does not require grad (parameters
     # are frozen), so it becomes a leaf; later ones are reached through it.
     z_from: Dict[str, torch.Tensor] = {}
+    axes: Dict[str, int] = {}
 
     def make_graph_hook(name: str):
         def hook(module, inputs, output):
@@ -611,6 +626,7 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
                     f"analysed module to run once per pass (pick another layer)"
                 )
             z = _check_output(name, output)
+            axes[name] = _unit_axis(model_from, name, module, z, images)
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             z_from[name] = z
@@ -618,8 +634,9 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
 
         return hook
 
-    with torch.enable_grad(), _forward_hooks(model_from, {n: make_graph_hook(n) for n in layers}):
-        logits = _as_logits(model_from(images.to(device_from, dtype_from)), class_index)
+    x_from = images.to(device_from, dtype_from)
+    with torch.enable_grad(), _forward_hooks(model_from, {n: make_graph_hook(n) for n in layers}, x_from[:1]):
+        logits = _as_logits(model_from(x_from), class_index)
         _check_all_ran(layers, z_from, "model_from")
         # Images are independent in eval mode: d(sum_b logit_b)/dZ_b = d logit_b / dZ_b.
         grads = torch.autograd.grad(
@@ -637,8 +654,9 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
             )
         if grad is None:  # the layer does not reach the logits: no sensitivity
             grad = torch.zeros_like(z_t)
-        # Eq. 8 for all channels at once: dZ_n is zero outside channel n.
-        product = grad * (z_t2 - z_t)
+        # Eq. 8 for all channels at once: dZ_n is zero outside channel n (every
+        # position or token of it, class tokens included).
+        product = (grad * (z_t2 - z_t)).movedim(axes[name], 1)
         sensitivity[name] = product.flatten(2).sum(-1) if product.dim() > 2 else product
     return sensitivity
 
@@ -892,15 +910,15 @@ def revert_evaluation(
                 logits[:, class_index].sum(dtype=torch.float64))
 
     with _evaluation_state(model_from), _evaluation_state(model_to), torch.no_grad():
-        modules_to = dict(model_to.named_modules())
         masks = {name: m.to(device_to) for name, m in masks.items()}
         for batch in _progress(batches, progress, f"revert class {class_index}", len(batches)):
             n_images += batch.shape[0]
             z_from: Dict[str, torch.Tensor] = {}
             make = _capture_hooks(z_from, stop_when_complete=len(layer_names))
             try:
-                with _forward_hooks(model_from, {name: make(name) for name in layer_names}):
-                    _as_logits(model_from(batch.to(device_from, dtype_from)), class_index)
+                x_from = batch.to(device_from, dtype_from)
+                with _forward_hooks(model_from, {name: make(name) for name in layer_names}, x_from[:1]):
+                    _as_logits(model_from(x_from), class_index)
             except _ForwardComplete:
                 pass
             _check_all_ran(layer_names, z_from, "model_from")
@@ -918,18 +936,18 @@ def revert_evaluation(
                             f"snapshots differ at layer {name!r}: its output has shape "
                             f"{list(stored.shape)} in model_from but {list(output.shape)} in model_to"
                         )
-                    shape = (1, -1) + (1,) * (output.dim() - 2)
+                    if _unit_axis(model_to, name, module, output, x_to) == 1:
+                        shape = (1, -1) + (1,) * (output.dim() - 2)
+                    else:  # channels last: tokens [B, T, C] or [B, H, W, C]
+                        shape = (1,) * (output.dim() - 1) + (-1,)
                     return torch.where(state["mask"].view(shape), stored, output)
 
-                handle = modules_to[name].register_forward_hook(substitute)
-                try:
+                with _forward_hooks(model_to, {name: substitute}, x_to[:1]):
                     for k in range(n_configs):
                         state["mask"] = masks[name][k]
                         c, s = score_batch(_as_logits(model_to(x_to), class_index))
                         correct[li, k] += c
                         logit_sum[li, k] += s
-                finally:
-                    handle.remove()
     if n_images == 0:
         raise ValueError(f"no images of class {class_index} were given")
 

@@ -1,7 +1,9 @@
 """The unit of data every later stage consumes: per neuron, its top-k probe stimuli.
 
-A *neuron* is one output channel of a conv layer.  Its response to an image is the
-spatial max (or mean) of that channel's activation map.  An observation of one layer
+A *neuron* is one output channel of a layer, read where the next layer reads it (for a
+conv: after the normalisation and activation that directly follow it).  Its response to
+an image is the spatial max (or mean) of that channel's activation map (for a
+transformer: over the tokens, placed on the patch grid).  An observation of one layer
 at one step keeps, for every neuron, the k probe images with the highest response
 (sorted, highest first), the responses and the argmax position in the activation
 map, which is enough to crop example patches later without the original data.
@@ -36,6 +38,9 @@ class LayerObservation:
             of this layer most responsive to it (highest first, -1 = none); recorded by
             :class:`~tb_conceptevo.image_links.ImageLinksRecorder` for ConceptEvo's
             indirect image embeddings (None when not recorded).
+        hook: where the layer's units were read, ``{"module", "call", "after"}`` (see
+            :class:`tb_conceptevo.recording.HookPoint`); None when unknown (logs written
+            before it was recorded read the layer's own output).
     """
 
     layer: str
@@ -49,6 +54,7 @@ class LayerObservation:
     step: Optional[int] = None
     reduce: str = "max"
     image_links: Optional[np.ndarray] = None
+    hook: Optional[Dict] = None
 
     @property
     def n_neurons(self) -> int:

@@ -27,6 +27,8 @@ def stimuli_payload(obs: LayerObservation) -> Payload:
         "map_size": list(obs.map_size), "input_size": list(obs.input_size), "reduce": obs.reduce,
         "probe_hash": obs.probe_hash, "n_invalid": int(obs.invalid.sum()),
     }
+    if obs.hook is not None:
+        header["hook"] = obs.hook
     arrays = {
         "image_ids": obs.image_ids.astype(np.int32),
         "activations": obs.activations.astype(np.float32),

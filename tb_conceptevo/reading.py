@@ -137,6 +137,7 @@ def layer_observation(header: Dict, arrays: Dict[str, np.ndarray], step: Optiona
         probe_hash=header.get("probe_hash", ""),
         step=step,
         reduce=header.get("reduce", "max"),
+        hook=header.get("hook"),  # absent in logs written before hook points were recorded
     )
 
 

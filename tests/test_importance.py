@@ -51,6 +51,12 @@ def small_cnn(seed: int, inplace: bool = True) -> nn.Sequential:
 
 
 CONV_LAYERS = ["0", "4", "6"]
+# Where the next layer reads each conv (by hand): after its BatchNorm and ReLU.
+READ_AT = {"0": "2", "4": "5", "6": "7"}
+
+
+def _read_at(layer):
+    return layer[:-4] if layer.endswith(".raw") else READ_AT.get(layer, layer)
 
 
 @pytest.fixture
@@ -68,7 +74,7 @@ def layer_outputs(model, x, layers):
     store, handles = {}, []
     modules = dict(model.named_modules())
     for name in layers:
-        handles.append(modules[name].register_forward_hook(
+        handles.append(modules[_read_at(name)].register_forward_hook(
             lambda m, i, o, name=name: store.__setitem__(name, o.detach().clone())))
     try:
         model.eval()
@@ -88,7 +94,7 @@ def brute_force_autograd(model_from, x, class_index, layer, channel, z_t, z_t2):
     direction = torch.zeros_like(z_t)
     direction[:, channel] = z_t2[:, channel] - z_t[:, channel]
     eps = torch.zeros(x.shape[0], dtype=x.dtype, requires_grad=True)
-    module = dict(model_from.named_modules())[layer]
+    module = dict(model_from.named_modules())[_read_at(layer)]
     handle = module.register_forward_hook(
         lambda m, i, o: z_t + eps.view(-1, 1, 1, 1) * direction)
     try:
@@ -103,7 +109,7 @@ def brute_force_finite_difference(model_from, x, class_index, layer, channel, z_
     """Central finite difference of Eq. 8 (float64, no autograd)."""
     direction = torch.zeros_like(z_t)
     direction[:, channel] = z_t2[:, channel] - z_t[:, channel]
-    module = dict(model_from.named_modules())[layer]
+    module = dict(model_from.named_modules())[_read_at(layer)]
     values = []
     for sign in (1.0, -1.0):
         handle = module.register_forward_hook(lambda m, i, o, s=sign: z_t + s * h * direction)
@@ -138,15 +144,30 @@ def test_sensitivity_matches_per_neuron_autograd_for_every_neuron(snapshots, ima
 
 def test_sensitivity_matches_finite_differences(snapshots, images):
     model_from, model_to = snapshots
-    fast = evolution_sensitivity(model_from, model_to, images, 2)
-    z_t = layer_outputs(model_from, images, CONV_LAYERS)
-    z_t2 = layer_outputs(model_to, images, CONV_LAYERS)
-    for layer in CONV_LAYERS:
+    # Conv "0" is read at its raw output here: after its ReLU, the exact zeros tie inside
+    # the MaxPool windows, where the logit is not differentiable and +h / -h pick other maxima.
+    layers = ["0.raw", "4", "6"]
+    fast = evolution_sensitivity(model_from, model_to, images, 2, layers=layers)
+    z_t = layer_outputs(model_from, images, layers)
+    z_t2 = layer_outputs(model_to, images, layers)
+    for layer in layers:
         expected = torch.stack([
             brute_force_finite_difference(model_from, images, 2, layer, n, z_t[layer], z_t2[layer])
             for n in range(fast[layer].shape[1])
         ], dim=1)
         torch.testing.assert_close(fast[layer], expected, rtol=1e-5, atol=1e-7 * float(expected.abs().max()))
+
+
+def test_raw_suffix_differentiates_at_the_conv_output(snapshots, images):
+    model_from, model_to = snapshots
+    layers = ["0.raw", "0"]
+    z_t, z_t2 = layer_outputs(model_from, images, layers), layer_outputs(model_to, images, layers)
+    fast = evolution_sensitivity(model_from, model_to, images, 1, layers=layers)
+    for layer in layers:
+        expected = torch.stack([brute_force_autograd(model_from, images, 1, layer, n, z_t[layer], z_t2[layer])
+                                for n in range(6)], dim=1)
+        torch.testing.assert_close(fast[layer], expected, rtol=1e-5, atol=1e-9 * float(expected.abs().max()))
+    assert not torch.allclose(fast["0.raw"], fast["0"])
 
 
 def test_gradient_comes_from_model_from(snapshots, images):
@@ -431,7 +452,7 @@ def test_revert_substitutes_only_the_binned_channels(snapshots, images):
     z_from = layer_outputs(model_from, images, ["4"])["4"]
     mask = torch.zeros(8, dtype=torch.bool)
     mask[[0, 2]] = True
-    handle = model_to[4].register_forward_hook(
+    handle = model_to[5].register_forward_hook(  # the ReLU after conv "4": what conv "6" reads
         lambda m, i, o: torch.where(mask.view(1, -1, 1, 1), z_from, o))
     try:
         with torch.no_grad():

@@ -10,23 +10,37 @@ import torchvision
 from torch import nn
 
 from tb_conceptevo.recording import list_layers, merge_topk, record, resolve_layers
-from tests.conftest import ExactBranchy, integer_probe, random_probe
+from tests.conftest import ExactBranchy, TensorProbe, integer_probe, random_probe
 
 
-def brute_force(model, probe, layer_names, k, reduce="max", batch_size=None):
+def brute_force(model, probe, layer_names, k, reduce="max", batch_size=None, read_at=None):
     """Full activations of every image, then a per-neuron sort (ties: lower index).
 
     Same batches as the recorder so the floats are bit-identical (conv kernels may
-    round differently for other batch sizes, which would reorder near-ties)."""
+    round differently for other batch sizes, which would reorder near-ties).
+    ``read_at`` maps a layer to ``(module name, call)``: read that module's output at
+    its ``call``-th call per forward pass (default: the layer's own output, ``".raw"``
+    stripped)."""
     outputs = {}
     modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.setdefault(n, []).append(o.detach().clone()))  # clone: inplace ReLU follows
-             for n in layer_names]
+    read_at = read_at or {}
+    hooks = []
+    for n in layer_names:
+        target, call = read_at.get(n, (n[:-4] if n.endswith(".raw") else n, 0))
+        counter = {"calls": 0}
+
+        def hook(m, i, o, n=n, call=call, counter=counter):
+            if counter["calls"] == call:
+                outputs.setdefault(n, []).append(o.detach().clone())  # clone: inplace ReLU follows
+            counter["calls"] += 1
+        hooks.append((counter, modules[target].register_forward_hook(hook)))
     model.eval()
     with torch.no_grad():
         for chunk in torch.split(probe.images, batch_size or len(probe)):
+            for counter, _ in hooks:
+                counter["calls"] = 0
             model(chunk)
-    for h in hooks:
+    for _, h in hooks:
         h.remove()
     result = {}
     for name in layer_names:
@@ -55,10 +69,10 @@ class Branchy(nn.Module):
         return self.head(y.mean(dim=(2, 3)))
 
 
-def _check(model, probe, layers, k, batch_size, reduce="max"):
+def _check(model, probe, layers, k, batch_size, reduce="max", read_at=None):
     names = [n for n, _ in resolve_layers(model, layers)]
     obs = record(model, probe, names, k=k, batch_size=batch_size, reduce=reduce, progress=False)
-    expected = brute_force(model, probe, names, k, reduce, batch_size)
+    expected = brute_force(model, probe, names, k, reduce, batch_size, read_at)
     for name in names:
         ids, values, positions = expected[name]
         got = obs[name]
@@ -69,18 +83,41 @@ def _check(model, probe, layers, k, batch_size, reduce="max"):
     return obs
 
 
+def _raw(model):
+    return [n + ".raw" for n in list_layers(model, conv_only=True)]
+
+
 @pytest.mark.parametrize("factory,size,layers", [
-    (lambda: torchvision.models.vgg16(), 32, ["features.0", "features.10", "features.28"]),
-    (lambda: torchvision.models.resnet18(), 32, None),
+    (lambda: torchvision.models.vgg16(), 32, ["features.0.raw", "features.10.raw", "features.28.raw"]),
+    (lambda: torchvision.models.resnet18(), 32, _raw(torchvision.models.resnet18())),
     (lambda: torchvision.models.convnext_tiny(), 32, ["features.1.0.block.0", "features.5.2.block.0"]),
     (lambda: torchvision.models.inception_v3(init_weights=False, aux_logits=False), 80,
-     ["Conv2d_1a_3x3.conv", "Mixed_5b.branch_pool.conv"]),
+     ["Conv2d_1a_3x3.conv.raw", "Mixed_5b.branch_pool.conv.raw"]),
 ])
-def test_topk_matches_brute_force_on_torchvision(factory, size, layers):
+def test_raw_conv_topk_matches_brute_force_on_torchvision(factory, size, layers):
     torch.manual_seed(0)
     model = factory()
     probe = random_probe(n=24, size=size)
     _check(model, probe, layers, k=5, batch_size=7)
+
+
+# Where the next layer reads each conv, by hand from the torchvision sources.
+@pytest.mark.parametrize("factory,size,read_at", [
+    (lambda: torchvision.models.vgg16(), 32, {"features.0": ("features.1", 0), "features.28": ("features.29", 0)}),
+    (lambda: torchvision.models.resnet18(), 32, {
+        "conv1": ("relu", 0), "layer1.0.conv1": ("layer1.0.relu", 0), "layer1.0.conv2": ("layer1.0.bn2", 0),
+        "layer2.0.downsample.0": ("layer2.0.downsample.1", 0), "layer4.1.conv1": ("layer4.1.relu", 0)}),
+    # ConvNeXt: a permute follows the depthwise conv, so it is read at its own output
+    (lambda: torchvision.models.convnext_tiny(), 32, {"features.1.0.block.0": ("features.1.0.block.0", 0)}),
+    (lambda: torchvision.models.inception_v3(init_weights=False, aux_logits=False), 80,
+     {"Conv2d_1a_3x3.conv": ("Conv2d_1a_3x3.bn", 0)}),  # BasicConv2d applies F.relu: not a module
+])
+def test_default_point_is_after_norm_and_activation(factory, size, read_at):
+    torch.manual_seed(0)
+    model = factory()
+    obs = _check(model, random_probe(n=24, size=size), list(read_at), k=5, batch_size=7, read_at=read_at)
+    for name, (module, _) in read_at.items():
+        assert obs[name].hook["module"] == module
 
 
 def test_custom_model_mean_and_batch_independence():
@@ -91,6 +128,7 @@ def test_custom_model_mean_and_batch_independence():
     model, probe = ExactBranchy(), integer_probe(n=50, size=16)
     a = _check(model, probe, None, k=6, batch_size=8)
     b = _check(model, probe, None, k=6, batch_size=50)
+    assert all(a[name].hook["after"] == [] for name in a)  # torch.relu is a function, not a module
     for name in a:
         np.testing.assert_array_equal(a[name].image_ids, b[name].image_ids)
         np.testing.assert_array_equal(a[name].activations, b[name].activations)
@@ -180,8 +218,24 @@ def test_bad_inputs_have_clear_errors():
         record(model, random_probe(n=0, size=8), k=1, progress=False)
     with pytest.raises(ValueError, match="cannot take the probe images"):
         record(torchvision.models.vgg11(), random_probe(n=4, size=8).__class__(torch.rand(4, 1, 8, 8)), k=1, progress=False)
-    with pytest.raises(ValueError, match="not a \\[B, C, H, W\\] feature map"):
-        record(model, probe, ["head"], k=2, progress=False)
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.pair(self.conv(x))[0]
+
+    with pytest.raises(ValueError, match=r"layer 'pair' returns a tuple, not a tensor; record a module inside it"):
+        record(Holder(), probe, ["pair"], k=2, progress=False)
+    five = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Unflatten(1, (2, 2)))
+    with pytest.raises(ValueError, match=r"layer '1' returns a 5-d tensor .*no channel axis found"):
+        record(five, probe, ["1"], k=2, progress=False)
     for module in model.modules():
         assert not module._forward_hooks
 
@@ -291,3 +345,95 @@ def test_module_called_at_two_sizes_is_refused_clearly():
 
     with pytest.raises(ValueError, match="different output shapes"):
         record(TwoScales(), random_probe(n=6, size=8), ["shared"], k=2, progress=False)
+
+
+def _resnet_bn_of(conv_name):
+    """By hand from torchvision's ResNet: the BatchNorm after each conv, and whether a
+    ReLU module reads it directly (conv2's BatchNorm feeds the residual add instead)."""
+    if conv_name == "conv1":
+        return "bn1", True
+    if conv_name.endswith("downsample.0"):
+        return conv_name[:-1] + "1", False
+    block, conv = conv_name.rsplit(".", 1)
+    return f"{block}.bn{conv[-1]}", conv == "conv1"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_negative_batchnorm_scales_rank_by_what_the_next_layer_reads(seed):
+    """Half the BatchNorm scales of a resnet18 flipped: the recorded top-k of every
+    conv channel is the brute-force top-k of the post-BatchNorm(+ReLU) response, which
+    for a flipped channel is not the raw conv ranking.  float64 model and images, and a
+    checked gap between the k-th and (k+1)-th response, so no tie or rounding decides."""
+    from tests.conftest import float64_defaults
+
+    with float64_defaults():
+        model = torchvision.models.resnet18(num_classes=3)
+    g = torch.Generator().manual_seed(seed)
+    flipped = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.BatchNorm2d):
+                channels = module.num_features
+                flip = torch.randperm(channels, generator=g)[: channels // 2]
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.weight[flip] *= -1
+                module.bias.uniform_(-0.2, 0.2, generator=g)
+                module.running_mean.uniform_(-0.1, 0.1, generator=g)
+                module.running_var.uniform_(0.5, 2.0, generator=g)
+                flipped[name] = np.sort(flip.numpy())
+    probe = TensorProbe(torch.rand(30, 3, 32, 32, generator=g, dtype=torch.float64))
+    probe.images = probe.images.double()
+    convs = list_layers(model, conv_only=True)
+    k = 4
+    obs = record(model, probe, convs + [c + ".raw" for c in convs], k=k, batch_size=8, progress=False)
+
+    # Brute force: every image's BatchNorm output, ReLU by hand where a ReLU reads it.
+    outputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[bn].register_forward_hook(lambda m, i, o, bn=bn: outputs.setdefault(bn, []).append(o.detach().clone()))
+               for bn in flipped]
+    model.eval()
+    with torch.no_grad():
+        for chunk in torch.split(probe.images, 8):
+            model(chunk)
+    for h in handles:
+        h.remove()
+    differs_from_raw = 0
+    for conv in convs:
+        bn, relu = _resnet_bn_of(conv)
+        fmap = torch.cat(outputs[bn])
+        fmap = torch.relu(fmap) if relu else fmap
+        response, argmax = fmap.flatten(2).max(dim=2)
+        response = response.t().numpy()  # [C, n]
+        order = np.argsort(-response, axis=1, kind="stable")
+        ranked = np.take_along_axis(response, order, 1)
+        channels = flipped[bn]
+        # Every order decision in the top k+1 is either a clear gap or an exact tie at the
+        # ReLU's 0 (broken by the lower index on both sides), never a rounding near-tie.
+        top = ranked[channels, : k + 1]
+        gaps = top[:, :-1] - top[:, 1:]
+        exact_zero_tie = (gaps == 0) & (top[:, 1:] == 0)
+        assert ((gaps > 1e-9 * np.abs(top).max()) | exact_zero_tie).all(), "data must be tie-free"
+        got = obs[conv]
+        assert got.hook["after"] == (["norm", "activation"] if relu else ["norm"])
+        np.testing.assert_array_equal(got.image_ids[channels], order[channels, :k])
+        np.testing.assert_allclose(got.activations[channels], ranked[channels, :k], rtol=1e-6)
+        np.testing.assert_array_equal(got.positions[channels], np.take_along_axis(argmax.t().numpy(), order, 1)[channels, :k])
+        # A flipped channel's raw conv ranking is (nearly) the reverse: the old unit was wrong.
+        raw = obs[conv + ".raw"]
+        differs_from_raw += int((raw.image_ids[channels] != got.image_ids[channels]).any(axis=1).sum())
+        assert raw.hook == {"module": conv, "call": None, "after": [], "layout": "map"}
+    assert differs_from_raw > 0.8 * sum(len(flipped[_resnet_bn_of(c)[0]]) for c in convs)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["cpu-lazy-argmax", "accelerator-eager-argmax"])
+def test_both_position_strategies_give_the_brute_force_result(monkeypatch, lazy):
+    """The CPU path (argmax only where a pair may enter) and the accelerator path (max
+    with indices everywhere, one sync per batch) on exact data, shared modules and NaN."""
+    from tb_conceptevo import recording
+
+    monkeypatch.setattr(recording, "_lazy_positions", lambda device: lazy)
+    _check(ExactBranchy(), integer_probe(n=50, size=16), None, k=6, batch_size=8)
+    _check(ExactBranchy(), integer_probe(n=50, size=16), ["left", "right"], k=4, batch_size=9, reduce="mean")
+    test_module_called_twice_per_forward_merges_calls("relu")
+    test_nan_neurons_flagged_rest_recorded()
