@@ -140,18 +140,31 @@ class ConceptDiversityLoss(nn.Module):
         return self.anchor_distance(self.neuron_vectors(similarity))
 
     def attach(self, model: nn.Module, layer: str):
-        """Capture ``layer``'s output (with grad) at every forward pass of ``model``;
-        returns the hook handle (``handle.remove()`` to stop)."""
-        from .recording import resolve_layers
+        """Capture ``layer``'s units (with grad) at every forward pass of ``model``, read
+        at the same point as the recorder (a conv after the norm and activation that
+        follow it; ``"<name>.raw"`` for its own output); returns a handle
+        (``handle.remove()`` to stop)."""
+        import contextlib
+
+        from .recording import point_hooks, resolve_points
 
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be a module name, got {layer!r}; tb_conceptevo.list_layers(model) lists them")
-        ((_, module),) = resolve_layers(model, [layer])   # close-match suggestions on a typo
+        (point,) = resolve_points(model, [layer])   # close-match suggestions on a typo
 
         def hook(_module, _inputs, output):
             self._captured = output
 
-        return module.register_forward_hook(hook)
+        hooks = contextlib.ExitStack()
+        hooks.enter_context(point_hooks(model, [point], lambda _point: hook))
+        return _Handle(hooks.close)
+
+
+class _Handle:
+    """What :meth:`ConceptDiversityLoss.attach` returns: ``remove()`` stops the capture."""
+
+    def __init__(self, remove):
+        self.remove = remove
 
 
 class GroundTruthConcepts:
