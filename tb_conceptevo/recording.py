@@ -329,12 +329,11 @@ def resolve_points(model: nn.Module, layers: Optional[Iterable[LayerSpec]] = Non
     return points
 
 
-@contextlib.contextmanager
-def point_hooks(model: nn.Module, points: Sequence[HookPoint], make_hook):
+def register_point_hooks(model: nn.Module, points: Sequence[HookPoint], make_hook) -> List:
     """Register ``make_hook(point)`` to see the output of ``point.module`` at its
     ``point.call``-th call of each forward pass of ``model`` (every call when None).
     A hook's non-None return value replaces the output (as for forward hooks).
-    Always removed when the block ends."""
+    Returns the handles; the caller removes them (:func:`point_hooks` does)."""
     modules = dict(model.named_modules())
     groups: Dict[str, List[Tuple[Optional[int], object]]] = {}
     for point in points:
@@ -354,11 +353,22 @@ def point_hooks(model: nn.Module, points: Sequence[HookPoint], make_hook):
             return replaced
         return hook
 
-    handles = []
+    handles = [model.register_forward_pre_hook(lambda *_: counts.clear())]
     try:
-        handles.append(model.register_forward_pre_hook(lambda *_: counts.clear()))
         for name, entries in groups.items():
             handles.append(modules[name].register_forward_hook(dispatch(name, entries)))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextlib.contextmanager
+def point_hooks(model: nn.Module, points: Sequence[HookPoint], make_hook):
+    """:func:`register_point_hooks` for the duration of a block (always removed)."""
+    handles = register_point_hooks(model, points, make_hook)
+    try:
         yield
     finally:
         for handle in handles:

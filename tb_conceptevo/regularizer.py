@@ -144,9 +144,7 @@ class ConceptDiversityLoss(nn.Module):
         at the same point as the recorder (a conv after the norm and activation that
         follow it; ``"<name>.raw"`` for its own output); returns a handle
         (``handle.remove()`` to stop)."""
-        import contextlib
-
-        from .recording import point_hooks, resolve_points
+        from .recording import register_point_hooks, resolve_points
 
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be a module name, got {layer!r}; tb_conceptevo.list_layers(model) lists them")
@@ -155,16 +153,19 @@ class ConceptDiversityLoss(nn.Module):
         def hook(_module, _inputs, output):
             self._captured = output
 
-        hooks = contextlib.ExitStack()
-        hooks.enter_context(point_hooks(model, [point], lambda _point: hook))
-        return _Handle(hooks.close)
+        return _Handles(register_point_hooks(model, [point], lambda _point: hook))
 
 
-class _Handle:
-    """What :meth:`ConceptDiversityLoss.attach` returns: ``remove()`` stops the capture."""
+class _Handles:
+    """What :meth:`ConceptDiversityLoss.attach` returns: ``remove()`` stops the capture
+    (the hooks stay registered as long as the model lives, as with ``register_forward_hook``)."""
 
-    def __init__(self, remove):
-        self.remove = remove
+    def __init__(self, handles):
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 class GroundTruthConcepts:

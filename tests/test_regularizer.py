@@ -118,3 +118,23 @@ def test_bad_inputs():
         loss()
     with pytest.raises(ValueError, match="concept_presence"):
         GroundTruthConcepts(object())
+
+
+def test_attach_reads_where_the_recorder_reads_even_without_keeping_the_handle():
+    """A conv followed by BatchNorm and ReLU is captured after the ReLU (the recorder's
+    point), and the capture does not depend on the caller keeping the handle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    reg = ConceptDiversityLoss(unit_rows(3, 4, 0), unit_rows(3, 4, 1)).double()
+    reg.attach(model, "0")  # handle dropped on purpose
+    import gc
+
+    gc.collect()
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    expected = model(images)
+    assert torch.equal(reg._captured, expected)
+    raw = ConceptDiversityLoss(unit_rows(3, 4, 0), unit_rows(3, 4, 1)).double()
+    handle = raw.attach(model, "0.raw")
+    model(images)
+    assert torch.equal(raw._captured, model[0](images))
+    handle.remove()
