@@ -165,6 +165,15 @@ def logged_runs(logdir: str, space: str, base_run: str) -> int:
         fitted[rows] = reference.embedding_
         print(f"base {base_run!r} step {base_step}: trustworthiness@10 ours {trust(base_vectors, base_layout):.4f} "
               f"vs UMAP's own fit {trust(base_vectors, fitted):.4f}")
+        space_file = os.path.join(logdir, f"{space}_space.npz")
+        if os.path.exists(space_file):
+            # The comparator the issue names: umap.transform of the UMAP our map *is*
+            # (refitted on the space's reference vectors with its parameters: the same map).
+            ours = ConceptEvoSpace.load(space_file).layout_
+            refit = StableLayout(**ours.get_params()).fit(ours.reference_vectors_)
+            same = float(np.abs(refit.reference_layout_ - ours.reference_layout_).max())
+            print(f"comparator: umap.transform of the space's own UMAP (refitted: positions differ by at most {same:.2g})")
+            reference = refit.umap_
         ours_all, theirs_all = [], []
         for run in logs.runs():
             for step in logs.space_steps(run, space, layers[0]):
