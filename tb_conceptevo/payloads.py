@@ -10,6 +10,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from . import metadata
 from .observation import LayerObservation
 
 Payload = Tuple[Dict, Dict[str, np.ndarray]]
@@ -139,5 +140,92 @@ def probe_payload(probe, thumbnail_size: Optional[int] = None, batch: int = 256)
         "vocabulary": None if vocabulary is None else {
             "names": list(vocabulary.names), "categories": list(vocabulary.categories)},
         "probe_type": type(probe).__name__,
+    }
+    return header, arrays
+
+
+# ----------------------------------------------------------------------------- importance, revert
+
+def _step(value) -> Optional[int]:
+    return None if value is None else int(value)
+
+
+def importance_payload(result, layer: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    """``(header, arrays)`` of one layer's importance, for :func:`tb_conceptevo.summary.pack`
+    under the tag ``metadata.importance_tag(result.class_index, layer)`` at step ``to_step``.
+
+    Header: ``kind="importance"``, ``class_index``, ``class_name`` (or null), ``from_step``,
+    ``to_step``, ``layer``, ``n_images``, ``n_neurons``, ``n_flagged``.
+    Arrays (``[C]`` each): ``importance`` <f4 (Eq. 9; NaN = flagged), ``mean_sensitivity``
+    <f4 (NaN = flagged), ``positive_count`` <i4, ``flagged`` |u1 (1 = non-finite S_n).
+    """
+    metadata.check_name(layer, "layer")
+    li = result.layers[layer]
+    header = {
+        "kind": metadata.IMPORTANCE,
+        "class_index": int(result.class_index),
+        "class_name": result.class_name,
+        "from_step": _step(result.from_step),
+        "to_step": _step(result.to_step),
+        "layer": layer,
+        "n_images": int(result.n_images),
+        "n_neurons": li.n_neurons,
+        "n_flagged": int(li.flagged.sum()),
+    }
+    arrays = {
+        "importance": li.importance.astype("<f4"),
+        "mean_sensitivity": li.mean_sensitivity.astype("<f4"),
+        "positive_count": li.positive_count.astype("<i4"),
+        "flagged": li.flagged.astype("|u1"),
+    }
+    return header, arrays
+
+
+def importance_payloads(result) -> Dict[str, Tuple[Dict, Dict[str, np.ndarray]]]:
+    """``{tag: (header, arrays)}`` for every layer of ``result``."""
+    return {
+        metadata.importance_tag(result.class_index, layer): importance_payload(result, layer)
+        for layer in result.layers
+    }
+
+
+def revert_payload(result) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    """``(header, arrays)`` of a revert evaluation, for the tag
+    ``metadata.revert_tag(result.class_index)`` at step ``to_step``.
+
+    Header: ``kind="revert"``, ``class_index``, ``class_name``, ``from_step``, ``to_step``,
+    ``layers`` (row order), ``bin_labels``, ``seeds``, ``n_images``, ``metric``
+    (``"top1_accuracy"``), ``baseline_accuracy``, ``random_mean``, ``random_std``.
+    Arrays: ``bin_accuracy_change`` <f4 [L, n_bins], ``random_accuracy_change`` <f4
+    [L, n_seeds], ``bin_logit_change`` <f4 [L, n_bins], ``random_logit_change`` <f4
+    [L, n_seeds], ``bin_sizes`` <i4 [L, n_bins], ``random_sizes`` <i4 [L],
+    ``mean_change`` <f4 [n_bins], ``std_change`` <f4 [n_bins].
+    """
+    for layer in result.layers:
+        metadata.check_name(layer, "layer")
+    header = {
+        "kind": metadata.REVERT,
+        "class_index": int(result.class_index),
+        "class_name": result.class_name,
+        "from_step": _step(result.from_step),
+        "to_step": _step(result.to_step),
+        "layers": list(result.layers),
+        "bin_labels": list(result.bin_labels),
+        "seeds": [int(s) for s in result.seeds],
+        "n_images": int(result.n_images),
+        "metric": "top1_accuracy",
+        "baseline_accuracy": float(result.baseline_accuracy),
+        "random_mean": float(result.random_mean),
+        "random_std": float(result.random_std),
+    }
+    arrays = {
+        "bin_accuracy_change": result.bin_accuracy_change.astype("<f4"),
+        "random_accuracy_change": result.random_accuracy_change.astype("<f4"),
+        "bin_logit_change": result.bin_logit_change.astype("<f4"),
+        "random_logit_change": result.random_logit_change.astype("<f4"),
+        "bin_sizes": result.bin_sizes.astype("<i4"),
+        "random_sizes": result.random_sizes.astype("<i4"),
+        "mean_change": result.mean_change.astype("<f4"),
+        "std_change": result.std_change.astype("<f4"),
     }
     return header, arrays

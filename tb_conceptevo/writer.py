@@ -275,7 +275,8 @@ class ConceptWriter(SummaryWriter):
         """
         import copy
 
-        from .importance import concept_evolution_importance, importance_payloads, revert_evaluation, revert_payload
+        from .importance import concept_evolution_importance, revert_evaluation
+        from .payloads import importance_payloads, revert_payload
 
         step = check_step(step)
         if from_model is None:

@@ -15,11 +15,9 @@ from tb_conceptevo.importance import (
     class_indices,
     concept_evolution_importance,
     evolution_sensitivity,
-    importance_payload,
-    importance_payloads,
     revert_evaluation,
-    revert_payload,
 )
+from tb_conceptevo.payloads import importance_payload, importance_payloads, revert_payload
 
 from tests.conftest import TensorProbe, float64_defaults
 

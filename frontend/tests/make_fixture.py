@@ -131,8 +131,8 @@ def write_run(out: str, run: str, run_index: int, probe, steps, layers, channels
 
 
 def write_importance(writer, layers, channels, steps, rng):
-    from tb_conceptevo.importance import (ImportanceResult, LayerImportance, RevertResult, importance_payload,
-                                          revert_payload)
+    from tb_conceptevo.importance import ImportanceResult, LayerImportance, RevertResult
+    from tb_conceptevo.payloads import importance_payload, revert_payload
 
     from_step, to_step = steps[-3] if len(steps) >= 3 else steps[0], steps[-1]
     result_layers = {}

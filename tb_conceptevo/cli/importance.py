@@ -134,12 +134,8 @@ def run(args) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     from tb_conceptevo import metadata
-    from tb_conceptevo.importance import (
-        concept_evolution_importance,
-        importance_payloads,
-        revert_evaluation,
-        revert_payload,
-    )
+    from tb_conceptevo.importance import concept_evolution_importance, revert_evaluation
+    from tb_conceptevo.payloads import importance_payloads, revert_payload
     from tb_conceptevo.summary import payload_summary
 
     if args.n_images < 0:

@@ -131,6 +131,7 @@ def screen_channels_last(flat, shape, blocks, low, image_ids, values, keys, arou
 def count_pixels(values, keys, around, count, passing, height, width,
                  weight_y, pixel_y, weight_x, pixel_x, out_height, out_width, pixel_pattern,
                  image_map, hits, active_pixels):  # pragma: no cover
+    # Long on purpose: one compiled loop nest over candidates, upsampled pixels and null draws.
     """Add the upsampled pixels passing ``passing[n]`` around every candidate of row ``n``.
 
     ``hits[d, n, pattern]`` counts them per mask pattern of image ``image_map[d, image]``

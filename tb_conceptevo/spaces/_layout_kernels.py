@@ -92,6 +92,8 @@ def _clip(value):
 @numba.njit(cache=True, parallel=True)
 def _place_rows(queries, candidates, given, metric, reference, layout, seeds, k, n_epochs, a, b, gamma,
                 initial_alpha, negative_rate):
+    # One compiled loop nest per row (neighbours, memberships, init, SGD epochs): long on
+    # purpose, since numba would pay a call and array allocations per split-out step.
     n, n_cand = candidates.shape
     d = queries.shape[1]
     n_ref = layout.shape[0]

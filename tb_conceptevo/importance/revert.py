@@ -1,0 +1,216 @@
+"""The revert evaluation (ConceptEvo Sec. 4.4): revert binned neurons' activations
+to epoch t inside the epoch-t' model and measure the class accuracy change."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..recording import model_device_dtype
+from .results import ImportanceResult, LayerImportance, RevertResult
+from ._models import (
+    _ForwardComplete, _as_logits, _capture_hooks, _check_all_ran, _evaluation_state, _forward_hooks,
+    _layer_names, _unit_axis, check_same_architecture
+)
+from .sources import ImageSource, _ClassBatches, _check_class_index, _progress
+from .sensitivity import concept_evolution_importance
+
+
+def _bin_labels(n_bins: int) -> List[str]:
+    edges = [round(100 * i / n_bins, 1) for i in range(n_bins + 1)]
+    fmt = lambda v: f"{v:g}"  # noqa: E731 - tiny local formatter
+    return [f"{fmt(a)}-{fmt(b)}%" for a, b in zip(edges[:-1], edges[1:])]
+
+
+def revert_evaluation(
+    model_from: nn.Module,
+    model_to: nn.Module,
+    images: ImageSource,
+    class_index: int,
+    importance: Union[None, ImportanceResult, Mapping[str, np.ndarray]] = None,
+    layers: Union[None, str, Sequence[str]] = None,
+    n_bins: int = 4,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    batch_size: int = 64,
+    progress: bool = True,
+    *,
+    labels=None,
+    max_images: Optional[int] = None,
+    seed: int = 0,
+    class_name: Optional[str] = None,
+    from_step: Optional[int] = None,
+    to_step: Optional[int] = None,
+) -> RevertResult:
+    """Revert evaluation of Sec. 4.4 for one class.
+
+    Per layer: rank neurons by importance (most important first), split into ``n_bins``
+    equal bins; for each bin, run ``model_to`` with those channels' outputs replaced by
+    ``model_from``'s outputs for the same images and measure the class top-1 accuracy
+    change against the unreverted ``model_to``.  For each seed, a random set of neurons
+    of the size of the first bin is reverted the same way (the baseline).  Results are
+    averaged across layers by :attr:`RevertResult.mean_change`.
+
+    ``importance`` is an :class:`ImportanceResult` (or ``{layer: importance [C]}``);
+    ``None`` computes it on the same images.  Flagged (NaN) neurons are kept out of
+    the bins.  ``model_from`` runs once per batch; ``model_to`` runs
+    ``1 + layers x (n_bins + len(seeds))`` times per batch.
+
+    Example:
+
+        >>> import torch
+        >>> from tb_conceptevo.probes import ConceptShapes
+        >>> def small_cnn():  # two "snapshots" of one architecture (untrained here)
+        ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        ...                                torch.nn.Flatten(), torch.nn.Linear(8, 6))
+        >>> model_epoch3, model_epoch9 = small_cnn(), small_cnn()
+        >>> probe = ConceptShapes(n=64, size=16)        # labels: the shape (class 2 = triangle)
+        >>> table = revert_evaluation(model_epoch3, model_epoch9, probe, 2, progress=False)
+        >>> print(table.table())                   # doctest: +ELLIPSIS
+        class 2: baseline accuracy ... (12 images, 1 layers)
+               bin   mean change       std
+             0-25%  ...
+    """
+    class_index = _check_class_index(class_index)
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    seeds = [int(s) for s in seeds]
+    if importance is None:
+        importance = concept_evolution_importance(
+            model_from, model_to, images, class_index, layers, batch_size, progress,
+            labels=labels, max_images=max_images, seed=seed, class_name=class_name,
+            from_step=from_step, to_step=to_step,
+        )
+    if isinstance(importance, ImportanceResult):
+        if importance.class_index != class_index:
+            raise ValueError(
+                f"importance was computed for class {importance.class_index}, not {class_index}"
+            )
+        scores = {name: li for name, li in importance.layers.items()}
+    elif isinstance(importance, Mapping):
+        scores = {}
+        for name, values in importance.items():
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            flagged = ~np.isfinite(values)
+            scores[name] = LayerImportance(name, values, np.where(flagged, np.nan, 0.0),
+                                           np.zeros(len(values), np.int64), flagged,
+                                           flagged.astype(np.int64))
+    else:
+        raise TypeError(f"importance must be an ImportanceResult or a mapping, got {type(importance).__name__}")
+    if layers is None:
+        layer_names = list(scores)
+        _layer_names(model_from, layer_names)
+    else:
+        layer_names = _layer_names(model_from, layers)
+    missing = [name for name in layer_names if name not in scores]
+    if missing:
+        raise ValueError(f"importance has no values for layer(s) {missing}; it covers {list(scores)}")
+    check_same_architecture(model_from, model_to, layer_names)
+
+    # Channel masks [configs, C] per layer: n_bins importance bins, then one random bin per seed.
+    masks: Dict[str, torch.Tensor] = {}
+    bin_sizes = np.zeros((len(layer_names), n_bins), np.int64)
+    random_sizes = np.zeros(len(layer_names), np.int64)
+    for li, name in enumerate(layer_names):
+        score = scores[name]
+        order = score.ranking()
+        if len(order) < n_bins:
+            raise ValueError(
+                f"layer {name!r} has {len(order)} neurons with a finite importance, fewer than "
+                f"n_bins={n_bins}; choose fewer bins or other layers"
+            )
+        n = score.n_neurons
+        config = np.zeros((n_bins + len(seeds), n), bool)
+        for b, members in enumerate(np.array_split(order, n_bins)):
+            config[b, members] = True
+            bin_sizes[li, b] = len(members)
+        size = int(bin_sizes[li, 0])
+        random_sizes[li] = size
+        for r, s in enumerate(seeds):
+            rng = np.random.default_rng([s, li])
+            config[n_bins + r, rng.choice(order, size=size, replace=False)] = True
+        masks[name] = torch.from_numpy(config)
+
+    batches = _ClassBatches(images, class_index, labels, batch_size, max_images, seed)
+    device_to, dtype_to = model_device_dtype(model_to)
+    device_from, dtype_from = model_device_dtype(model_from)
+    n_configs = n_bins + len(seeds)
+    correct = torch.zeros(len(layer_names), n_configs, dtype=torch.int64, device=device_to)
+    logit_sum = torch.zeros(len(layer_names), n_configs, dtype=torch.float64, device=device_to)
+    base_correct = torch.zeros((), dtype=torch.int64, device=device_to)
+    base_logit = torch.zeros((), dtype=torch.float64, device=device_to)
+    n_images = 0
+
+    def score_batch(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return ((logits.argmax(1) == class_index).sum(),
+                logits[:, class_index].sum(dtype=torch.float64))
+
+    with _evaluation_state(model_from), _evaluation_state(model_to), torch.no_grad():
+        masks = {name: m.to(device_to) for name, m in masks.items()}
+        for batch in _progress(batches, progress, f"revert class {class_index}", len(batches)):
+            n_images += batch.shape[0]
+            z_from: Dict[str, torch.Tensor] = {}
+            make = _capture_hooks(z_from, stop_when_complete=len(layer_names))
+            try:
+                x_from = batch.to(device_from, dtype_from)
+                with _forward_hooks(model_from, {name: make(name) for name in layer_names}, x_from[:1]):
+                    _as_logits(model_from(x_from), class_index)
+            except _ForwardComplete:
+                pass
+            _check_all_ran(layer_names, z_from, "model_from")
+            x_to = batch.to(device_to, dtype_to)
+            c, s = score_batch(_as_logits(model_to(x_to), class_index))
+            base_correct += c
+            base_logit += s
+            for li, name in enumerate(layer_names):
+                stored = z_from[name].to(device_to, dtype_to)
+                state = {"mask": None}
+
+                def substitute(module, inputs, output, name=name, stored=stored, state=state):
+                    if output.shape != stored.shape:
+                        raise ValueError(
+                            f"snapshots differ at layer {name!r}: its output has shape "
+                            f"{list(stored.shape)} in model_from but {list(output.shape)} in model_to"
+                        )
+                    if _unit_axis(model_to, name, module, output, x_to) == 1:
+                        shape = (1, -1) + (1,) * (output.dim() - 2)
+                    else:  # channels last: tokens [B, T, C] or [B, H, W, C]
+                        shape = (1,) * (output.dim() - 1) + (-1,)
+                    return torch.where(state["mask"].view(shape), stored, output)
+
+                with _forward_hooks(model_to, {name: substitute}, x_to[:1]):
+                    for k in range(n_configs):
+                        state["mask"] = masks[name][k]
+                        c, s = score_batch(_as_logits(model_to(x_to), class_index))
+                        correct[li, k] += c
+                        logit_sum[li, k] += s
+    if n_images == 0:
+        raise ValueError(f"no images of class {class_index} were given")
+
+    base_accuracy = base_correct.cpu().numpy() / n_images
+    accuracy_change = correct.cpu().numpy() / n_images - base_accuracy
+    logit_change = (logit_sum.cpu().numpy() - base_logit.cpu().numpy()) / n_images
+    if isinstance(importance, ImportanceResult):
+        class_name = class_name or importance.class_name
+        from_step = importance.from_step if from_step is None else from_step
+        to_step = importance.to_step if to_step is None else to_step
+    class_name = class_name or batches.class_name
+    return RevertResult(
+        class_index=class_index,
+        n_images=n_images,
+        layers=list(layer_names),
+        bin_labels=_bin_labels(n_bins),
+        seeds=seeds,
+        baseline_accuracy=float(base_accuracy),
+        bin_accuracy_change=accuracy_change[:, :n_bins],
+        random_accuracy_change=accuracy_change[:, n_bins:],
+        bin_logit_change=logit_change[:, :n_bins],
+        random_logit_change=logit_change[:, n_bins:],
+        bin_sizes=bin_sizes,
+        random_sizes=random_sizes,
+        class_name=class_name,
+        from_step=from_step,
+        to_step=to_step,
+    )
