@@ -137,6 +137,13 @@ class _ForwardComplete(Exception):
     """Raised by a capture hook to end a forward pass whose remaining output is unused."""
 
 
+def _check_first_call(name: str, seen: Mapping) -> None:
+    """A hooked layer must run once per forward pass (its units are one Z per image)."""
+    if name in seen:
+        raise ValueError(f"layer {name!r} ran twice in one forward pass; importance needs each "
+                         f"analysed module to run once per pass (pick another layer)")
+
+
 def _capture_hooks(store: Dict[str, torch.Tensor], stop_when_complete: Optional[int] = None
                    ) -> Callable[[str], Callable]:
     """Forward hooks that keep a copy of each layer's output (a copy because in-place
@@ -146,11 +153,7 @@ def _capture_hooks(store: Dict[str, torch.Tensor], stop_when_complete: Optional[
 
     def make(name: str):
         def hook(module, inputs, output):
-            if name in store:
-                raise ValueError(
-                    f"layer {name!r} ran twice in one forward pass; importance needs each "
-                    f"analysed module to run once per pass (pick another layer)"
-                )
+            _check_first_call(name, store)
             store[name] = _check_output(name, output).detach().clone()
             if stop_when_complete is not None and len(store) == stop_when_complete:
                 raise _ForwardComplete

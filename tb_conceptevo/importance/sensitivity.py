@@ -12,8 +12,8 @@ from torch import nn
 from ..recording import model_device_dtype
 from .results import ImportanceResult, LayerImportance
 from ._models import (
-    _ForwardComplete, _as_logits, _capture_hooks, _check_all_ran, _check_output, _evaluation_state,
-    _forward_hooks, _layer_names, _unit_axis, check_same_architecture
+    _ForwardComplete, _as_logits, _capture_hooks, _check_all_ran, _check_first_call, _check_output,
+    _evaluation_state, _forward_hooks, _layer_names, _unit_axis, check_same_architecture,
 )
 from .sources import ImageSource, _ClassBatches, _check_class_index, _progress
 
@@ -45,11 +45,7 @@ def _batch_sensitivity(model_from: nn.Module, model_to: nn.Module, images: torch
 
     def make_graph_hook(name: str):
         def hook(module, inputs, output):
-            if name in z_from:
-                raise ValueError(
-                    f"layer {name!r} ran twice in one forward pass; importance needs each "
-                    f"analysed module to run once per pass (pick another layer)"
-                )
+            _check_first_call(name, z_from)
             z = _check_output(name, output)
             axes[name] = _unit_axis(model_from, name, module, z, images)
             if not z.requires_grad:

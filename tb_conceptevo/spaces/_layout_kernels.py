@@ -54,18 +54,11 @@ def smallest_columns(products, offsets, c):
     n, m = products.shape
     out = np.empty((n, c), dtype=np.int64)
     for i in numba.prange(n):
-        best = np.empty(c)
-        where = np.empty(c, dtype=np.int64)
-        for j in range(c):  # the first c columns, sorted ascending
-            value = offsets[j] - 2.0 * products[i, j]
-            e = j - 1
-            while e >= 0 and best[e] > value:
-                best[e + 1] = best[e]
-                where[e + 1] = where[e]
-                e -= 1
-            best[e + 1] = value
-            where[e + 1] = j
-        for j in range(c, m):
+        # The c smallest values so far, ascending (ties keep the lower column first);
+        # +inf placeholders make the first c columns one case with the rest.
+        best = np.full(c, np.inf)
+        where = np.full(c, -1, dtype=np.int64)
+        for j in range(m):
             value = offsets[j] - 2.0 * products[i, j]
             if value >= best[c - 1]:
                 continue
