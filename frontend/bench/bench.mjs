@@ -9,12 +9,16 @@
 //  4. an animated step transition on a 26,000-point map (ResNet-50-sized layer set): median
 //     frame interval while points glide, vs the bare WebGL page drawing them (<= 1.25x)
 //
-//   BENCH_ONLY=transition node bench/bench.mjs   runs section 4 alone
+//  5. four runs of that 26,000-point map side by side: pan/zoom and step transition frame
+//     intervals, vs a bare page with four WebGL canvases drawing the same points   (<= 1.25x)
+//
+//   BENCH_ONLY=transition node bench/bench.mjs   runs sections 4 and 5 alone
 //   npm run bench            (or: node bench/bench.mjs)
 import { rmSync } from "node:fs";
 import { launchBrowser, makeFixture, startTensorBoard, tempDir } from "../tests/harness.mjs";
 
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
+const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
 const fmt = (v) => v.toFixed(1);
 const verdict = (ok) => (ok ? "PASS" : "FAIL");
 const STATE_KEY = "tb-conceptevo:state:v1";
@@ -26,9 +30,11 @@ if (!only) {
   makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
   makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
 }
+const QUAD_RUNS = ["quad_a", "quad_b", "quad_c", "quad_d"];
+makeFixture(logdir, ["--runs", "4", "--run-names", QUAD_RUNS.join(","), "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
 makeFixture(logdir, ["--runs", "1", "--run-names", "anim26k", "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
 console.log(`fixtures written in ${((Date.now() - t) / 1000).toFixed(1)} s`);
-const tb = await startTensorBoard(logdir, { expectRuns: only ? 1 : 3, timeoutMs: 180000 });
+const tb = await startTensorBoard(logdir, { expectRuns: only ? 5 : 7, timeoutMs: 180000 });
 const { context, close } = await launchBrowser({ width: 1400, height: 950 });
 const results = [];
 
@@ -38,44 +44,114 @@ async function pluginPage(runs, step) {
   return page;
 }
 
-/** A bare WebGL page drawing `positions` as 3 px points every frame (the reference for frame intervals). */
-async function barePage(positions, size) {
+/**
+ * A bare WebGL page drawing each of `layers` (`{positions, size, camera}`: one canvas and
+ * one WebGL context per map, as the plugin has one per run) as 3 px points every frame,
+ * framed by the plugin's own camera so both pages put the same points on the same pixels
+ * (software GL's cost depends on where points land): the reference for frame intervals.
+ */
+async function barePage(layers) {
   const bare = await context.newPage();
-  await bare.setContent("<!doctype html><body style='margin:0'><canvas id=c></canvas></body>");
-  await bare.evaluate(({ positions, size }) => {
-    const c = document.getElementById("c");
-    c.width = size[0]; c.height = size[1];
-    const gl = c.getContext("webgl", { antialias: false });
-    const sh = (type, src) => { const s = gl.createShader(type); gl.shaderSource(s, src); gl.compileShader(s); return s; };
-    const p = gl.createProgram();
-    gl.attachShader(p, sh(gl.VERTEX_SHADER, "attribute vec2 a;uniform vec2 c;uniform float k;void main(){gl_Position=vec4((a-c)*k,0.,1.);gl_PointSize=3.;}"));
-    gl.attachShader(p, sh(gl.FRAGMENT_SHADER, "precision mediump float;void main(){gl_FragColor=vec4(.1,.5,.9,1.);}"));
-    gl.linkProgram(p); gl.useProgram(p);
-    const data = new Float32Array(positions);
-    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
-    for (let i = 0; i < data.length; i += 2) {
-      if (!Number.isFinite(data[i])) continue;
-      minX = Math.min(minX, data[i]); maxX = Math.max(maxX, data[i]); minY = Math.min(minY, data[i + 1]); maxY = Math.max(maxY, data[i + 1]);
-    }
-    const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b); gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
-    const a = gl.getAttribLocation(p, "a"); gl.enableVertexAttribArray(a); gl.vertexAttribPointer(a, 2, gl.FLOAT, false, 0, 0);
-    const uc = gl.getUniformLocation(p, "c"), uk = gl.getUniformLocation(p, "k");
-    let k = 2 / Math.max(maxX - minX, maxY - minY);
-    window.measure = (frames) => new Promise((done) => {
+  await bare.setContent("<!doctype html><body style='margin:0;display:flex;flex-wrap:wrap'></body>");
+  await bare.evaluate((layers) => {
+    const views = layers.map(({ positions, size, camera }) => {
+      const c = document.createElement("canvas");
+      document.body.appendChild(c);
+      c.width = size[0]; c.height = size[1];
+      const gl = c.getContext("webgl", { antialias: false });
+      const sh = (type, src) => { const s = gl.createShader(type); gl.shaderSource(s, src); gl.compileShader(s); return s; };
+      const p = gl.createProgram();
+      gl.attachShader(p, sh(gl.VERTEX_SHADER, "attribute vec2 a;uniform vec2 c;uniform vec2 k;void main(){gl_Position=vec4((a-c)*k,0.,1.);gl_PointSize=3.;}"));
+      gl.attachShader(p, sh(gl.FRAGMENT_SHADER, "precision mediump float;void main(){gl_FragColor=vec4(.1,.5,.9,1.);}"));
+      gl.linkProgram(p); gl.useProgram(p);
+      const data = new Float32Array(positions);
+      const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b); gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
+      const a = gl.getAttribLocation(p, "a"); gl.enableVertexAttribArray(a); gl.vertexAttribPointer(a, 2, gl.FLOAT, false, 0, 0);
+      return { gl, data, size, cx: camera.cx, cy: camera.cy, k0: camera.k, k: camera.k, uc: gl.getUniformLocation(p, "c"), uk: gl.getUniformLocation(p, "k") };
+    });
+    // zoom: in and out as the plugin's wheel test does; otherwise redraw at the plugin's framing
+    window.measure = (frames, zoom) => new Promise((done) => {
       const stamps = [];
       let i = 0;
+      if (!zoom) for (const v of views) v.k = v.k0;
       const loop = (ts) => {
         stamps.push(ts);
-        k *= Math.exp((Math.floor(i / 30) % 2 ? -1 : 1) * 0.045);
-        gl.clearColor(1, 1, 1, 1); gl.clear(gl.COLOR_BUFFER_BIT);
-        gl.uniform2f(uc, (minX + maxX) / 2, (minY + maxY) / 2); gl.uniform1f(uk, k);
-        gl.drawArrays(gl.POINTS, 0, data.length / 2);
+        for (const v of views) {
+          const { gl } = v;
+          if (zoom) v.k *= Math.exp((Math.floor(i / 30) % 2 ? -1 : 1) * 0.045);
+          gl.clearColor(1, 1, 1, 1); gl.clear(gl.COLOR_BUFFER_BIT);
+          gl.uniform2f(v.uc, v.cx, v.cy); gl.uniform2f(v.uk, (2 * v.k) / v.size[0], (2 * v.k) / v.size[1]);
+          gl.drawArrays(gl.POINTS, 0, v.data.length / 2);
+        }
         if (++i < frames) requestAnimationFrame(loop); else done(stamps.slice(1).map((s, j) => s - stamps[j]).slice(20));
       };
       requestAnimationFrame(loop);
     });
-  }, { positions, size });
+  }, layers);
   return bare;
+}
+
+/** Each shown panel's positions, canvas size and the camera now (the bare page's input). */
+const panelLayers = (page) => page.evaluate(() => window.__conceptevo.app.panels.map((p) => {
+  const r = p.view.element.getBoundingClientRect();
+  const { cx, cy, k } = window.__conceptevo.app.camera;
+  return { positions: Array.from(p.points.positions), size: [Math.round(r.width), Math.round(r.height)], camera: { cx, cy, k } };
+}));
+
+/** Median rAF interval while wheel-zooming the first map in and out (every linked map redraws). */
+const measureZoom = (page, frames) => page.evaluate(async (frames) => {
+  const canvas = document.querySelector(".ce-scatter-overlay");
+  const r = canvas.getBoundingClientRect();
+  const stamps = [];
+  await new Promise((done) => {
+    let i = 0;
+    const loop = (ts) => {
+      stamps.push(ts);
+      canvas.dispatchEvent(new WheelEvent("wheel", { deltaY: (Math.floor(i / 30) % 2 ? 1 : -1) * 30, clientX: r.left + r.width / 2,
+        clientY: r.top + r.height / 2, bubbles: true, cancelable: true }));
+      if (++i < frames) requestAnimationFrame(loop); else done();
+    };
+    requestAnimationFrame(loop);
+  });
+  return stamps.slice(1).map((s, i) => s - stamps[i]).slice(20); // first 20 frames: warm-up
+}, frames);
+
+/**
+ * Frame intervals of six animated step changes (every shown run glides; all steps' maps
+ * are fetched first). Each panel schedules its own frames, so the interval is each panel's
+ * own: the glide's duration over the frames that panel drew in it.
+ */
+const measureGlide = (page) => page.evaluate(async () => {
+  const app = window.__conceptevo.app;
+  const steps = window.__conceptevo.steps();
+  await Promise.all(app.panels.flatMap((p) => steps.flatMap((s) => p.points.layers.map((l) => app.api.map(p.run, app.state.space, l, s)))));
+  const intervals = [];
+  for (let round = 0; round < 6; round++) {
+    const before = window.__conceptevo.panels().map((p) => p.draws);
+    const next = (app.stepIndex + 1) % steps.length;
+    const t0 = performance.now();
+    app.setStepIndex(next, true);
+    await new Promise((r) => requestAnimationFrame(r));
+    await new Promise((done) => {
+      const loop = () => { if (window.__conceptevo.panels().some((p) => p.animating)) requestAnimationFrame(loop); else done(); };
+      requestAnimationFrame(loop);
+    });
+    const elapsed = performance.now() - t0;
+    window.__conceptevo.panels().forEach((p, i) => intervals.push(elapsed / Math.max(1, p.draws - before[i])));
+  }
+  return intervals;
+});
+
+/** Plugin and bare page measured alternately, so load from other processes hits both alike. */
+async function paired(page, bare, measurePlugin, frames, zoom) {
+  const plugin = [], reference = [];
+  for (let round = 0; round < 3; round++) {
+    await page.bringToFront();
+    plugin.push(...await measurePlugin());
+    await bare.bringToFront();
+    reference.push(...await bare.evaluate(([frames, zoom]) => window.measure(frames, zoom), [frames, zoom]));
+  }
+  return [median(plugin), median(reference), plugin.length, mean(plugin), mean(reference)];
 }
 
 try {
@@ -107,39 +183,13 @@ try {
   await page.waitForFunction(() => document.body?.dataset.conceptevoReady === "true", null, { timeout: 60000 });
   const frames = 100;
   await page.waitForTimeout(2000); // let the page settle (tabs, polling) before timing frames
-  const measurePlugin = () => page.evaluate(async (frames) => {
-    const canvas = document.querySelector(".ce-scatter-overlay");
-    const r = canvas.getBoundingClientRect();
-    const stamps = [];
-    await new Promise((done) => {
-      let i = 0;
-      const loop = (ts) => {
-        stamps.push(ts);
-        // zoom in and out around the centre: the map redraws every frame
-        canvas.dispatchEvent(new WheelEvent("wheel", { deltaY: (Math.floor(i / 30) % 2 ? 1 : -1) * 30, clientX: r.left + r.width / 2,
-          clientY: r.top + r.height / 2, bubbles: true, cancelable: true }));
-        if (++i < frames) requestAnimationFrame(loop); else done();
-      };
-      requestAnimationFrame(loop);
-    });
-    return stamps.slice(1).map((s, i) => s - stamps[i]).slice(20); // first 20 frames: warm-up
-  }, frames);
-  const size = await page.evaluate(() => { const r = document.querySelector(".ce-scatter").getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; });
-  const positions = await page.evaluate(() => Array.from(window.__conceptevo.app.panels[0].points.positions));
-
-  const bare = await barePage(positions, size);
-  // Alternate the two pages so load from other processes on the machine hits both alike.
-  const pluginIntervals = [], bareIntervals = [];
-  for (let round = 0; round < 3; round++) {
-    await page.bringToFront();
-    pluginIntervals.push(...await measurePlugin());
-    await bare.bringToFront();
-    bareIntervals.push(...await bare.evaluate((frames) => window.measure(frames), frames));
-  }
+  const layers = await panelLayers(page);
+  const size = layers[0].size;
+  const bare = await barePage(layers);
+  const [mp, mb] = await paired(page, bare, () => measureZoom(page, frames), frames, true);
   const draws = await page.evaluate(() => window.__conceptevo.panels()[0].draws);
   await bare.close();
   await page.close();
-  const mp = median(pluginIntervals), mb = median(bareIntervals);
   console.log(`pan/zoom with 100,000 points (${size[0]}x${size[1]} px, ${draws} redraws): median frame interval plugin ${fmt(mp)} ms, ` +
     `bare WebGL page ${fmt(mb)} ms, ratio ${(mp / mb).toFixed(2)}x`);
   results.push(["pan/zoom frame interval <= 1.25x bare WebGL", mp <= 1.25 * mb]);
@@ -188,44 +238,40 @@ try {
   await ap.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
   await ap.waitForFunction(() => document.body?.dataset.conceptevoReady === "true", null, { timeout: 60000 });
   await ap.waitForTimeout(2000);
-  const glide = async () => ap.evaluate(async () => {
-    const app = window.__conceptevo.app;
-    const steps = window.__conceptevo.steps();
-    // warm every step's maps first: the glide, not the fetch, is timed
-    await Promise.all(steps.flatMap((s) => app.panels[0].points.layers.map((l) => app.api.map("anim26k", app.state.space, l, s))));
-    const intervals = [];
-    for (let round = 0; round < 6; round++) {
-      const stamps = [];
-      const next = (app.stepIndex + 1) % steps.length;
-      app.setStepIndex(next, true);
-      await new Promise((r) => requestAnimationFrame(r));
-      await new Promise((done) => {
-        const loop = (ts) => { stamps.push(ts); if (window.__conceptevo.panels()[0].animating) requestAnimationFrame(loop); else done(); };
-        requestAnimationFrame(loop);
-      });
-      intervals.push(...stamps.slice(2).map((s, i) => s - stamps[i + 1]));
-    }
-    return { intervals, points: window.__conceptevo.panels()[0].points };
-  });
-  const asize = await ap.evaluate(() => { const r = document.querySelector(".ce-scatter").getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; });
-  const apos = await ap.evaluate(() => Array.from(window.__conceptevo.app.panels[0].points.positions));
-  const abare = await barePage(apos, asize);
-  const glideIntervals = [], bareGlide = [];
-  let glidePoints = 0;
-  for (let round = 0; round < 3; round++) {
-    await ap.bringToFront();
-    const g = await glide();
-    glideIntervals.push(...g.intervals);
-    glidePoints = g.points;
-    await abare.bringToFront();
-    bareGlide.push(...await abare.evaluate((frames) => window.measure(frames), 60));
-  }
+  const alayers = await panelLayers(ap);
+  const asize = alayers[0].size;
+  const glidePoints = alayers[0].positions.length / 2;
+  const abare = await barePage(alayers);
+  const [mg, mbg, glideFrames, ag, abg] = await paired(ap, abare, () => measureGlide(ap), 60, false);
   await abare.close();
   await ap.close();
-  const mg = median(glideIntervals), mbg = median(bareGlide);
-  console.log(`step transition on a ${glidePoints.toLocaleString()}-point map (${asize[0]}x${asize[1]} px, ${glideIntervals.length} frames): ` +
-    `median frame interval plugin ${fmt(mg)} ms (${fmt(1000 / mg)} fps), bare WebGL page ${fmt(mbg)} ms, ratio ${(mg / mbg).toFixed(2)}x`);
-  results.push(["step transition frame interval <= 1.25x bare WebGL", mg <= 1.25 * mbg]);
+  console.log(`step transition on a ${glidePoints.toLocaleString()}-point map (${asize[0]}x${asize[1]} px, ${glideFrames} frames): ` +
+    `median frame interval plugin ${fmt(mg)} ms (${fmt(1000 / mg)} fps), bare WebGL page ${fmt(mbg)} ms, ratio ${(mg / mbg).toFixed(2)}x; ` +
+    `mean ${fmt(ag)} ms (${fmt(1000 / ag)} fps) vs ${fmt(abg)} ms, ratio ${(ag / abg).toFixed(2)}x`);
+  results.push(["step transition frame interval <= 1.25x bare WebGL (median)", mg <= 1.25 * mbg]);
+  results.push(["step transition frame interval <= 1.25x bare WebGL (mean)", ag <= 1.25 * abg]);
+
+  // ---------------------------------------------------------------- 5. four runs of a 26k-neuron map side by side
+  const qp = await pluginPage(QUAD_RUNS, 0);
+  await qp.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
+  await qp.waitForFunction((n) => document.body?.dataset.conceptevoReady === "true" && window.__conceptevo.panels().length === n &&
+    window.__conceptevo.panels().every((p) => p.points > 0), QUAD_RUNS.length, { timeout: 120000 });
+  await qp.waitForTimeout(2000);
+  const qlayers = await panelLayers(qp);
+  const qbare = await barePage(qlayers);
+  const [mqz, mqzb, , aqz, aqzb] = await paired(qp, qbare, () => measureZoom(qp, 100), 100, true);
+  const [mqg, mqgb, qframes, aqg, aqgb] = await paired(qp, qbare, () => measureGlide(qp), 60, false);
+  await qbare.close();
+  await qp.close();
+  const qdesc = `${qlayers.length} runs x ${(qlayers[0].positions.length / 2).toLocaleString()} points (${qlayers[0].size[0]}x${qlayers[0].size[1]} px each)`;
+  console.log(`pan/zoom, ${qdesc}: median frame interval plugin ${fmt(mqz)} ms, bare WebGL page (${qlayers.length} canvases) ${fmt(mqzb)} ms, ` +
+    `ratio ${(mqz / mqzb).toFixed(2)}x; mean ${fmt(aqz)} vs ${fmt(aqzb)} ms, ratio ${(aqz / aqzb).toFixed(2)}x`);
+  console.log(`step transition, ${qdesc}, ${qframes} frames: median frame interval plugin ${fmt(mqg)} ms (${fmt(1000 / mqg)} fps), ` +
+    `bare WebGL page ${fmt(mqgb)} ms, ratio ${(mqg / mqgb).toFixed(2)}x; mean ${fmt(aqg)} ms (${fmt(1000 / aqg)} fps) vs ${fmt(aqgb)} ms, ` +
+    `ratio ${(aqg / aqgb).toFixed(2)}x`);
+  results.push([`pan/zoom, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL`, mqz <= 1.25 * mqzb]);
+  results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (median)`, mqg <= 1.25 * mqgb]);
+  results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (mean)`, aqg <= 1.25 * aqgb]);
 } finally {
   await close();
   tb.stop();
