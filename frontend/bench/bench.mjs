@@ -118,8 +118,8 @@ const measureZoom = (page, frames) => page.evaluate(async (frames) => {
 
 /**
  * Frame intervals of six animated step changes (every shown run glides; all steps' maps
- * are fetched first). Each panel schedules its own frames, so the interval is each panel's
- * own: the glide's duration over the frames that panel drew in it.
+ * are fetched first). Each panel schedules its own frames, so an interval is one panel's
+ * own: the time between two animation frames in which that panel drew.
  */
 const measureGlide = (page) => page.evaluate(async () => {
   const app = window.__conceptevo.app;
@@ -127,22 +127,31 @@ const measureGlide = (page) => page.evaluate(async () => {
   await Promise.all(app.panels.flatMap((p) => steps.flatMap((s) => p.points.layers.map((l) => app.api.map(p.run, app.state.space, l, s)))));
   const intervals = [];
   for (let round = 0; round < 6; round++) {
-    const before = window.__conceptevo.panels().map((p) => p.draws);
-    const next = (app.stepIndex + 1) % steps.length;
-    const t0 = performance.now();
-    app.setStepIndex(next, true);
-    await new Promise((r) => requestAnimationFrame(r));
+    let draws = window.__conceptevo.panels().map((p) => p.draws);
+    const lastDrawn = draws.map(() => null);
+    app.setStepIndex((app.stepIndex + 1) % steps.length, true);
     await new Promise((done) => {
-      const loop = () => { if (window.__conceptevo.panels().some((p) => p.animating)) requestAnimationFrame(loop); else done(); };
+      const loop = (ts) => {
+        const panels = window.__conceptevo.panels();
+        panels.forEach((p, i) => {
+          if (p.draws === draws[i]) return;
+          if (lastDrawn[i] !== null) intervals.push(ts - lastDrawn[i]);
+          lastDrawn[i] = ts;
+        });
+        draws = panels.map((p) => p.draws);
+        if (panels.some((p) => p.animating)) requestAnimationFrame(loop); else done();
+      };
       requestAnimationFrame(loop);
     });
-    const elapsed = performance.now() - t0;
-    window.__conceptevo.panels().forEach((p, i) => intervals.push(elapsed / Math.max(1, p.draws - before[i])));
   }
   return intervals;
 });
 
-/** Plugin and bare page measured alternately, so load from other processes hits both alike. */
+/**
+ * Plugin and bare page measured alternately, so load from other processes hits both alike.
+ * Frames arrive on vsync multiples (16.7, 33.3, 50 ms), so a median flips a whole frame
+ * on a small change: the verdicts use the mean interval; both are printed.
+ */
 async function paired(page, bare, measurePlugin, frames, zoom) {
   const plugin = [], reference = [];
   for (let round = 0; round < 3; round++) {
@@ -186,13 +195,13 @@ try {
   const layers = await panelLayers(page);
   const size = layers[0].size;
   const bare = await barePage(layers);
-  const [mp, mb] = await paired(page, bare, () => measureZoom(page, frames), frames, true);
+  const [mp, mb, , ap0, ab0] = await paired(page, bare, () => measureZoom(page, frames), frames, true);
   const draws = await page.evaluate(() => window.__conceptevo.panels()[0].draws);
   await bare.close();
   await page.close();
   console.log(`pan/zoom with 100,000 points (${size[0]}x${size[1]} px, ${draws} redraws): median frame interval plugin ${fmt(mp)} ms, ` +
-    `bare WebGL page ${fmt(mb)} ms, ratio ${(mp / mb).toFixed(2)}x`);
-  results.push(["pan/zoom frame interval <= 1.25x bare WebGL", mp <= 1.25 * mb]);
+    `bare WebGL page ${fmt(mb)} ms, ratio ${(mp / mb).toFixed(2)}x; mean ${fmt(ap0)} vs ${fmt(ab0)} ms, ratio ${(ap0 / ab0).toFixed(2)}x`);
+  results.push(["pan/zoom frame interval <= 1.25x bare WebGL (mean)", ap0 <= 1.25 * ab0]);
 
   // ---------------------------------------------------------------- 3. slider on 10k points
   const sp = await pluginPage(["slider10k"], 0);
@@ -248,7 +257,6 @@ try {
   console.log(`step transition on a ${glidePoints.toLocaleString()}-point map (${asize[0]}x${asize[1]} px, ${glideFrames} frames): ` +
     `median frame interval plugin ${fmt(mg)} ms (${fmt(1000 / mg)} fps), bare WebGL page ${fmt(mbg)} ms, ratio ${(mg / mbg).toFixed(2)}x; ` +
     `mean ${fmt(ag)} ms (${fmt(1000 / ag)} fps) vs ${fmt(abg)} ms, ratio ${(ag / abg).toFixed(2)}x`);
-  results.push(["step transition frame interval <= 1.25x bare WebGL (median)", mg <= 1.25 * mbg]);
   results.push(["step transition frame interval <= 1.25x bare WebGL (mean)", ag <= 1.25 * abg]);
 
   // ---------------------------------------------------------------- 5. four runs of a 26k-neuron map side by side
@@ -269,8 +277,7 @@ try {
   console.log(`step transition, ${qdesc}, ${qframes} frames: median frame interval plugin ${fmt(mqg)} ms (${fmt(1000 / mqg)} fps), ` +
     `bare WebGL page ${fmt(mqgb)} ms, ratio ${(mqg / mqgb).toFixed(2)}x; mean ${fmt(aqg)} ms (${fmt(1000 / aqg)} fps) vs ${fmt(aqgb)} ms, ` +
     `ratio ${(aqg / aqgb).toFixed(2)}x`);
-  results.push([`pan/zoom, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL`, mqz <= 1.25 * mqzb]);
-  results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (median)`, mqg <= 1.25 * mqgb]);
+  results.push([`pan/zoom, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (mean)`, aqz <= 1.25 * aqzb]);
   results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (mean)`, aqg <= 1.25 * aqgb]);
 } finally {
   await close();
