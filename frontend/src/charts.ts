@@ -39,6 +39,28 @@ function tickLabel(v: number): string {
   return formatNumber(v).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
 }
 
+/** The value box drawn beside the hovered step or bar: at `x`, flipped left when it would leave the chart. */
+function hoverBox(ctx: CanvasRenderingContext2D, lines: string[], x: number, top: number, width: number): void {
+  ctx.font = FONT;
+  ctx.textAlign = "left";
+  const w = Math.max(...lines.map((t) => ctx.measureText(t).width)) + 10;
+  const bx = x + 6 + w > width ? Math.max(0, x - 6 - w) : x + 6;
+  ctx.fillStyle = "rgba(33,33,33,0.88)";
+  ctx.fillRect(bx, top, w, 14 * lines.length + 4);
+  ctx.fillStyle = "#ffffff";
+  lines.forEach((t, k) => ctx.fillText(t, bx + 5, top + 13 + 14 * k));
+}
+
+/** Repaint `paint(i)` with the index under the pointer (`at(x)`, or null outside), and null on leave. */
+function hoverable(canvas: HTMLCanvasElement, at: (x: number) => number | null, paint: (hover: number | null) => void): void {
+  let shown: number | null = null;
+  canvas.addEventListener("mousemove", (e) => {
+    const i = at(e.clientX - canvas.getBoundingClientRect().left);
+    if (i !== shown) { shown = i; paint(i); }
+  });
+  canvas.addEventListener("mouseleave", () => { shown = null; paint(null); });
+}
+
 export interface LineSeries {
   name: string;
   points: [number, number][];
@@ -131,137 +153,144 @@ export function lineChart(canvas: HTMLCanvasElement, series: LineSeries[], opts:
         const p = sorted[i].find((q) => q[0] === hover);
         return p ? `${s.name}: ${formatNumber(p[1])}` : null;
       }).filter((t): t is string => !!t)].slice(0, 6);
-      const w = Math.max(...lines.map((t) => ctx.measureText(t).width)) + 10;
-      const bx = sx(hover) + 6 + w > width ? sx(hover) - 6 - w : sx(hover) + 6;
-      ctx.fillStyle = "rgba(33,33,33,0.88)";
-      ctx.fillRect(bx, m.t, w, 14 * lines.length + 4);
-      ctx.fillStyle = "#ffffff";
-      lines.forEach((t, k) => ctx.fillText(t, bx + 5, m.t + 13 + 14 * k));
+      hoverBox(ctx, lines, sx(hover), m.t, width);
     }
   };
   paint(null);
   if (!all.length) return;
-  const nearest = (e: MouseEvent): number | null => {
-    const r = canvas.getBoundingClientRect();
-    const x = x0 + ((e.clientX - r.left - m.l) / pw) * (x1 - x0);
+  const nearest = (px: number): number | null => {
+    const x = x0 + ((px - m.l) / pw) * (x1 - x0);
     let best: number | null = null;
     for (const s of steps) if (best === null || Math.abs(s - x) < Math.abs(best - x)) best = s;
     return best;
   };
-  let shown: number | null = null;
-  canvas.addEventListener("mousemove", (e) => { const s = nearest(e); if (s !== shown) { shown = s; paint(s); } });
-  canvas.addEventListener("mouseleave", () => { shown = null; paint(null); });
+  hoverable(canvas, nearest, paint);
   if (opts.onStep) {
     canvas.style.cursor = "pointer";
     canvas.title = "Click to move the step slider here";
-    canvas.addEventListener("click", (e) => { const s = nearest(e); if (s !== null) opts.onStep!(s); });
+    canvas.addEventListener("click", (e) => { const s = nearest(e.clientX - canvas.getBoundingClientRect().left); if (s !== null) opts.onStep!(s); });
   }
 }
 
-/** Grouped bars: one group per `groups` entry, one bar per `keys` entry. */
+/** Grouped bars: one group per `groups` entry, one bar per `keys` entry; hovering a group shows its values. */
 export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], keys: string[],
   value: (group: string, key: string) => number, opts: { width: number; height: number; title: string; max?: number }): void {
   const { width, height } = opts;
-  const ctx = setup(canvas, width, height);
   const m = { l: 36, r: 8, t: 22, b: 34 };
-  ctx.fillStyle = neutralInk("#212121");
-  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
-  ctx.fillText(opts.title, 8, 14);
-  ctx.font = FONT;
-  if (!groups.length || !keys.length) {
-    ctx.fillStyle = text();
-    ctx.fillText("no labels at this step", m.l, height / 2);
-    return;
-  }
   const colours = categoryColours(keys);
   const colour = (k: string) => colours.get(k) ?? "#9e9e9e";
   // `max` shares the y-scale across small multiples (so equal bars mean equal counts)
   const max = opts.max ?? Math.max(1, ...groups.flatMap((g) => keys.map((k) => value(g, k))));
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
-  const gw = pw / groups.length;
-  const bw = Math.max(2, (gw * 0.8) / keys.length);
-  ctx.textAlign = "right";
-  ctx.fillStyle = text();
-  ctx.strokeStyle = grid();
-  for (const t of niceTicks(0, max, 3)) {
-    const y = m.t + ph - (t / max) * ph;
-    ctx.beginPath(); ctx.moveTo(m.l, y + 0.5); ctx.lineTo(width - m.r, y + 0.5); ctx.stroke();
-    ctx.fillText(formatNumber(t), m.l - 4, y + 4);
-  }
-  ctx.textAlign = "center";
-  groups.forEach((g, gi) => {
-    keys.forEach((k, ki) => {
-      const v = value(g, k);
-      const h = (v / max) * ph;
-      ctx.fillStyle = colour(k);
-      ctx.fillRect(m.l + gi * gw + gw * 0.1 + ki * bw, m.t + ph - h, bw - 1, h);
+  const gw = pw / Math.max(1, groups.length);
+  const bw = Math.max(2, (gw * 0.8) / Math.max(1, keys.length));
+  const paint = (hover: number | null) => {
+    const ctx = setup(canvas, width, height);
+    ctx.fillStyle = neutralInk("#212121");
+    ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+    ctx.fillText(opts.title, 8, 14);
+    ctx.font = FONT;
+    if (!groups.length || !keys.length) {
+      ctx.fillStyle = text();
+      ctx.fillText("no labels at this step", m.l, height / 2);
+      return;
+    }
+    ctx.textAlign = "right";
+    ctx.fillStyle = text();
+    ctx.strokeStyle = grid();
+    for (const t of niceTicks(0, max, 3)) {
+      const y = m.t + ph - (t / max) * ph;
+      ctx.beginPath(); ctx.moveTo(m.l, y + 0.5); ctx.lineTo(width - m.r, y + 0.5); ctx.stroke();
+      ctx.fillText(formatNumber(t), m.l - 4, y + 4);
+    }
+    ctx.textAlign = "center";
+    groups.forEach((g, gi) => {
+      if (gi === hover) { ctx.fillStyle = MAP_THEME.dark ? "rgba(255,255,255,0.08)" : "rgba(0,0,0,0.05)"; ctx.fillRect(m.l + gi * gw, m.t, gw, ph); }
+      keys.forEach((k, ki) => {
+        const v = value(g, k);
+        const h = (v / max) * ph;
+        ctx.fillStyle = colour(k);
+        ctx.fillRect(m.l + gi * gw + gw * 0.1 + ki * bw, m.t + ph - h, bw - 1, h);
+      });
+      ctx.fillStyle = text();
+      ctx.fillText(ellipsis(ctx, g, gw - 4), m.l + gi * gw + gw / 2, m.t + ph + 14);
     });
-    ctx.fillStyle = text();
-    ctx.fillText(ellipsis(ctx, g, gw - 4), m.l + gi * gw + gw / 2, m.t + ph + 14);
-  });
-  // legend
-  ctx.textAlign = "left";
-  let x = m.l;
-  keys.forEach((k, ki) => {
-    ctx.fillStyle = colour(k);
-    ctx.fillRect(x, height - 11, 9, 9);
-    ctx.fillStyle = text();
-    ctx.fillText(k, x + 12, height - 3);
-    x += ctx.measureText(k).width + 24;
-  });
+    // legend
+    ctx.textAlign = "left";
+    let x = m.l;
+    keys.forEach((k) => {
+      ctx.fillStyle = colour(k);
+      ctx.fillRect(x, height - 11, 9, 9);
+      ctx.fillStyle = text();
+      ctx.fillText(k, x + 12, height - 3);
+      x += ctx.measureText(k).width + 24;
+    });
+    if (hover !== null) hoverBox(ctx, [groups[hover], ...keys.map((k) => `${k}: ${formatNumber(value(groups[hover], k))}`)].slice(0, 8),
+      m.l + (hover + 1) * gw, m.t, width);
+  };
+  paint(null);
+  if (groups.length && keys.length) hoverable(canvas, (px) => (px < m.l || px >= m.l + pw ? null : Math.min(groups.length - 1, Math.floor((px - m.l) / gw))), paint);
 }
 
-/** Revert evaluation: bars with error whiskers per importance bin, random baseline band. */
+/** Revert evaluation: bars with error whiskers per importance bin, random baseline band; hovering a bar shows its values. */
 export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: number[], std: number[],
   random: number, randomStd: number, opts: { width: number; height: number; title: string }): void {
   const { width, height } = opts;
-  const ctx = setup(canvas, width, height);
   const m = { l: 48, r: 10, t: 22, b: 22 };
-  ctx.fillStyle = neutralInk("#212121");
-  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
-  ctx.fillText(opts.title, 8, 14);
-  ctx.font = FONT;
   const values = [...mean.map((v, i) => v - (std[i] || 0)), ...mean.map((v, i) => v + (std[i] || 0)),
     random - randomStd, random + randomStd, 0].filter(Number.isFinite);
   let lo = Math.min(...values), hi = Math.max(...values);
   if (hi === lo) { lo -= 0.01; hi += 0.01; }
   const pw = width - m.l - m.r, ph = height - m.t - m.b;
   const sy = (v: number) => m.t + ph - ((v - lo) / (hi - lo)) * ph;
-  ctx.textAlign = "right";
-  ctx.fillStyle = text();
-  ctx.strokeStyle = grid();
-  for (const t of niceTicks(lo, hi, 4)) {
-    ctx.beginPath(); ctx.moveTo(m.l, sy(t) + 0.5); ctx.lineTo(width - m.r, sy(t) + 0.5); ctx.stroke();
-    const pct = Math.abs(t) < 1e-9 ? 0 : t * 100;
-    ctx.fillText(`${pct.toFixed(Math.abs(hi - lo) < 0.05 ? 1 : 0)}%`, m.l - 4, sy(t) + 4);
-  }
-  // random baseline band
-  ctx.fillStyle = "rgba(158,158,158,0.25)";
-  ctx.fillRect(m.l, sy(random + randomStd), pw, Math.max(1, sy(random - randomStd) - sy(random + randomStd)));
-  ctx.strokeStyle = neutralInk("#757575");
-  ctx.setLineDash([4, 3]);
-  ctx.beginPath(); ctx.moveTo(m.l, sy(random)); ctx.lineTo(width - m.r, sy(random)); ctx.stroke();
-  ctx.setLineDash([]);
   const bw = pw / Math.max(1, bins.length);
-  ctx.textAlign = "center";
-  bins.forEach((b, i) => {
-    const x = m.l + i * bw + bw * 0.2, w = bw * 0.6;
-    const y0 = sy(0), y1 = sy(mean[i]);
-    ctx.fillStyle = "#f57c00";
-    ctx.fillRect(x, Math.min(y0, y1), w, Math.max(1, Math.abs(y1 - y0)));
-    ctx.strokeStyle = neutralInk("#424242");
-    ctx.beginPath();
-    ctx.moveTo(x + w / 2, sy(mean[i] - (std[i] || 0)));
-    ctx.lineTo(x + w / 2, sy(mean[i] + (std[i] || 0)));
-    ctx.stroke();
+  const percent = (v: number) => `${v >= 0 ? "+" : ""}${(v * 100).toFixed(1)}%`;
+  const paint = (hover: number | null) => {
+    const ctx = setup(canvas, width, height);
+    ctx.fillStyle = neutralInk("#212121");
+    ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+    ctx.fillText(opts.title, 8, 14);
+    ctx.font = FONT;
+    ctx.textAlign = "right";
     ctx.fillStyle = text();
-    ctx.fillText(b, x + w / 2, height - 6);
-  });
-  ctx.textAlign = "right";
-  ctx.fillStyle = neutralInk("#757575");
-  ctx.fillText("random bin", width - m.r - 2, sy(random) - 4);
-  ctx.strokeStyle = axis();
-  ctx.beginPath(); ctx.moveTo(m.l, sy(0) + 0.5); ctx.lineTo(width - m.r, sy(0) + 0.5); ctx.stroke();
+    ctx.strokeStyle = grid();
+    for (const t of niceTicks(lo, hi, 4)) {
+      ctx.beginPath(); ctx.moveTo(m.l, sy(t) + 0.5); ctx.lineTo(width - m.r, sy(t) + 0.5); ctx.stroke();
+      const pct = Math.abs(t) < 1e-9 ? 0 : t * 100;
+      ctx.fillText(`${pct.toFixed(Math.abs(hi - lo) < 0.05 ? 1 : 0)}%`, m.l - 4, sy(t) + 4);
+    }
+    // random baseline band
+    ctx.fillStyle = "rgba(158,158,158,0.25)";
+    ctx.fillRect(m.l, sy(random + randomStd), pw, Math.max(1, sy(random - randomStd) - sy(random + randomStd)));
+    ctx.strokeStyle = neutralInk("#757575");
+    ctx.setLineDash([4, 3]);
+    ctx.beginPath(); ctx.moveTo(m.l, sy(random)); ctx.lineTo(width - m.r, sy(random)); ctx.stroke();
+    ctx.setLineDash([]);
+    ctx.textAlign = "center";
+    bins.forEach((b, i) => {
+      const x = m.l + i * bw + bw * 0.2, w = bw * 0.6;
+      const y0 = sy(0), y1 = sy(mean[i]);
+      if (i === hover) { ctx.fillStyle = MAP_THEME.dark ? "rgba(255,255,255,0.08)" : "rgba(0,0,0,0.05)"; ctx.fillRect(m.l + i * bw, m.t, bw, ph); }
+      ctx.fillStyle = "#f57c00";
+      ctx.fillRect(x, Math.min(y0, y1), w, Math.max(1, Math.abs(y1 - y0)));
+      ctx.strokeStyle = neutralInk("#424242");
+      ctx.beginPath();
+      ctx.moveTo(x + w / 2, sy(mean[i] - (std[i] || 0)));
+      ctx.lineTo(x + w / 2, sy(mean[i] + (std[i] || 0)));
+      ctx.stroke();
+      ctx.fillStyle = text();
+      ctx.fillText(b, x + w / 2, height - 6);
+    });
+    ctx.textAlign = "right";
+    ctx.fillStyle = neutralInk("#757575");
+    ctx.fillText("random bin", width - m.r - 2, sy(random) - 4);
+    ctx.strokeStyle = axis();
+    ctx.beginPath(); ctx.moveTo(m.l, sy(0) + 0.5); ctx.lineTo(width - m.r, sy(0) + 0.5); ctx.stroke();
+    if (hover !== null) hoverBox(ctx, [`bin ${bins[hover]}`, `accuracy change ${percent(mean[hover])} ± ${((std[hover] || 0) * 100).toFixed(1)}`,
+      `random neurons ${percent(random)} ± ${(randomStd * 100).toFixed(1)}`], m.l + (hover + 1) * bw, m.t, width);
+  };
+  paint(null);
+  if (bins.length) hoverable(canvas, (px) => (px < m.l || px >= m.l + pw ? null : Math.min(bins.length - 1, Math.floor((px - m.l) / bw))), paint);
 }
 
 function ellipsis(ctx: CanvasRenderingContext2D, text: string, max: number): string {

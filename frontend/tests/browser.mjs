@@ -338,7 +338,10 @@ try {
     assert.ok(box && box.x >= 0 && box.x + box.width <= vw + 1 && box.width >= 250, `drawer in view: ${JSON.stringify(box)} of ${vw}`);
     await page.screenshot({ path: join(SHOTS, "11_drawer_1024.png") });
     await page.keyboard.press("Escape");
-    await page.waitForTimeout(400);
+    // wait for the state, then for the .2 s slide-out (a loaded machine may be slow to run either)
+    await frame.waitForSelector(".ce-detail[data-open=false]", { state: "attached", timeout: 5000 });
+    await frame.waitForFunction((vw) => { const r = document.querySelector(".ce-detail")?.getBoundingClientRect(); return !r || r.width === 0 || r.x >= vw - 1; },
+      vw, { timeout: 5000 }).catch(() => {});
     const closed = await frame.locator(".ce-detail").boundingBox();
     assert.ok(!closed || closed.x >= vw - 1, `drawer closed: ${JSON.stringify(closed)}`);
     await page.setViewportSize({ width: 1500, height: 1000 });
@@ -408,9 +411,24 @@ try {
     assert.ok(await frame.locator(".ce-strip canvas").count() >= 6, "metric charts");
     await frame.click("button[data-tab=categories]");
     await frame.waitForSelector('canvas[aria-label^="interpretable neurons"]');
+    // bar charts show their values on hover (drawn in the canvas, like the line charts)
+    const hoverChanges = async (selector, shot) => {
+      const canvas = frame.locator(selector).first();
+      await canvas.scrollIntoViewIfNeeded();
+      const box = await canvas.boundingBox();
+      await page.mouse.move(box.x + box.width - 2, box.y + 2); // the title corner: no bar there
+      const before = await canvas.screenshot();
+      await page.mouse.move(box.x + 60, box.y + box.height * 0.55); // over the first group / bin
+      await page.waitForTimeout(100);
+      const during = await canvas.screenshot({ path: join(SHOTS, shot) });
+      await page.mouse.move(0, 0);
+      return pixelDiff(page, before, during); // fraction of pixels that changed
+    };
+    assert.ok(await hoverChanges('canvas[aria-label^="interpretable neurons"]', "05_category_bars_hover.png") > 0.01, "category bars draw a value box on hover");
     await frame.click("button[data-tab=importance]");
     await frame.waitForSelector(".ce-table tbody tr");
     await frame.waitForSelector('canvas[aria-label="revert evaluation"]');
+    assert.ok(await hoverChanges('canvas[aria-label="revert evaluation"]', "06_revert_bars_hover.png") > 0.01, "revert bars draw a value box on hover");
     await frame.click("text=Highlight top");
     await frame.evaluate(() => document.querySelector(".ce-tabs").scrollIntoView());
     await settle();

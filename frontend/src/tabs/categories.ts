@@ -38,8 +38,9 @@ export async function categoryBoxes(app: App, detector: string, width: number | 
     const box = h("div", { class: "ce-strip-run" }, [h("h4", {}, [h("span", { class: "ce-run-letter", text: runLetter(app.runIndex(run.run)) }),
       ` ${run.run} · step ${s ?? "–"}${s !== null && s !== step ? ` (latest labels at or before step ${step})` : ""}`])]);
     if (!data) { box.append(status("empty", error ?? "no data")); return box; }
-    const canvas = h("canvas", { attrs: { role: "img", "aria-label": `interpretable neurons per category and layer, run ${run.run}` } });
-    canvas.title = data.layers.map((l) => `${l}: ${data.categories.map((c) => `${c} ${data.counts[l]?.[c] ?? 0}`).join(", ")}`).join("\n");
+    // the values are drawn on hover; the accessible name carries them all for screen readers
+    const values = data.layers.map((l) => `${l}: ${data.categories.map((c) => `${c} ${data.counts[l]?.[c] ?? 0}`).join(", ")}`).join("; ");
+    const canvas = h("canvas", { attrs: { role: "img", "aria-label": `interpretable neurons per category and layer, run ${run.run}. ${values}` } });
     groupedBarChart(canvas, data.layers, data.categories, (layer, cat) => data.counts[layer]?.[cat] ?? 0,
       { width: width ?? Math.min(900, 120 + data.layers.length * Math.max(60, data.categories.length * 16)), height: width ? 150 : 190,
         title: `Interpretable neurons per category (${detector})${shared ? " · shared scale" : ""}`, max: shared });
