@@ -68,11 +68,6 @@ class LayerObservation:
         """Lucent-style ids ``"layer:channel"``."""
         return [f"{self.layer}:{c}" for c in range(self.n_neurons)]
 
-    def positions_yx(self) -> np.ndarray:
-        """``[N, k, 2]`` argmax positions as (row, column) in the activation map."""
-        w = self.map_size[1]
-        return np.stack([self.positions // w, self.positions % w], axis=-1)
-
     def patch_boxes(self, fraction: float = 0.3) -> np.ndarray:
         """``[N, k, 4]`` boxes (x0, y0, x1, y1) in input pixels around each argmax.
 

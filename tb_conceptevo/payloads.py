@@ -50,14 +50,12 @@ def image_links_payload(obs: LayerObservation) -> Payload:
     return header, {"neurons": stored}
 
 
-def embedding_payload(space_name: str, layer: str, embedding, probe_hash: str = "",
-                      extra: Optional[Dict] = None) -> Payload:
+def embedding_payload(space_name: str, layer: str, embedding, probe_hash: str = "") -> Payload:
     header = {
         "kind": "space", "space": space_name, "layer": layer,
         "n_neurons": int(embedding.vectors.shape[0]), "dim": int(embedding.vectors.shape[1]),
         "n_unplaced": embedding.n_unplaced, "probe_hash": probe_hash,
     }
-    header.update(extra or {})
     arrays = {
         # float16 halves the payload; the layout (what is drawn) stays float32.
         "vectors": embedding.vectors.astype(np.float16),
@@ -94,7 +92,7 @@ def anchors_payload(space_name: str, anchors) -> Payload:
     return header, arrays
 
 
-def probe_payload(probe, thumbnail_size: Optional[int] = None, batch: int = 256) -> Payload:
+def probe_payload(probe, thumbnail_size: Optional[int] = None) -> Payload:
     """Probe header plus PNG thumbnail atlases (``ATLAS_GRID`` x ``ATLAS_GRID`` images each)."""
     from PIL import Image
 

@@ -78,7 +78,7 @@ def run_fit_space(args) -> int:
     progress = not args.no_progress
     with LogReader(args.logdir, fast=args.fast) as logs:
         run = _base_run(logs, args.run, args.logdir)
-        layers = _layer_list(args.layers) or logs.layers(run)
+        layers = _comma_list(args.layers) or logs.layers(run)
         steps = logs.steps(run, layers[0])
         step = steps[-1] if args.step is None else args.step
         if step not in steps:
@@ -110,8 +110,8 @@ def run_project(args) -> int:
     space = load_space(args.space)
     if args.name:
         space.name = metadata.check_name(args.name, "--name")
-    written, n_runs = project_logdir(args.logdir, space, runs=_layer_list(args.runs),
-                                     layers=_layer_list(args.layers), fast=args.fast,
+    written, n_runs = project_logdir(args.logdir, space, runs=_comma_list(args.runs),
+                                     layers=_comma_list(args.layers), fast=args.fast,
                                      progress=not args.no_progress, source=args.space)
     if written:
         print(f"back-filled {written} step(s) of {n_runs} run(s) into space {space.name!r} from {args.space}")
@@ -261,7 +261,7 @@ def _runs(logs, requested: Optional[str], logdir: str) -> List[str]:
         )
     if requested is None:
         return available
-    runs = _layer_list(requested)
+    runs = _comma_list(requested)
     unknown = [run for run in runs if run not in available]
     if unknown:
         raise ValueError(f"runs {unknown} have no observations in {logdir!r}; available: {available}")
@@ -279,7 +279,8 @@ def _base_run(logs, requested: Optional[str], logdir: str) -> str:
     return available[0]
 
 
-def _layer_list(text: Optional[str]) -> Optional[List[str]]:
+def _comma_list(text: Optional[str]) -> Optional[List[str]]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (run or layer names from the command line); None when empty."""
     if not text:
         return None
     return [part.strip() for part in text.split(",") if part.strip()]
