@@ -131,3 +131,41 @@ def test_bad_parameters_and_input(fitted):
 
 def _width(layout):
     return float(np.ptp(layout.reference_layout_, axis=0).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trustworthiness_equals_scikit_learns(seed):
+    from sklearn.manifold import trustworthiness as reference_trustworthiness
+
+    from tb_conceptevo.spaces.layout import trustworthiness
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(240, 12))
+    layout = vectors[:, :2] + 0.5 * rng.normal(size=(240, 2))
+    expected = reference_trustworthiness(vectors, layout, n_neighbors=10)
+    # float64 on continuous random data: no tied distances, so the ranks agree exactly
+    # and only the summation order differs
+    assert trustworthiness(vectors, layout, 10) == pytest.approx(expected, abs=1e-12)
+    # chunking does not change the result; a query subset estimates it
+    assert trustworthiness(vectors, layout, 10, chunk=7) == pytest.approx(expected, abs=1e-12)
+    assert trustworthiness(vectors, layout, 10, queries=120) == pytest.approx(expected, abs=0.05)
+    assert trustworthiness(vectors, vectors, 10) == 1.0
+    with pytest.raises(ValueError, match="n_neighbors"):
+        trustworthiness(vectors, layout, 200)
+
+
+def test_n_init_keeps_the_most_trustworthy_of_its_seeds():
+    from tb_conceptevo.spaces.layout import trustworthiness
+
+    reference, _, _ = _clusters(3, n_clusters=8, per_cluster=25)
+    best = StableLayout(random_state=5, n_init=3).fit(reference)
+    singles = [StableLayout(random_state=5 + i, n_init=1).fit(reference) for i in range(3)]
+    scores = [trustworthiness(reference, s.reference_layout_, 15) for s in singles]
+    chosen = int(np.argmax(scores))
+    # the kept fit is exactly the single fit from the best seed
+    np.testing.assert_array_equal(best.reference_layout_, singles[chosen].reference_layout_)
+    assert best.trustworthiness_ == max(scores)
+    assert np.isnan(singles[0].trustworthiness_)
+    assert best.get_params()["n_init"] == 3
+    with pytest.raises(ValueError, match="n_init"):
+        StableLayout(n_init=0).fit(reference)
