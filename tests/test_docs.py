@@ -37,7 +37,8 @@ RUN_HERE = {"examples/own_data.py"}
 DOCTEST_MODULES = [
     "tb_conceptevo.writer", "tb_conceptevo.recording", "tb_conceptevo.observation", "tb_conceptevo.reading",
     "tb_conceptevo.probes.adapters", "tb_conceptevo.probes.concept_shapes", "tb_conceptevo.probes.hashing",
-    "tb_conceptevo.spaces.conceptevo", "tb_conceptevo.spaces.text", "tb_conceptevo.spaces.io",
+    "tb_conceptevo.spaces.conceptevo", "tb_conceptevo.spaces._neuron_embedding", "tb_conceptevo.spaces.text",
+    "tb_conceptevo.spaces.io",
     "tb_conceptevo.detectors.netdissect", "tb_conceptevo.detectors.clip_dissect",
     "tb_conceptevo.detectors.vocabulary", "tb_conceptevo.metrics.anchors", "tb_conceptevo.metrics.evolution",
     "tb_conceptevo.importance", "tb_conceptevo.regularizer", "tb_conceptevo.metadata", "tb_conceptevo.summary",

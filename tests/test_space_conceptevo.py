@@ -101,7 +101,7 @@ def test_fitted_state(space, world):
     n = world["responses_a"].shape[1]
     assert space.neuron_ids_[0] == "a1:0" and space.neuron_ids_[-1] == f"a2:{n - n // 2 - 1}"
     assert space.neuron_embeddings_.shape == (n, 30)
-    assert space.probe_hash == PROBE_HASH
+    assert space.probe_hash_ == PROBE_HASH
     assert space.n_pairs_ > n and space.n_covered_images_ > 100
     assert space.reconstruction_error_ < 0.05  # Eq. 4 reproduces the base embeddings
 
@@ -322,12 +322,39 @@ def test_save_load_roundtrip(space, world, tmp_path):
     path = tmp_path / "space.cevo"
     space.save(path)
     loaded = ConceptEvoSpace.load(path)
-    assert loaded.probe_hash == PROBE_HASH and loaded.neuron_ids_ == space.neuron_ids_
+    assert loaded.probe_hash_ == PROBE_HASH and loaded.neuron_ids_ == space.neuron_ids_
     before, after = space.embed(world["obs_b"]), loaded.embed(world["obs_b"])
     np.testing.assert_array_equal(before.vectors, after.vectors)
     np.testing.assert_array_equal(before.layout, after.layout)
     np.testing.assert_array_equal(before.groups, after.groups)
     assert space_io.read_header(path)["kind"] == "conceptevo"
+
+
+def test_parameters_and_the_fitted_probe_hash(space, world, tmp_path):
+    """scikit-learn conventions: hyper-parameters by name, fitted state ending in "_";
+    ``probe_hash`` (the Space interface's name) reads the fitted ``probe_hash_``."""
+    fresh = ConceptEvoSpace(progress=False)
+    assert fresh.probe_hash == "" and not hasattr(fresh, "probe_hash_")
+    assert fresh.set_params(dim=8, epochs=2, random_state=3) is fresh
+    assert (fresh.dim, fresh.epochs, fresh.random_state) == (8, 2, 3)
+    assert ConceptEvoSpace(**fresh.get_params()).get_params() == fresh.get_params()
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['dims'\].*valid parameters"):
+        fresh.set_params(dims=8)
+    assert fresh.dim == 8  # nothing was set
+    assert space.probe_hash == space.probe_hash_ == PROBE_HASH and "probe_hash" not in vars(space)
+    # the space file keeps its header key, so files written before the rename load
+    path = tmp_path / "space.npz"
+    space.save(path)
+    assert space_io.read_header(path)["probe_hash"] == PROBE_HASH
+    assert ConceptEvoSpace.load(path).probe_hash_ == PROBE_HASH
+    # so do spaces pickled before it
+    import pickle
+
+    old = pickle.loads(pickle.dumps(space))
+    old.__dict__["probe_hash"] = old.__dict__.pop("probe_hash_")
+    revived = pickle.loads(pickle.dumps(old))
+    assert revived.probe_hash_ == PROBE_HASH and "probe_hash" not in vars(revived)
+    np.testing.assert_array_equal(revived.embed(world["obs_b"]).layout, space.embed(world["obs_b"]).layout)
 
 
 def test_bad_space_files(space, tmp_path):
@@ -508,7 +535,7 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
         assert [s for s, _ in logs.scalars("base")["concepts/speed/conceptevo/all"]] == [10, 20, 30]
     # another probe set: clear error
     other_space = tmp_path / "other.npz"
-    fitted.probe_hash = "1" * 64
+    fitted.probe_hash_ = "1" * 64
     fitted.save(other_space)
     capsys.readouterr()
     _log_run(logdir, "base", [40], world["responses_a"], 3)

@@ -3,7 +3,7 @@ to epoch t inside the epoch-t' model and measure the class accuracy change."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -83,13 +83,32 @@ def revert_evaluation(
             labels=labels, max_images=max_images, seed=seed, class_name=class_name,
             from_step=from_step, to_step=to_step,
         )
+    scores = _importance_scores(importance, class_index)
+    layer_names = _revert_layers(model_from, model_to, layers, scores)
+    masks, bin_sizes, random_sizes = _revert_masks(layer_names, scores, n_bins, seeds)
+    batches = _ClassBatches(images, class_index, labels, batch_size, max_images, seed)
+    counts = _revert_counts(model_from, model_to, batches, class_index, layer_names, masks,
+                            n_bins + len(seeds), progress)
+
+    if isinstance(importance, ImportanceResult):  # the result's labels unless given
+        class_name = class_name or importance.class_name
+        from_step = importance.from_step if from_step is None else from_step
+        to_step = importance.to_step if to_step is None else to_step
+    return counts.result(class_index, layer_names, n_bins, seeds, bin_sizes, random_sizes,
+                         class_name or batches.class_name, from_step, to_step)
+
+
+def _importance_scores(importance: Union[ImportanceResult, Mapping[str, np.ndarray]],
+                       class_index: int) -> Dict[str, LayerImportance]:
+    """``{layer: LayerImportance}`` from a result of this class or plain arrays
+    (non-finite values flagged)."""
     if isinstance(importance, ImportanceResult):
         if importance.class_index != class_index:
             raise ValueError(
                 f"importance was computed for class {importance.class_index}, not {class_index}"
             )
-        scores = {name: li for name, li in importance.layers.items()}
-    elif isinstance(importance, Mapping):
+        return {name: li for name, li in importance.layers.items()}
+    if isinstance(importance, Mapping):
         scores = {}
         for name, values in importance.items():
             values = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -97,8 +116,12 @@ def revert_evaluation(
             scores[name] = LayerImportance(name, values, np.where(flagged, np.nan, 0.0),
                                            np.zeros(len(values), np.int64), flagged,
                                            flagged.astype(np.int64))
-    else:
-        raise TypeError(f"importance must be an ImportanceResult or a mapping, got {type(importance).__name__}")
+        return scores
+    raise TypeError(f"importance must be an ImportanceResult or a mapping, got {type(importance).__name__}")
+
+
+def _revert_layers(model_from: nn.Module, model_to: nn.Module, layers, scores: Mapping) -> List[str]:
+    """The layers to revert (default: every layer ``scores`` covers), checked in both models."""
     if layers is None:
         layer_names = list(scores)
         _layer_names(model_from, layer_names)
@@ -108,8 +131,14 @@ def revert_evaluation(
     if missing:
         raise ValueError(f"importance has no values for layer(s) {missing}; it covers {list(scores)}")
     check_same_architecture(model_from, model_to, layer_names)
+    return layer_names
 
-    # Channel masks [configs, C] per layer: n_bins importance bins, then one random bin per seed.
+
+def _revert_masks(layer_names: Sequence[str], scores: Mapping[str, LayerImportance], n_bins: int,
+                  seeds: Sequence[int]) -> Tuple[Dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """Channel masks ``[configs, C]`` per layer: ``n_bins`` importance bins (most
+    important first), then one random bin of the first bin's size per seed; and the
+    sizes of the bins ``[layers, n_bins]`` and of the random bins ``[layers]``."""
     masks: Dict[str, torch.Tensor] = {}
     bin_sizes = np.zeros((len(layer_names), n_bins), np.int64)
     random_sizes = np.zeros(len(layer_names), np.int64)
@@ -132,11 +161,54 @@ def revert_evaluation(
             rng = np.random.default_rng([s, li])
             config[n_bins + r, rng.choice(order, size=size, replace=False)] = True
         masks[name] = torch.from_numpy(config)
+    return masks, bin_sizes, random_sizes
 
-    batches = _ClassBatches(images, class_index, labels, batch_size, max_images, seed)
+
+class _RevertCounts(NamedTuple):
+    """Class hits and summed class logits of ``model_to``: unreverted (``base_*``) and
+    per (layer, mask configuration)."""
+
+    correct: torch.Tensor      # int64 [layers, configs]
+    logit_sum: torch.Tensor    # float64 [layers, configs]
+    base_correct: torch.Tensor
+    base_logit: torch.Tensor
+    n_images: int
+
+    def result(self, class_index: int, layer_names: Sequence[str], n_bins: int, seeds: List[int],
+               bin_sizes: np.ndarray, random_sizes: np.ndarray, class_name: Optional[str],
+               from_step: Optional[int], to_step: Optional[int]) -> RevertResult:
+        """Accuracy and mean class-logit changes against the unreverted model, split
+        into the importance bins and the random ones."""
+        base_accuracy = self.base_correct.cpu().numpy() / self.n_images
+        accuracy_change = self.correct.cpu().numpy() / self.n_images - base_accuracy
+        logit_change = (self.logit_sum.cpu().numpy() - self.base_logit.cpu().numpy()) / self.n_images
+        return RevertResult(
+            class_index=class_index,
+            n_images=self.n_images,
+            layers=list(layer_names),
+            bin_labels=_bin_labels(n_bins),
+            seeds=seeds,
+            baseline_accuracy=float(base_accuracy),
+            bin_accuracy_change=accuracy_change[:, :n_bins],
+            random_accuracy_change=accuracy_change[:, n_bins:],
+            bin_logit_change=logit_change[:, :n_bins],
+            random_logit_change=logit_change[:, n_bins:],
+            bin_sizes=bin_sizes,
+            random_sizes=random_sizes,
+            class_name=class_name,
+            from_step=from_step,
+            to_step=to_step,
+        )
+
+
+def _revert_counts(model_from: nn.Module, model_to: nn.Module, batches: _ClassBatches, class_index: int,
+                   layer_names: Sequence[str], masks: Dict[str, torch.Tensor], n_configs: int,
+                   progress: bool) -> _RevertCounts:
+    """Run ``model_to`` on every batch unreverted and once per layer and mask
+    configuration with the masked channels replaced by ``model_from``'s outputs for
+    the same images."""
     device_to, dtype_to = model_device_dtype(model_to)
     device_from, dtype_from = model_device_dtype(model_from)
-    n_configs = n_bins + len(seeds)
     correct = torch.zeros(len(layer_names), n_configs, dtype=torch.int64, device=device_to)
     logit_sum = torch.zeros(len(layer_names), n_configs, dtype=torch.float64, device=device_to)
     base_correct = torch.zeros((), dtype=torch.int64, device=device_to)
@@ -165,21 +237,8 @@ def revert_evaluation(
             base_correct += c
             base_logit += s
             for li, name in enumerate(layer_names):
-                stored = z_from[name].to(device_to, dtype_to)
                 state = {"mask": None}
-
-                def substitute(module, inputs, output, name=name, stored=stored, state=state):
-                    if output.shape != stored.shape:
-                        raise ValueError(
-                            f"snapshots differ at layer {name!r}: its output has shape "
-                            f"{list(stored.shape)} in model_from but {list(output.shape)} in model_to"
-                        )
-                    if _unit_axis(model_to, name, module, output, x_to) == 1:
-                        shape = (1, -1) + (1,) * (output.dim() - 2)
-                    else:  # channels last: tokens [B, T, C] or [B, H, W, C]
-                        shape = (1,) * (output.dim() - 1) + (-1,)
-                    return torch.where(state["mask"].view(shape), stored, output)
-
+                substitute = _substitution(model_to, name, z_from[name].to(device_to, dtype_to), x_to, state)
                 with _forward_hooks(model_to, {name: substitute}, x_to[:1]):
                     for k in range(n_configs):
                         state["mask"] = masks[name][k]
@@ -188,29 +247,23 @@ def revert_evaluation(
                         logit_sum[li, k] += s
     if n_images == 0:
         raise ValueError(f"no images of class {class_index} were given")
+    return _RevertCounts(correct, logit_sum, base_correct, base_logit, n_images)
 
-    base_accuracy = base_correct.cpu().numpy() / n_images
-    accuracy_change = correct.cpu().numpy() / n_images - base_accuracy
-    logit_change = (logit_sum.cpu().numpy() - base_logit.cpu().numpy()) / n_images
-    if isinstance(importance, ImportanceResult):
-        class_name = class_name or importance.class_name
-        from_step = importance.from_step if from_step is None else from_step
-        to_step = importance.to_step if to_step is None else to_step
-    class_name = class_name or batches.class_name
-    return RevertResult(
-        class_index=class_index,
-        n_images=n_images,
-        layers=list(layer_names),
-        bin_labels=_bin_labels(n_bins),
-        seeds=seeds,
-        baseline_accuracy=float(base_accuracy),
-        bin_accuracy_change=accuracy_change[:, :n_bins],
-        random_accuracy_change=accuracy_change[:, n_bins:],
-        bin_logit_change=logit_change[:, :n_bins],
-        random_logit_change=logit_change[:, n_bins:],
-        bin_sizes=bin_sizes,
-        random_sizes=random_sizes,
-        class_name=class_name,
-        from_step=from_step,
-        to_step=to_step,
-    )
+
+def _substitution(model_to: nn.Module, name: str, stored: torch.Tensor, x_to: torch.Tensor, state: Dict):
+    """Forward hook on layer ``name`` of ``model_to``: the channels in ``state["mask"]``
+    take the stored ``model_from`` output."""
+
+    def substitute(module, inputs, output):
+        if output.shape != stored.shape:
+            raise ValueError(
+                f"snapshots differ at layer {name!r}: its output has shape "
+                f"{list(stored.shape)} in model_from but {list(output.shape)} in model_to"
+            )
+        if _unit_axis(model_to, name, module, output, x_to) == 1:
+            shape = (1, -1) + (1,) * (output.dim() - 2)
+        else:  # channels last: tokens [B, T, C] or [B, H, W, C]
+            shape = (1,) * (output.dim() - 1) + (-1,)
+        return torch.where(state["mask"].view(shape), stored, output)
+
+    return substitute

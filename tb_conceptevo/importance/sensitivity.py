@@ -3,7 +3,7 @@ evolution, and its importance (one backward pass per batch for every channel).""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -163,37 +163,51 @@ def concept_evolution_importance(
     if class_name is None:
         class_name = batches.class_name
 
+    with _evaluation_state(model_from), _evaluation_state(model_to):
+        totals, n_images = _sensitivity_totals(model_from, model_to, batches, class_index, layer_names, progress)
+    if n_images == 0:
+        raise ValueError(f"no images of class {class_index} were given")
+    per_layer = {name: _layer_importance(name, *totals[name], n_images) for name in layer_names}
+    return ImportanceResult(class_index, n_images, per_layer, class_name, from_step, to_step)
+
+
+def _sensitivity_totals(model_from: nn.Module, model_to: nn.Module, batches: _ClassBatches, class_index: int,
+                        layer_names: Sequence[str], progress: bool
+                        ) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
+    """Per layer, over all batches: how many images have ``S_n > 0``, the sum of the
+    finite ``S_n`` and how many are not finite (``[C]`` each, on the model's device);
+    and the number of images.  Models must already be in evaluation state."""
     positive: Dict[str, torch.Tensor] = {}
     finite_sum: Dict[str, torch.Tensor] = {}
     nonfinite: Dict[str, torch.Tensor] = {}
     n_images = 0
-    with _evaluation_state(model_from), _evaluation_state(model_to):
-        for batch in _progress(batches, progress, f"importance class {class_index}", len(batches)):
-            sensitivity = _batch_sensitivity(model_from, model_to, batch, class_index, layer_names)
-            n_images += batch.shape[0]
-            for name, s in sensitivity.items():
-                finite = torch.isfinite(s)
-                # Accumulate on the model's device; one transfer at the end.
-                pos = ((s > 0) & finite).sum(0)
-                total = torch.where(finite, s, torch.zeros_like(s)).sum(0, dtype=torch.float64)
-                bad = (~finite).sum(0)
-                if name in positive:
-                    positive[name] += pos
-                    finite_sum[name] += total
-                    nonfinite[name] += bad
-                else:
-                    positive[name], finite_sum[name], nonfinite[name] = pos, total, bad
-    if n_images == 0:
-        raise ValueError(f"no images of class {class_index} were given")
+    for batch in _progress(batches, progress, f"importance class {class_index}", len(batches)):
+        sensitivity = _batch_sensitivity(model_from, model_to, batch, class_index, layer_names)
+        n_images += batch.shape[0]
+        for name, s in sensitivity.items():
+            finite = torch.isfinite(s)
+            # Accumulate on the model's device; one transfer at the end.
+            pos = ((s > 0) & finite).sum(0)
+            total = torch.where(finite, s, torch.zeros_like(s)).sum(0, dtype=torch.float64)
+            bad = (~finite).sum(0)
+            if name in positive:
+                positive[name] += pos
+                finite_sum[name] += total
+                nonfinite[name] += bad
+            else:
+                positive[name], finite_sum[name], nonfinite[name] = pos, total, bad
+    return {name: (positive[name], finite_sum[name], nonfinite[name]) for name in positive}, n_images
 
-    per_layer: Dict[str, LayerImportance] = {}
-    for name in layer_names:
-        pos = positive[name].cpu().numpy().astype(np.int64)
-        bad = nonfinite[name].cpu().numpy().astype(np.int64)
-        flagged = bad > 0
-        importance = (pos / n_images).astype(np.float32)
-        mean = (finite_sum[name].cpu().numpy() / n_images).astype(np.float32)
-        importance[flagged] = np.nan
-        mean[flagged] = np.nan
-        per_layer[name] = LayerImportance(name, importance, mean, pos, flagged, bad)
-    return ImportanceResult(class_index, n_images, per_layer, class_name, from_step, to_step)
+
+def _layer_importance(name: str, positive: torch.Tensor, finite_sum: torch.Tensor, nonfinite: torch.Tensor,
+                      n_images: int) -> LayerImportance:
+    """Eq. 9 (the fraction of images with ``S_n > 0``) and the mean sensitivity of one
+    layer; NaN for the neurons with a non-finite sensitivity."""
+    pos = positive.cpu().numpy().astype(np.int64)
+    bad = nonfinite.cpu().numpy().astype(np.int64)
+    flagged = bad > 0
+    importance = (pos / n_images).astype(np.float32)
+    mean = (finite_sum.cpu().numpy() / n_images).astype(np.float32)
+    importance[flagged] = np.nan
+    mean[flagged] = np.nan
+    return LayerImportance(name, importance, mean, pos, flagged, bad)

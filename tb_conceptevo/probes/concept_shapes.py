@@ -56,129 +56,24 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ._counter_random import (  # noqa: F401 - _splitmix64: re-exported
+    _STREAM_ANGLE, _STREAM_BRIGHTNESS, _STREAM_COLOUR, _STREAM_CONTRAST, _STREAM_CX, _STREAM_CY, _STREAM_GREY,
+    _STREAM_NOISE_CLASS, _STREAM_NOISY_LABEL, _STREAM_PERIOD, _STREAM_PHASE_X, _STREAM_PHASE_Y, _STREAM_RADIUS,
+    _STREAM_ROTATION, _STREAM_SHAPE, _STREAM_TEXTURE, _STREAM_TINT_B, _STREAM_TINT_G, _STREAM_TINT_R,
+    _splitmix64, _uniform,
+)
+from ._shape_drawing import (  # noqa: F401 - _PALETTE, _SHAPE_PREDICATES, _TEXTURE_PERIODS: re-exported
+    _PALETTE, _SHAPE_PREDICATES, _TEXTURE_PERIODS, compose, draw_shapes, draw_textures,
+)
 from .base import ConceptVocabulary, ProbeSet
 from .hashing import content_hash
 
 IndexLike = Union[int, Sequence[int], np.ndarray, torch.Tensor]
 
-# Parameter streams of the counter-based generator: one independent draw per image
-# and stream.  Never renumber (that would change every image); append new ones.
-_STREAM_SHAPE, _STREAM_COLOUR, _STREAM_TEXTURE = 0, 1, 2
-_STREAM_RADIUS, _STREAM_CX, _STREAM_CY, _STREAM_ROTATION = 3, 4, 5, 6
-_STREAM_GREY, _STREAM_TINT_R, _STREAM_TINT_G, _STREAM_TINT_B = 7, 8, 9, 10
-_STREAM_CONTRAST, _STREAM_PERIOD, _STREAM_ANGLE = 11, 12, 13
-_STREAM_PHASE_X, _STREAM_PHASE_Y, _STREAM_BRIGHTNESS = 14, 15, 16
-_STREAM_NOISY_LABEL, _STREAM_NOISE_CLASS, _STREAM_PIXEL_NOISE = 17, 18, 19
-
 _RADIUS_RANGE = (0.14, 0.30)
 _SMALL_BELOW, _LARGE_ABOVE = 0.18, 0.25
 _MAX_ROTATION = np.deg2rad(20.0)
 _RENDER_CHUNK = 128  # images rendered at once: bounds temporary memory (~30 MB at 64 px)
-
-
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (wrap-around arithmetic is intended)."""
-    with np.errstate(over="ignore"):
-        z = values + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _uniform(seed: int, stream: int, index: np.ndarray, extra: Optional[np.ndarray] = None):
-    """Uniform float64 in ``[0, 1)`` depending only on ``(seed, stream, index[, extra])``."""
-    key = _splitmix64(_splitmix64(np.array([seed], np.uint64)) ^ np.array([stream], np.uint64))
-    bits = _splitmix64(np.asarray(index, np.uint64) ^ key)
-    if extra is not None:
-        bits = _splitmix64(bits ^ _splitmix64(np.asarray(extra, np.uint64)))
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-# ---------------------------------------------------------------------------- shapes
-# Each predicate takes local coordinates (u, v) in units of the shape radius (already
-# rotated, v pointing down) and returns the inside mask.
-
-
-def _fraction(values):
-    """``values mod 1`` (np.mod is ~10x slower on float32 arrays)."""
-    return values - np.floor(values)
-
-
-def _regular_polygon(u, v, sides: int, circumradius: float, first_normal: float):
-    apothem = circumradius * np.cos(np.pi / sides)
-    inside = np.ones(u.shape, bool)
-    for k in range(sides):  # loop over edges, vectorised over all pixels
-        angle = first_normal + 2 * np.pi * k / sides
-        inside &= u * np.cos(angle) + v * np.sin(angle) <= apothem
-    return inside
-
-
-def _circle(u, v):
-    return u * u + v * v <= 0.85**2
-
-
-def _square(u, v):
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.72
-
-
-def _triangle(u, v):
-    # apex up (-v); edge normals point down and to the upper left/right
-    return _regular_polygon(u, v, 3, 1.0, np.pi / 2)
-
-
-def _star(u, v, points: int = 5, inner: float = 0.45):
-    radius = np.hypot(u, v)
-    sector = 2 * np.pi / points
-    # angle from an outer tip (first tip points up), folded into [0, sector / 2]
-    angle = sector * _fraction((np.arctan2(v, u) + np.pi / 2) / sector)
-    angle = np.minimum(angle, sector - angle)
-    # the edge runs from the tip (1, 0) to the inner vertex at angle sector / 2
-    tip = np.array([1.0, 0.0])
-    notch = inner * np.array([np.cos(sector / 2), np.sin(sector / 2)])
-    edge = notch - tip
-    normal = np.array([-edge[1], edge[0]])
-    normal *= np.sign(normal @ tip)
-    return radius * (np.cos(angle) * normal[0] + np.sin(angle) * normal[1]) <= normal @ tip
-
-
-def _cross(u, v):
-    au, av = np.abs(u), np.abs(v)
-    return ((au <= 0.3) & (av <= 0.9)) | ((av <= 0.3) & (au <= 0.9))
-
-
-def _ring(u, v):
-    squared = u * u + v * v
-    return (squared <= 0.9**2) & (squared >= 0.5**2)
-
-
-_SHAPE_PREDICATES: Dict[str, Callable] = {
-    "circle": _circle,
-    "square": _square,
-    "triangle": _triangle,
-    "star": _star,
-    "cross": _cross,
-    "ring": _ring,
-}
-
-_PALETTE: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 80, 235),
-    "yellow": (240, 220, 30),
-    "purple": (160, 40, 200),
-    "orange": (250, 130, 0),
-    "white": (245, 245, 245),
-}
-
-# texture name -> range of its period (fraction of the image side)
-_TEXTURE_PERIODS: Dict[str, Tuple[float, float]] = {
-    "plain": (1.0, 1.0),
-    "striped": (0.09, 0.16),
-    "dotted": (0.10, 0.16),
-    "checkered": (0.07, 0.13),
-    "noisy": (1.0, 1.0),
-    "wavy": (0.10, 0.16),
-}
 
 
 class ConceptShapes(ProbeSet):
@@ -326,75 +221,13 @@ class ConceptShapes(ProbeSet):
         return images, masks
 
     def _render_chunk(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        size = self.size
-        # pixel centres in [0, 1]; all geometry is relative, so other sizes rescale
-        coords = ((np.arange(size, dtype=np.float32) + 0.5) / size)
-        x = coords[None, None, :]
-        y = coords[None, :, None]
-        column = lambda values: values[indices].astype(np.float32)[:, None, None]  # noqa: E731
-
-        # --- shape: local coordinates in units of the radius, rotated
-        radius = column(self.radii)
-        dx = (x - column(self.centres[:, 0])) / radius
-        dy = (y - column(self.centres[:, 1])) / radius
-        cos, sin = np.cos(column(self.rotations)), np.sin(column(self.rotations))
-        u = cos * dx + sin * dy
-        v = -sin * dx + cos * dy
-        shape_mask = np.zeros((len(indices), size, size), bool)
-        shape_ids = self.shape_ids[indices]
-        for shape_id, predicate in enumerate(_SHAPE_PREDICATES.values()):  # loop over kinds
-            members = np.flatnonzero(shape_ids == shape_id)
-            if members.size:
-                shape_mask[members] = predicate(u[members], v[members])
-
-        # --- background: pattern in [0, 1] mixes tone a (0) and tone b (1)
-        pattern = np.zeros((len(indices), size, size), np.float32)
-        texture_ids = self.texture_ids[indices]
-        period = column(self._periods)
-        angle = column(self._angles)
-        phase_x, phase_y = column(self._phases[:, 0]), column(self._phases[:, 1])
-        for texture_id, texture in enumerate(self.TEXTURES):
-            members = np.flatnonzero(texture_ids == texture_id)
-            if not members.size or texture == "plain":
-                continue
-            p, a = period[members], angle[members]
-            px, py = phase_x[members], phase_y[members]
-            if texture == "striped":
-                across = (x * np.cos(a) + y * np.sin(a)) / p + px
-                pattern[members] = _fraction(across) < 0.5
-            elif texture == "wavy":
-                along = -x * np.sin(a) + y * np.cos(a)
-                across = (x * np.cos(a) + y * np.sin(a) + 0.35 * p * np.sin(2 * np.pi * along / (2.5 * p))) / p
-                pattern[members] = _fraction(across + px) < 0.5
-            elif texture == "dotted":
-                gx = _fraction(x / p + px) - 0.5
-                gy = _fraction(y / p + py) - 0.5
-                pattern[members] = gx * gx + gy * gy < 0.28**2
-            elif texture == "checkered":
-                cells_x = np.floor(x / p + px).astype(np.int64)
-                cells_y = np.floor(y / p + py).astype(np.int64)
-                pattern[members] = ((cells_x + cells_y) & 1).astype(bool)
-            elif texture == "noisy":
-                pixel = np.arange(size * size, dtype=np.uint64).reshape(1, size, size)
-                image_index = indices[members].astype(np.uint64)[:, None, None]
-                pattern[members] = _uniform(self.seed, _STREAM_PIXEL_NOISE, image_index, pixel)
-            else:  # pragma: no cover - guarded by TEXTURES
-                raise AssertionError(texture)
-
-        # compose channel planes (contiguous, fast); +0.5 then truncation = rounding,
-        # tones stay inside [13, 150] by construction so no clipping is needed
-        tone_a = self._tone_a[indices].astype(np.float32)
-        tone_step = self._tone_b[indices].astype(np.float32) - tone_a
-        foreground = self.shape_colours[indices].astype(np.float32) + 0.5
-        planes = np.empty((len(indices), 3, size, size), np.float32)
-        for channel in range(3):
-            plane = planes[:, channel]
-            np.multiply(pattern, tone_step[:, channel, None, None], out=plane)
-            plane += tone_a[:, channel, None, None] + 0.5
-            np.copyto(plane, foreground[:, channel, None, None], where=shape_mask)
-        channels = planes.astype(np.uint8)
-        # np.stack interleaves channels ~6x faster than a transposed copy
-        return np.stack([channels[:, 0], channels[:, 1], channels[:, 2]], axis=-1), shape_mask
+        shape_mask = draw_shapes(self.shape_ids[indices], self.centres[indices], self.radii[indices],
+                                 self.rotations[indices], self.size)
+        pattern = draw_textures(self.texture_ids[indices], self._periods[indices], self._angles[indices],
+                                self._phases[indices], self.size, self.seed, indices)
+        images = compose(pattern, shape_mask, self._tone_a[indices], self._tone_b[indices],
+                         self.shape_colours[indices])
+        return images, shape_mask
 
     def _ensure_cache(self) -> None:
         if self._images is not None:
