@@ -3,7 +3,10 @@
 * Step 1.2 (:func:`cooccurrence_pairs`): a multiset of co-activated neuron pairs
   (neurons sharing a stimulus image), by a shuffled sliding window per image.
 * Step 1.3 (:func:`train_skipgram`): skip-gram with negative sampling (Eq. 1-3) on
-  those pairs, mini-batched and in place on the embedding table.
+  those pairs, mini-batched and in place on the embedding table; or
+  (:func:`sppmi_embeddings`, the default) the matrix factorisation that skip-gram with
+  R negatives implicitly performs (Levy and Goldberg, NeurIPS 2014): the top
+  eigenvectors of the shifted positive PMI of co-activation counts.
 
 :func:`neuron_pairs` and :func:`neuron_embeddings` run them for the base neurons; the
 skip-gram is reused for the indirect image embeddings of Step 2.1
@@ -65,6 +68,67 @@ def neuron_embeddings(
     embeddings = table.cpu().numpy().astype(np.float64)
     embeddings[~valid_neurons] = np.nan
     return embeddings
+
+
+def sppmi_embeddings(image_of_entry: np.ndarray, neuron_of_entry: np.ndarray, valid_neurons: np.ndarray,
+                     dim: int, negatives: int, generator: torch.Generator, power_iterations: int = 6) -> np.ndarray:
+    """Step 1.3 in closed form: float64 ``[N, dim]`` neuron embeddings, NaN rows for the
+    neurons without stimuli.
+
+    Skip-gram with ``R = negatives`` negative samples is optimal when ``v_n . v_m =
+    PMI(n, m) - log R`` (Levy and Goldberg 2014), PMI taken over the co-activation
+    counts ``C[n, m]`` (images that are stimuli of both).  The embeddings are the top
+    ``dim`` eigenpairs of the shifted positive PMI ``max(PMI - log R, 0)``,
+    ``U sqrt(Lambda)``, found by subspace iteration on the sparse matrix (seeded
+    Gaussian start, ``dim + 10`` columns; memory O(nnz + N x dim)).  Neurons with
+    stimuli but no co-activated partner keep the paper's uniform initialisation.
+    Measured against the per-pair SGD reference (``benchmarks/bench_space.py
+    --reference``) in ``ConceptEvoSpace``'s docstring."""
+    import scipy.sparse as sparse
+
+    n = valid_neurons.size
+    incidence = sparse.csr_matrix(
+        (np.ones(image_of_entry.size), (np.asarray(image_of_entry), np.asarray(neuron_of_entry))),
+        shape=(int(image_of_entry.max()) + 1 if image_of_entry.size else 0, n))
+    counts = (incidence.T @ incidence).tocoo()
+    off_diagonal = counts.row != counts.col
+    rows, cols, values = counts.row[off_diagonal], counts.col[off_diagonal], counts.data[off_diagonal]
+    degree = np.bincount(rows, weights=values, minlength=n)
+    shifted = np.log(values * values.sum() / (degree[rows] * degree[cols])) - math.log(negatives)
+    keep = shifted > 0
+    matrix = sparse.csr_matrix((shifted[keep], (rows[keep], cols[keep])), shape=(n, n))
+    width = min(n, dim + 10)
+    start = torch.randn(n, width, generator=generator, dtype=torch.float64).numpy()
+    with _single_blas_thread():  # tiny dense products: threads only add synchronisation
+        basis = np.linalg.qr(start)[0]
+        for _ in range(power_iterations):
+            basis = np.linalg.qr(matrix @ basis)[0]
+        values_, vectors = np.linalg.eigh(basis.T @ (matrix @ basis))
+    order = np.argsort(-values_, kind="stable")[:dim]
+    embeddings = np.zeros((n, dim))
+    found = (basis @ vectors[:, order]) * np.sqrt(np.maximum(values_[order], 0.0))
+    embeddings[:, :found.shape[1]] = found
+    # an eigenvector's sign is arbitrary: make each column's largest entry positive
+    signs = np.sign(embeddings[np.abs(embeddings).argmax(axis=0), np.arange(dim)])
+    embeddings *= np.where(signs == 0, 1.0, signs)
+    isolated = valid_neurons & (degree == 0)
+    embeddings[isolated] = _uniform_init(int(isolated.sum()), dim, generator).double().numpy()
+    embeddings[~valid_neurons] = np.nan
+    return embeddings
+
+
+class _single_blas_thread:
+    def __enter__(self):
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self.limits = threadpool_limits(1)
+        except ImportError:  # an optimisation only
+            self.limits = None
+
+    def __exit__(self, *exc):
+        if self.limits is not None:
+            self.limits.unregister()
 
 
 def skipgram_batch_size(requested: Optional[int], n_rows: int) -> int:

@@ -35,7 +35,7 @@ from ..observation import LayerObservation, Observation
 from . import io as space_io
 from ._image_embedding import indirect_embeddings, solve_image_embeddings
 from ._neuron_embedding import (  # noqa: F401 - cooccurrence_pairs, train_skipgram, _uniform_init: re-exported
-    _uniform_init, cooccurrence_pairs, neuron_embeddings, neuron_pairs, train_skipgram,
+    _uniform_init, cooccurrence_pairs, neuron_embeddings, neuron_pairs, sppmi_embeddings, train_skipgram,
 )
 from ._stimuli import BaseStimuli, _row_ids, base_observations, base_stimuli, stimulus_mask
 from .base import Embedding, Space
@@ -56,14 +56,20 @@ class ConceptEvoSpace(Space):
         lr_neuron: learning rate of the neuron skip-gram (paper: 0.05).
         lr_image: learning rate of the indirect image skip-gram (paper's Step 2.1
             rate: 0.1).
-        epochs: passes over the pair multisets (paper: ~20).
+        neuron_solver: how Step 1.3 finds the neuron embeddings.  ``"sppmi"``
+            (default): the factorisation skip-gram with negative sampling converges to
+            (Levy and Goldberg 2014; :func:`~tb_conceptevo.spaces._neuron_embedding.sppmi_embeddings`);
+            ``"sgd"``: the paper's mini-batched SGD over the Step 1.2 pairs
+            (``repetitions``, ``epochs``, ``lr_neuron``).  Measured by
+            ``benchmarks/bench_space.py --reference`` (960 neurons, 5,000 images, 60
+            concepts, 3 seeds) against the reference procedure compiled with numba (one
+            plain SGD update per co-activated pair, 20 epochs, R = 3, dim 30, lr 0.05:
+            30,652 pairs, 5-NN concept purity 0.898, 0.95 s): see the README's
+            "Speed" section for the figures.
+        epochs: passes over the pair multisets (paper: ~20), for the image skip-gram of
+            Step 2.1 and for ``neuron_solver="sgd"``.
         repetitions: E, how many times the shuffled sliding-window sampling of Step 1.2
-            is repeated (the cost of Step 1.3 is linear in E).  Default 2, by
-            measurement (``benchmarks/bench_space.py --reference``: 960 neurons, 5,000
-            images, 60 concepts, 3 seeds): against the reference procedure (one plain
-            SGD update per co-activated pair, 20 epochs, R = 3, dim 30, lr 0.05; 30,652
-            pairs, 5-NN concept purity 0.902) E = 2 with 20 epochs is 33x faster at
-            purity 0.957; E = 10 was 8x faster at 0.970, E = 1 95x at 0.874.
+            is repeated (the cost of the SGD is linear in E); default 2.
         k: stimuli per neuron (paper: 10).  Observations recorded with more than ``k``
             images per neuron use their first ``k`` as stimuli; the remaining columns
             of the base observation feed the indirect image embeddings.
@@ -115,6 +121,7 @@ class ConceptEvoSpace(Space):
         lr_image: float = 0.1,
         epochs: int = 20,
         repetitions: int = 2,
+        neuron_solver: str = "sppmi",
         k: int = 10,
         sample_fraction: Optional[float] = None,
         n_groups: Optional[int] = None,
@@ -132,6 +139,7 @@ class ConceptEvoSpace(Space):
         self.lr_image = lr_image
         self.epochs = epochs
         self.repetitions = repetitions
+        self.neuron_solver = neuron_solver
         self.k = k
         self.sample_fraction = sample_fraction
         self.n_groups = n_groups
@@ -183,8 +191,12 @@ class ConceptEvoSpace(Space):
         # Step 1.2: co-activated neuron pairs (groups = images, members = neurons)
         pairs = neuron_pairs(base.image_of_entry, base.neuron_of_entry, self.repetitions, rng)
         clock.lap("pairs")
-        # Step 1.3: skip-gram with negative sampling
-        neuron_vectors = neuron_embeddings(pairs, base.valid_neurons, dim=self.dim, lr=self.lr_neuron, **skipgram)
+        # Step 1.3: skip-gram with negative sampling, or the factorisation it converges to
+        if self.neuron_solver == "sppmi":
+            neuron_vectors = sppmi_embeddings(base.image_of_entry, base.neuron_of_entry, base.valid_neurons,
+                                              self.dim, self.negatives, generator)
+        else:
+            neuron_vectors = neuron_embeddings(pairs, base.valid_neurons, dim=self.dim, lr=self.lr_neuron, **skipgram)
         clock.lap("skipgram")
         # Step 2.1: image embeddings of the covered images (Eq. 4-6) ...
         image_vectors = np.full((base.n_images, self.dim), np.nan)
@@ -342,7 +354,8 @@ class ConceptEvoSpace(Space):
         if layout is None:
             raise space_io.SpaceFileError(f"{path} has no stored layout; refit the space")
         try:
-            space = cls(**header["params"])
+            # files written before the closed-form Step 1.3 were trained by SGD
+            space = cls(**{"neuron_solver": "sgd", **header["params"]})
             stats = header["stats"]
             space.neuron_ids_ = list(header["neuron_ids"])
             space.layers_ = list(header["layers"])
@@ -387,7 +400,8 @@ class ConceptEvoSpace(Space):
         return {
             "dim": int(self.dim), "negatives": int(self.negatives),
             "lr_neuron": float(self.lr_neuron), "lr_image": float(self.lr_image),
-            "epochs": int(self.epochs), "repetitions": int(self.repetitions), "k": int(self.k),
+            "epochs": int(self.epochs), "repetitions": int(self.repetitions),
+            "neuron_solver": str(self.neuron_solver), "k": int(self.k),
             "sample_fraction": None if self.sample_fraction is None else float(self.sample_fraction),
             "n_groups": None if self.n_groups is None else int(self.n_groups),
             "umap_kwargs": dict(self.umap_kwargs) if self.umap_kwargs else None,
@@ -427,6 +441,8 @@ class ConceptEvoSpace(Space):
             raise ValueError(f"n_groups must be None or a positive integer, got {self.n_groups!r}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge must be >= 0 (0 = minimum-norm least squares), got {self.ridge!r}")
+        if self.neuron_solver not in ("sppmi", "sgd"):
+            raise ValueError(f"neuron_solver must be 'sppmi' or 'sgd', got {self.neuron_solver!r}")
         if self.dtype not in (None, "float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
 
