@@ -19,7 +19,6 @@ import contextlib
 import math
 import os
 import re
-import struct
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -28,9 +27,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from . import metadata
+from .event_files import NullFileWriter, use_native_crc
 from .observation import Observation
 from .metrics.anchors import interpretable_counts, interpretable_fraction
-from .metrics.snapshot import embedding_metrics, whole_model
+from .metrics.snapshot import anchor_vectors, embedding_metrics, whole_model
 from .image_links import DEFAULT_LINKS, ImageLinksRecorder, attach_links
 from .payloads import (anchors_payload, detection_payload, embedding_payload, image_links_payload, probe_payload,
                        stimuli_payload)
@@ -40,77 +40,6 @@ from .summary import payload_summary
 
 #: Default ``rotate_bytes`` for logdirs at URLs (object stores re-upload a file at every flush).
 REMOTE_ROTATE_BYTES = 2**20
-
-
-def _native_masked_crc32c():
-    """google-crc32c's C CRC32C, masked as TensorBoard's records need (None when the
-    package is missing).  TensorBoard's own is pure Python: ~0.7 s per 5 MB written."""
-    try:
-        import google_crc32c
-    except ImportError:  # pragma: no cover - optional speed-up
-        return None
-
-    def masked_crc32c(data: bytes) -> int:
-        crc = google_crc32c.value(bytes(data))
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-    return masked_crc32c
-
-
-NATIVE_MASKED_CRC32C = _native_masked_crc32c()
-
-
-def _use_native_crc(file_writer) -> bool:
-    """Make this one event file's record writer checksum with the C CRC32C.
-
-    Scoped to the files a ``ConceptWriter`` opens (other writers in the process keep
-    TensorBoard's code); the records are byte-identical (``tests/test_writer.py``).
-    Returns False, changing nothing, when the package is missing or TensorBoard's
-    writer internals are not the expected ones.
-    """
-    record = getattr(getattr(getattr(file_writer, "event_writer", None), "_async_writer", None), "_writer", None)
-    sink = getattr(record, "_writer", None)
-    if NATIVE_MASKED_CRC32C is None or sink is None or not callable(getattr(record, "write", None)):
-        return False
-    crc = NATIVE_MASKED_CRC32C
-
-    def write(data: bytes) -> None:  # TensorBoard's RecordWriter.write, with the C checksum
-        header = struct.pack("<Q", len(data))
-        sink.write(header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data)))
-
-    record.write = write
-    return True
-
-
-class _NullFileWriter:
-    """Stands in for the event file on ranks other than 0: they record, never write."""
-
-    def __init__(self, log_dir):
-        self._log_dir = log_dir
-
-    def get_logdir(self):
-        return self._log_dir
-
-    def add_event(self, *a, **k):
-        pass
-
-    def add_summary(self, *a, **k):
-        pass
-
-    def add_graph(self, *a, **k):
-        pass
-
-    def add_onnx_graph(self, *a, **k):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-    def reopen(self):
-        pass
 
 
 class ConceptWriter(SummaryWriter):
@@ -181,12 +110,12 @@ class ConceptWriter(SummaryWriter):
     def _get_file_writer(self):
         if not getattr(self, "_is_writer_rank", True):
             if self.file_writer is None:
-                self.file_writer = _NullFileWriter(self.log_dir)
+                self.file_writer = NullFileWriter(self.log_dir)
             return self.file_writer
         opened = self.file_writer
         file_writer = super()._get_file_writer()
         if file_writer is not opened:  # a new event file
-            _use_native_crc(file_writer)
+            use_native_crc(file_writer)
         return file_writer
 
     # ------------------------------------------------------------------ public
@@ -432,7 +361,7 @@ class ConceptWriter(SummaryWriter):
         placement against the previous one of the same key; returns them."""
         vectors, layout, placed = placement
         metrics = embedding_metrics(vectors, layout, placed, self._previous_vectors.get((space.name, layer)),
-                                    _anchor_vectors(space))
+                                    anchor_vectors(space.anchors()))
         self._previous_vectors[(space.name, layer)] = (vectors, placed)
         for metric, value in metrics.items():
             self._scalar(metadata.scalar_tag(metric, space.name, layer or "all"), value, step)
@@ -454,14 +383,6 @@ class ConceptWriter(SummaryWriter):
             self._staged.append(lambda: self.add_scalar(tag, value, step))
         else:
             self.add_scalar(tag, value, step)
-
-
-def _anchor_vectors(space) -> Optional[np.ndarray]:
-    """The space's anchor vectors (rows of kind ``"anchor"``), or None without anchors."""
-    anchors = space.anchors()
-    if anchors is None:
-        return None
-    return anchors.vectors[[kind == "anchor" for kind in anchors.kind]]
 
 
 #: The largest step the plugin serves (``/map?step=`` accepts up to 2**62).

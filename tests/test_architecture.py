@@ -26,7 +26,7 @@ STAGES = {
     "tb_conceptevo.metrics": 5,
     "tb_conceptevo.importance": 6, "tb_conceptevo.regularizer": 6,
     "tb_conceptevo.payloads": 7, "tb_conceptevo.format": 7,
-    "tb_conceptevo.writer": 8,
+    "tb_conceptevo.writer": 8, "tb_conceptevo.event_files": 8,
     "tb_conceptevo.reading": 9,
     "tb_conceptevo.cli": 10,
     "tb_conceptevo.plugin": 11,

@@ -246,11 +246,11 @@ def test_list_layers():
 
 
 def test_distributed_refuses_consumers_that_cannot_merge(monkeypatch):
-    from tb_conceptevo import recording
+    from tb_conceptevo.recording import RecordingConsumer, recorder
 
-    monkeypatch.setattr(recording, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(recorder, "rank_and_world", lambda: (0, 2))
     with pytest.raises(ValueError, match="cannot merge results across torch.distributed"):
-        record(Branchy(), random_probe(n=8, size=8), k=2, consumers=[recording.RecordingConsumer()], progress=False)
+        record(Branchy(), random_probe(n=8, size=8), k=2, consumers=[RecordingConsumer()], progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
@@ -430,9 +430,9 @@ def test_negative_batchnorm_scales_rank_by_what_the_next_layer_reads(seed):
 def test_both_position_strategies_give_the_brute_force_result(monkeypatch, lazy):
     """The CPU path (argmax only where a pair may enter) and the accelerator path (max
     with indices everywhere, one sync per batch) on exact data, shared modules and NaN."""
-    from tb_conceptevo import recording
+    from tb_conceptevo.recording import responses
 
-    monkeypatch.setattr(recording, "_lazy_positions", lambda device: lazy)
+    monkeypatch.setattr(responses, "_lazy_positions", lambda device: lazy)
     _check(ExactBranchy(), integer_probe(n=50, size=16), None, k=6, batch_size=8)
     _check(ExactBranchy(), integer_probe(n=50, size=16), ["left", "right"], k=4, batch_size=9, reduce="mean")
     test_module_called_twice_per_forward_merges_calls("relu")

@@ -59,7 +59,7 @@ def test_reader_returns_what_was_written(logdir, fast):
 def test_native_crc_matches_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from tb_conceptevo.writer import NATIVE_MASKED_CRC32C
+    from tb_conceptevo.event_files import NATIVE_MASKED_CRC32C
 
     if NATIVE_MASKED_CRC32C is not None:
         for data in (b"", b"abc", os.urandom(10_000)):

@@ -40,3 +40,10 @@ def whole_model(embeddings: Sequence) -> Tuple[np.ndarray, np.ndarray, np.ndarra
     return (np.concatenate([e.vectors for e in embeddings]),
             np.concatenate([e.layout for e in embeddings]),
             np.concatenate([e.placed for e in embeddings]))
+
+
+def anchor_vectors(anchors) -> Optional[np.ndarray]:
+    """The vectors of a space's anchors (its rows of kind ``"anchor"``), None without anchors."""
+    if anchors is None:
+        return None
+    return anchors.vectors[[kind == "anchor" for kind in anchors.kind]]
