@@ -64,8 +64,9 @@ class ConceptEvoSpace(Space):
             ``benchmarks/bench_space.py --reference`` (960 neurons, 5,000 images, 60
             concepts, 3 seeds) against the reference procedure compiled with numba (one
             plain SGD update per co-activated pair, 20 epochs, R = 3, dim 30, lr 0.05:
-            30,652 pairs, 5-NN concept purity 0.898, 0.95 s): see the README's
-            "Speed" section for the figures.
+            30,652 pairs, 5-NN concept purity 0.898 in 0.93 s): ``"sppmi"`` 0.034 s
+            (27x faster) at purity 0.953; ``"sgd"`` with E = 2, 20 epochs 0.68 s at
+            0.957, E = 1 0.34 s at 0.874 (a busy 2-core machine).
         epochs: passes over the pair multisets (paper: ~20), for the image skip-gram of
             Step 2.1 and for ``neuron_solver="sgd"``.
         repetitions: E, how many times the shuffled sliding-window sampling of Step 1.2
