@@ -202,20 +202,17 @@ class ChannelsLastProbe(MaskInputProbe):
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("memory_bytes", [1 << 30, 0], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_last, monkeypatch):
+def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_last):
     """All code paths (compiled CPU loops or torch ops, one or two passes, either memory
     layout) give the reference IoUs, for identity, up- and down-sampling, ties and the
     strict rule, with batches that do not divide the probe set."""
-    from tb_conceptevo.detectors import netdissect
-
-    monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
     base = ConceptShapes(n=60, size=16, seed=5)
     probe = ChannelsLastProbe(base) if channels_last else base
     model = ManyLayouts()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     consumer = NetDissect(vocabulary=base, quantile=0.95, memory_bytes=memory_bytes,
-                          progress=False).consumer(probe, LAYOUT_LAYERS)
+                          progress=False, compiled=compiled).consumer(probe, LAYOUT_LAYERS)
     record(model, probe, LAYOUT_LAYERS, k=3, consumers=[consumer], progress=False, batch_size=16)
     assert consumer.passes == (1 if memory_bytes else 2)
     result = consumer.result()
@@ -227,14 +224,12 @@ def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_la
     assert bool(consumer.states["quarter"].strict[0])  # the silent unit used '> T'
 
 
-def test_compiled_and_torch_paths_are_bit_identical(monkeypatch):
-    from tb_conceptevo.detectors import netdissect
-
+def test_compiled_and_torch_paths_are_bit_identical():
     probe = ConceptShapes(n=48, size=16, seed=2)
     results = []
     for compiled in (True, False):
-        monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
-        consumer = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, LAYOUT_LAYERS)
+        consumer = NetDissect(vocabulary=probe, quantile=0.9, progress=False,
+                              compiled=compiled).consumer(probe, LAYOUT_LAYERS)
         record(ManyLayouts(), probe, LAYOUT_LAYERS, k=3, consumers=[consumer], progress=False, batch_size=7)
         results.append(consumer.result())
     for name in LAYOUT_LAYERS:
@@ -249,16 +244,15 @@ def test_candidates_keep_every_cell_that_can_pass(compiled, monkeypatch):
     first bound fail for some neurons, which are then screened again exactly."""
     from tb_conceptevo.detectors import netdissect
 
-    monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
-    monkeypatch.setattr(netdissect, "_SAMPLE_CELLS", 256)
+    monkeypatch.setattr(netdissect.candidates, "_SAMPLE_CELLS", 256)
     generator = torch.Generator().manual_seed(0)
     n_images, channels, size, batch = 96, 5, 8, 32
     maps = torch.randn(n_images, channels, size, size, generator=generator)
     sampled = torch.linspace(0, batch - 1, 4).round().long()
     maps[sampled, :3] += 6.0  # the sampled images of the first batch stand out for neurons 0-2
     m = 200
-    store = netdissect._Candidates(channels, m, True, torch.device("cpu"))
-    kernels = netdissect._compiled_kernels()
+    kernels = NetDissect(compiled=compiled).cpu_kernels
+    store = netdissect._Candidates(channels, m, True, torch.device("cpu"), kernels=kernels)
     if kernels is not None:  # the sample misleads: neurons 0-2 are screened again
         exact_selection = kernels.kth_largest
         calls = []
@@ -296,13 +290,11 @@ def test_netdissect_nan_neurons_get_nan_rows(shapes):
 
 
 def test_netdissect_rejects_mask_codes_of_the_wrong_shape(shapes, monkeypatch):
-    from tb_conceptevo.detectors import netdissect
-
-    consumer = NetDissect(vocabulary=shapes, progress=False).consumer(shapes, ["x"])
+    detector = NetDissect(vocabulary=shapes, progress=False)
+    consumer = detector.consumer(shapes, ["x"])
     monkeypatch.setattr(shapes, "mask_codes", lambda indices: torch.zeros(len(indices), 3, 3, dtype=torch.int64))
-    if netdissect._compiled_kernels() is not None:
-        with pytest.raises(ValueError, match="mask_codes"):
-            consumer._build_patterns(torch.device("cpu"))
+    with pytest.raises(ValueError, match="mask_codes"):  # the probe's own codes are read by the compiled loops
+        consumer.masks.patterns(torch.device("cpu"), detector.cpu_kernels)
 
 
 def test_netdissect_bad_inputs(shapes):
@@ -324,16 +316,15 @@ def test_mask_pattern_table_reproduces_masks(n_concepts, monkeypatch):
     """Every pixel's pattern row of concept bits is exactly its masks (all code-word widths)."""
     from tb_conceptevo.detectors import netdissect
 
-    monkeypatch.setattr(netdissect, "_CHUNK_ELEMENTS", 1024)  # several chunks of images
+    monkeypatch.setattr(netdissect.masks, "_CHUNK_ELEMENTS", 1024)  # several chunks of images
     generator = torch.Generator().manual_seed(n_concepts)
     n_images = 40
     # few distinct patterns (as in real masks)
     palette = torch.rand(12, n_concepts, generator=generator) < 0.3
     masks = palette[torch.randint(0, 12, (n_images, 8, 8), generator=generator)].permute(0, 3, 1, 2)
-    consumer = netdissect.NetDissectConsumer.__new__(netdissect.NetDissectConsumer)
-    consumer.probe = type("Masks", (), {"masks": lambda self, indices: masks[indices]})()
-    consumer.mask_channels, consumer.n_concepts, consumer.n_images = None, n_concepts, n_images
-    table = consumer._build_patterns(torch.device("cpu"))
+    probe = type("Masks", (), {"masks": lambda self, indices: masks[indices]})()
+    table = netdissect.ProbeMasks(probe, None, n_concepts, n_images).patterns(torch.device("cpu"),
+                                                                            NetDissect().cpu_kernels)
     rebuilt = table.bits[table.pixel_pattern].view(n_images, 8, 8, n_concepts).permute(0, 3, 1, 2)
     assert torch.equal(rebuilt.bool(), masks)
     assert table.n_patterns == len({tuple(row) for row in masks.permute(0, 2, 3, 1).reshape(-1, n_concepts).tolist()})
