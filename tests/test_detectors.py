@@ -331,6 +331,51 @@ def test_mask_pattern_table_reproduces_masks(n_concepts, monkeypatch):
     assert torch.equal(table.concept_count, masks.sum(dim=(0, 2, 3)).double())
 
 
+def test_detector_keeps_its_own_bounded_state_between_steps(shapes, monkeypatch):
+    """The pattern table, bilinear tables and candidate buffers belong to the detector: its
+    next step reads one mask (for the size) instead of all and gives the same result; another
+    detector shares none of it."""
+    model = nn.Sequential(nn.AvgPool2d(2))  # maps at half the masks' size: upsampled
+    detector = NetDissect(vocabulary=shapes, progress=False)
+    read = []  # images whose masks (or packed mask codes) were read
+    for method in ("masks", "mask_codes"):
+        original = getattr(shapes, method)
+        monkeypatch.setattr(shapes, method, lambda indices, original=original: read.append(len(indices))
+                            or original(indices))
+
+    def step(det):
+        read.clear()
+        consumer = det.consumer(shapes, ["0"])
+        record(model, shapes, ["0"], k=3, consumers=[consumer], progress=False)
+        return consumer.result()["0"].similarity
+
+    first = step(detector)
+    assert sum(read) > len(shapes)  # every mask was read (and the first one for the size)
+    assert len(detector.pattern_tables) == 1 and len(detector.bilinear_tables) == 1  # 16 -> 32 px, both axes
+    assert 0 < detector.buffers.nbytes <= detector.buffers.max_bytes
+    np.testing.assert_array_equal(step(detector), first)
+    assert read == [1]
+    other = NetDissect(vocabulary=shapes, progress=False)
+    assert len(other.pattern_tables) == 0 and other.buffers.nbytes == 0
+    np.testing.assert_array_equal(step(other), first)
+
+
+def test_detector_caches_are_bounded():
+    from tb_conceptevo.detectors.netdissect.caches import BoundedCache, BufferPool
+
+    cache = BoundedCache(2)
+    assert [cache.get(key, lambda key=key: key * 10) for key in (1, 2, 1)] == [10, 20, 10]
+    cache.get(3, lambda: 30)  # a third key: the old entries go
+    assert len(cache) == 1 and cache.get(1, lambda: "rebuilt") == "rebuilt"
+    pool = BufferPool(max_bytes=64)
+    big, small = torch.zeros(10, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    pool.give(big)                          # 80 bytes: over the limit, not kept
+    pool.give(small)
+    assert pool.nbytes == 32
+    assert pool.take((4,), torch.float64, "cpu") is small and pool.nbytes == 0
+    assert pool.take((4,), torch.float64, "cpu") is not small  # taken once: a new one
+
+
 # --------------------------------------------------------------- vocabularies
 def test_vocabulary_dedup_and_errors(tmp_path):
     with pytest.warns(UserWarning, match="1 duplicate"):
