@@ -316,7 +316,7 @@ def test_mask_pattern_table_reproduces_masks(n_concepts, monkeypatch):
     """Every pixel's pattern row of concept bits is exactly its masks (all code-word widths)."""
     from tb_conceptevo.detectors import netdissect
 
-    monkeypatch.setattr(netdissect.masks, "_CHUNK_ELEMENTS", 1024)  # several chunks of images
+    monkeypatch.setattr(netdissect.masks, "CHUNK_ELEMENTS", 1024)  # several chunks of images
     generator = torch.Generator().manual_seed(n_concepts)
     n_images = 40
     # few distinct patterns (as in real masks)

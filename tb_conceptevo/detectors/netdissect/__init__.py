@@ -35,7 +35,7 @@ compiled loops (``_kernels.py``; ``NetDissect(compiled=False)`` runs the torch o
 instead); other devices use torch ops; both give identical results.
 
 The intersections are counted per pixel *pattern* (the set of concepts covering a
-mask pixel; see :class:`.masks._MaskPatterns`), so every neuron x concept count is one
+mask pixel; see :class:`.masks.MaskPatterns`), so every neuron x concept count is one
 bincount and one small matmul, on the model's device.
 
 Ties: ``>= T_k`` keeps every position at the threshold (saturating units whose top
@@ -65,9 +65,12 @@ around passing cells), :mod:`.caches` (what a detector keeps between logged step
 and :mod:`._kernels` (the compiled CPU loops).
 """
 
-from .candidates import _Candidates, _loosened
+from .candidates import Candidates, loosened
 from .consumer import NetDissectConsumer, _null_image_maps
 from .detector import NetDissect
-from .masks import ProbeMasks, _MaskPatterns
+from .masks import MaskPatterns, ProbeMasks
 
-__all__ = ["NetDissect", "NetDissectConsumer", "ProbeMasks"]
+#: the names these had when NetDissect was one module
+_Candidates, _loosened, _MaskPatterns = Candidates, loosened, MaskPatterns
+
+__all__ = ["NetDissect", "NetDissectConsumer", "ProbeMasks", "MaskPatterns", "Candidates"]

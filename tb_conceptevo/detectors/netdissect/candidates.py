@@ -20,18 +20,18 @@ from .caches import BufferPool
 #: may be one float32 ulp below them)
 _TIE_TOLERANCE = 1e-6
 #: candidate slots reserved per neuron, in multiples of m (a batch adds ~m / t after t batches)
-_SLOTS_PER_M = 3
+SLOTS_PER_M = 3
 #: activations per neuron sampled to estimate the first bound
 _SAMPLE_CELLS = 65536
 #: bytes of one candidate slot with neighbours: value, cell key, 8 neighbour values
-_SLOT_BYTES = 4 + 8 + 8 * 4
+SLOT_BYTES = 4 + 8 + 8 * 4
 #: ... and without them (maps at the masks' size: upsampling is the identity)
-_SLOT_BYTES_NO_NEIGHBOURS = 4 + 8
+SLOT_BYTES_NO_NEIGHBOURS = 4 + 8
 #: (dy, dx) of the 8 neighbours, row-major around the centre
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-class _Candidates:
+class Candidates:
     """Per neuron, every cell seen so far that can still be among its top ``m``.
 
     Rows are dense and padded with -inf, so per-neuron selections are row-wise
@@ -67,7 +67,7 @@ class _Candidates:
         slots = self.values.numel()
         if not self.with_cells:
             return slots * 4
-        return slots * (_SLOT_BYTES if self.around.shape[2] else _SLOT_BYTES_NO_NEIGHBOURS)
+        return slots * (SLOT_BYTES if self.around.shape[2] else SLOT_BYTES_NO_NEIGHBOURS)
 
     def around_rows(self) -> torch.Tensor:
         """``around`` as ``[N * slots, 8 or 0]`` (one row per slot)."""
@@ -75,7 +75,7 @@ class _Candidates:
 
     def floor(self) -> torch.Tensor:
         """Lowest value a cell may have and still pass a final threshold >= ``bound``."""
-        return _loosened(self.bound)
+        return loosened(self.bound)
 
     def drop_cells(self) -> None:
         """Keep values only (the layer moves to two passes)."""
@@ -162,7 +162,7 @@ class _Candidates:
         channels = maps.shape[1]
         screened = maps.shape[0] * maps.shape[2] * maps.shape[3]
         if self.values.shape[1] == 0:
-            self._resize(_SLOTS_PER_M * self.m if low is None else max(1, screened // 64))
+            self._resize(SLOTS_PER_M * self.m if low is None else max(1, screened // 64))
         active = torch.ones(channels, dtype=torch.bool) if only is None else only.clone()
         taken = torch.zeros(channels, dtype=torch.int64)
         skip = torch.tensor(math.inf)
@@ -222,7 +222,7 @@ class _Candidates:
             self.prune()
             need = int((self.count + per_neuron).max())
             if need > self.values.shape[1]:
-                self._resize(max(need, _SLOTS_PER_M * self.m, self.values.shape[1] * 3 // 2))
+                self._resize(max(need, SLOTS_PER_M * self.m, self.values.shape[1] * 3 // 2))
         first = torch.cumsum(per_neuron, 0) - per_neuron
         slot = (neuron * self.values.shape[1] + self.count[neuron]
                 + torch.arange(neuron.numel(), device=neuron.device) - first[neuron])
@@ -347,7 +347,7 @@ def _neighbours(maps: torch.Tensor, neuron, image, y, x) -> torch.Tensor:
     return torch.stack([flat.index_select(0, rows[dy] + cols[dx]) for dy, dx in _NEIGHBOURS], dim=1)
 
 
-def _dense(maps: torch.Tensor, kernels) -> torch.Tensor:
+def dense_maps(maps: torch.Tensor, kernels) -> torch.Tensor:
     """``maps`` if NCHW-contiguous, or channels-last-contiguous on CPU with the compiled loops
     (``kernels`` not None; they read both), else a contiguous copy."""
     if maps.is_contiguous():
@@ -357,6 +357,6 @@ def _dense(maps: torch.Tensor, kernels) -> torch.Tensor:
     return maps.contiguous()
 
 
-def _loosened(values: torch.Tensor) -> torch.Tensor:
+def loosened(values: torch.Tensor) -> torch.Tensor:
     """``values`` minus the tie tolerance: the lowest value still counted as ``>=`` them."""
     return values - _TIE_TOLERANCE * values.abs()

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from ..base import ChanceLevel, Detection, null_draws
-from .candidates import (_SLOT_BYTES, _SLOT_BYTES_NO_NEIGHBOURS, _SLOTS_PER_M, _Candidates, _dense,
-                         _loosened)
-from .masks import ProbeMasks, _MaskPatterns
-from .upsample import _CHUNK_ELEMENTS, active_pixels, bilinear_table
+from .candidates import SLOT_BYTES, SLOT_BYTES_NO_NEIGHBOURS, SLOTS_PER_M, Candidates, dense_maps, loosened
+from .masks import MaskPatterns, ProbeMasks
+from .upsample import CHUNK_ELEMENTS, active_pixels, bilinear_table
 
 try:  # the protocol class lives in recording.py; fall back to a plain base if absent
     from ...recording import RecordingConsumer
@@ -34,7 +33,7 @@ class _LayerState:
         self.wants_cells = True                         # one pass: candidates keep their cells
         self.neighbours = True                          # False when the maps are at the masks' size
         self.counted_in_pass_1 = False                  # two passes: cells found again in pass 1
-        self.store: Optional[_Candidates] = None
+        self.store: Optional[Candidates] = None
         self.bad: Optional[torch.Tensor] = None         # [N] saw NaN/Inf
         self.thresholds: Optional[torch.Tensor] = None  # [N]
         self.strict: Optional[torch.Tensor] = None      # [N] use '>' instead of '>='
@@ -52,8 +51,8 @@ class _LayerState:
         return self.store is not None and self.store.with_cells
 
     def one_pass_bytes(self) -> int:
-        slot = _SLOT_BYTES if self.neighbours else _SLOT_BYTES_NO_NEIGHBOURS
-        return _SLOTS_PER_M * self.top_m * self.channels * slot
+        slot = SLOT_BYTES if self.neighbours else SLOT_BYTES_NO_NEIGHBOURS
+        return SLOTS_PER_M * self.top_m * self.channels * slot
 
 
 class NetDissectConsumer(RecordingConsumer):
@@ -74,7 +73,7 @@ class NetDissectConsumer(RecordingConsumer):
         self.kernels = detector.cpu_kernels
         self.passes = 1
         self.states: Dict[str, _LayerState] = {}
-        self._patterns: Optional[_MaskPatterns] = None
+        self._patterns: Optional[MaskPatterns] = None
 
     # ------------------------------------------------------------ protocol
     def begin_pass(self, pass_index: int, shapes: Dict[str, Tuple[int, int, int]], probe) -> None:
@@ -109,7 +108,7 @@ class NetDissectConsumer(RecordingConsumer):
             if state.any_bad:  # their rows become NaN; keep the other neurons' arithmetic finite
                 fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
             batch_cells = self._store(state, True, fmap.device)
-            batch_cells.screen(_dense(fmap, self.kernels), indices.to(fmap.device), low=state.passing)
+            batch_cells.screen(dense_maps(fmap, self.kernels), indices.to(fmap.device), low=state.passing)
             self._count_candidates(state, batch_cells)
 
     def end_pass(self, pass_index: int) -> None:
@@ -174,7 +173,7 @@ class NetDissectConsumer(RecordingConsumer):
         # NaN responses mark every non-finite map (checked on [B, N], not [B, N, H, W])
         if bool(bad_now.any()):
             fmap = torch.nan_to_num(fmap, nan=0.0, posinf=0.0, neginf=0.0)
-        fmap = _dense(fmap, self.kernels)
+        fmap = dense_maps(fmap, self.kernels)
         batch, channels, height, width = fmap.shape
         store = state.store
         if store is None:  # created here: the device is the model's
@@ -209,7 +208,7 @@ class NetDissectConsumer(RecordingConsumer):
         state.any_bad = bool(state.bad.any())
 
     # ------------------------------------------------------------ intersections
-    def _count_candidates(self, state: _LayerState, store: _Candidates) -> None:
+    def _count_candidates(self, state: _LayerState, store: Candidates) -> None:
         """Count the active upsampled pixels of the candidates that pass their threshold."""
         patterns = self._mask_patterns(store.values.device)
         self._prepare_counts(state, patterns, store.values.device)
@@ -237,7 +236,7 @@ class NetDissectConsumer(RecordingConsumer):
         self._count(state, neuron, image, y, x, store.values.view(-1).index_select(0, flat),
                     store.around_rows().index_select(0, flat))
 
-    def _prepare_counts(self, state: _LayerState, patterns: "_MaskPatterns", device) -> None:
+    def _prepare_counts(self, state: _LayerState, patterns: "MaskPatterns", device) -> None:
         if state.active_count is not None:
             return
         channels, tables = state.channels, state.image_map.shape[0]
@@ -279,17 +278,17 @@ class NetDissectConsumer(RecordingConsumer):
                                                                 ).view(channels, patterns.n_patterns)
                 else:  # too many patterns for a table: add each pixel's concept row
                     bits = patterns.bits.to(device)
-                    step = max(1, _CHUNK_ELEMENTS // max(1, self.n_concepts))
+                    step = max(1, CHUNK_ELEMENTS // max(1, self.n_concepts))
                     for start in range(0, neuron.numel(), step):
                         state.intersection[table].index_add_(0, neuron[start:start + step],
                                                              bits[pattern[start:start + step]])
 
     # ------------------------------------------------------------ detector-owned state
-    def _store(self, state: _LayerState, with_cells: bool, device) -> _Candidates:
-        return _Candidates(state.channels, state.top_m, with_cells, device, state.neighbours,
+    def _store(self, state: _LayerState, with_cells: bool, device) -> Candidates:
+        return Candidates(state.channels, state.top_m, with_cells, device, state.neighbours,
                            kernels=self.kernels, buffers=self.detector.buffers)
 
-    def _mask_patterns(self, device) -> _MaskPatterns:
+    def _mask_patterns(self, device) -> MaskPatterns:
         """Pattern ids of every mask pixel of the probe set (built once per probe set and
         detector: the detector keeps the last one for its next step)."""
         if self._patterns is None:
@@ -326,7 +325,7 @@ def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Ten
     the bilinear interpolation.
     """
     above = torch.nextafter(thresholds, torch.full_like(thresholds, math.inf))
-    return torch.where(strict, above, _loosened(thresholds))
+    return torch.where(strict, above, loosened(thresholds))
 
 
 

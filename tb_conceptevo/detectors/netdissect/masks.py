@@ -2,7 +2,7 @@
 
 A pattern is the set of concepts covering a pixel.  Counting each neuron's active
 pixels per pattern and multiplying by the patterns' concept bits gives every
-neuron x concept intersection at once (see :class:`_MaskPatterns`).
+neuron x concept intersection at once (see :class:`MaskPatterns`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .upsample import _CHUNK_ELEMENTS
+from .upsample import CHUNK_ELEMENTS
 
-class _MaskPatterns:
+class MaskPatterns:
     """The probe set's masks as one pattern id per pixel.
 
     A pattern is a distinct set of concepts covering a pixel; masks have few of them
@@ -63,13 +63,13 @@ class ProbeMasks:
         return (type(self.probe).__name__, str(getattr(self.probe, "hash", id(self.probe))),
                 self.n_images, channels, str(device))
 
-    def patterns(self, device, kernels=None) -> _MaskPatterns:
+    def patterns(self, device, kernels=None) -> MaskPatterns:
         """Pattern ids of every mask pixel (``kernels``: the compiled loops, used on CPU)."""
         first = self.masks(torch.arange(1), device)
         height, width = int(first.shape[-2]), int(first.shape[-1])
         n_words = max(1, math.ceil(self.n_concepts / _BITS_PER_WORD))
         # int64 temporaries of [b, min(C, 62), H, W] (> 31 concepts): a quarter chunk
-        step = max(1, _CHUNK_ELEMENTS // (4 * min(self.n_concepts, _BITS_PER_WORD) * height * width))
+        step = max(1, CHUNK_ELEMENTS // (4 * min(self.n_concepts, _BITS_PER_WORD) * height * width))
         kernels = kernels if torch.device(device).type == "cpu" and n_words == 1 else None
         words = []
         for start in range(0, self.n_images, step):
@@ -98,14 +98,14 @@ class ProbeMasks:
             codes = torch.from_numpy(kernels.dense_ids(words[:, 0].numpy(), pattern.numpy()))
             pixel_count = torch.bincount(pattern, minlength=codes.numel())
             bits = ((codes[:, None] >> shifts) & 1)[:, :self.n_concepts]
-            return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
+            return MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
         if n_words == 1:
             # up to 62 concepts: the code word is the pattern; its sorted distinct
             # values give the ids and the bits (one sort, no representative search)
             codes, pattern = torch.unique(words[:, 0], return_inverse=True)
             pixel_count = torch.bincount(pattern, minlength=codes.numel())
             bits = ((codes.long()[:, None] >> shifts) & 1)[:, :self.n_concepts]
-            return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
+            return MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
         words = words.long()
         # distinct rows of the code words -> dense pattern ids (one unique per word)
         pattern = torch.zeros(words.shape[0], dtype=torch.int64, device=device)
@@ -118,7 +118,7 @@ class ProbeMasks:
         representative = torch.full((n_patterns,), words.shape[0], dtype=torch.int64, device=device)
         representative.scatter_reduce_(0, pattern, torch.arange(words.shape[0], device=device), "amin")
         bits = ((words[representative][:, :, None] >> shifts) & 1).reshape(n_patterns, -1)[:, :self.n_concepts]
-        return _MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
+        return MaskPatterns(pattern, bits.double(), pixel_count, (height, width))
 
     def masks(self, indices: torch.Tensor, device) -> torch.Tensor:
         """bool ``[B, C, H, W]`` masks of this detector's concepts."""

@@ -17,7 +17,7 @@ import torch
 from .caches import BoundedCache
 
 #: elements of one chunk of upsampled blocks or masks (bounds temporary memory)
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
+CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
 def active_pixels(passing_value: torch.Tensor, neuron, image, y, x, value, around,
@@ -60,7 +60,7 @@ def active_pixels(passing_value: torch.Tensor, neuron, image, y, x, value, aroun
     y0, x0 = torch.cat([p[1] for p in owned_parts]), torch.cat([p[2] for p in owned_parts])
     corner_values = torch.cat([p[3] for p in owned_parts])
     block = ys.block_weight.shape[1] * xs.block_weight.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // (4 * block))
+    step = max(1, CHUNK_ELEMENTS // (4 * block))
     parts = []
     for start in range(0, which.numel(), step):
         chunk = slice(start, start + step)
@@ -81,7 +81,7 @@ def active_pixels(passing_value: torch.Tensor, neuron, image, y, x, value, aroun
     return parts
 
 
-class _BilinearTable:
+class BilinearTable:
     """1-D bilinear interpolation (PyTorch, ``align_corners=False``) from ``src`` to ``dst``
     cells, per source cell ("anchor"): the output indices interpolated between it and
     the next cell (``pixels``, -1 padded) and their weights of the next cell
@@ -103,6 +103,6 @@ class _BilinearTable:
         self.pixels = torch.from_numpy(pixels).to(device)
 
 
-def bilinear_table(tables: BoundedCache, src: int, dst: int, device) -> _BilinearTable:
+def bilinear_table(tables: BoundedCache, src: int, dst: int, device) -> BilinearTable:
     """The table from ``src`` to ``dst`` cells on ``device``, built once per ``tables``."""
-    return tables.get((int(src), int(dst), str(device)), lambda: _BilinearTable(src, dst, device))
+    return tables.get((int(src), int(dst), str(device)), lambda: BilinearTable(src, dst, device))
