@@ -317,7 +317,6 @@ def _null_image_maps(n_images: int, draws: int) -> torch.Tensor:
     return torch.stack(maps)
 
 
-
 def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
     """The value an upsampled pixel must reach: one comparison for both rules.
 
@@ -326,7 +325,6 @@ def _passing_values(thresholds: torch.Tensor, strict: torch.Tensor) -> torch.Ten
     """
     above = torch.nextafter(thresholds, torch.full_like(thresholds, math.inf))
     return torch.where(strict, above, loosened(thresholds))
-
 
 
 def _world_size() -> int:

@@ -42,7 +42,8 @@ class NetDissect(Detector):
     Between logged steps the detector keeps the pattern table of the last probe set
     (``pattern_tables``), the bilinear tables (``bilinear_tables``) and up to 256 MiB
     of candidate arrays (``buffers``), so re-dissecting the same probe set at every
-    step neither re-reads its masks nor allocates its stores afresh.
+    step neither re-reads its masks nor allocates its stores afresh
+    (``detector.buffers.clear()`` frees the arrays).
     """
 
     #: IoU scores span ~0-0.3, so the text space needs a sharper softmax than the

@@ -131,7 +131,6 @@ class ProbeMasks:
         return masks
 
 
-
 def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
     """bool ``[B, C, H, W]`` -> ``[B*H*W, ceil(C / 62)]`` code words (bit j of word w = concept 62 w + j).
 
