@@ -36,9 +36,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .detectors.clip_dissect import cube_normalise
+from .detectors.similarity import cube_normalise
 
 
 class ConceptDiversityLoss(nn.Module):
@@ -212,19 +211,13 @@ class CLIPConcepts:
         self.input_std = None if input_std is None else torch.tensor(input_std, dtype=torch.float32)[None, :, None, None]
 
     def __call__(self, images=None, indices=None) -> torch.Tensor:
-        from .detectors.clip_dissect import _resize_center_crop
-
         if images is None:
             raise ValueError("CLIPConcepts needs images=... (the batch images)")
         detector = self.detector
-        cfg = detector._preprocess_config()
         with torch.no_grad():
             batch = images.detach().float().to(detector.device)
             if self.input_std is not None:
                 batch = batch * self.input_std.to(batch.device) + self.input_mean.to(batch.device)
-            batch = _resize_center_crop(batch.clamp(0, 1), cfg["size"])
-            mean = torch.tensor(cfg["mean"], device=batch.device)[None, :, None, None]
-            std = torch.tensor(cfg["std"], device=batch.device)[None, :, None, None]
-            features = F.normalize(detector.model.encode_image((batch - mean) / std).float(), dim=1)
+            features = detector.encode_images(batch.clamp(0, 1))
             similarity = features @ detector.text_features().to(features.device).t()
         return similarity.to(images.device)

@@ -202,20 +202,17 @@ class ChannelsLastProbe(MaskInputProbe):
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("memory_bytes", [1 << 30, 0], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_last, monkeypatch):
+def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_last):
     """All code paths (compiled CPU loops or torch ops, one or two passes, either memory
     layout) give the reference IoUs, for identity, up- and down-sampling, ties and the
     strict rule, with batches that do not divide the probe set."""
-    from tb_conceptevo.detectors import netdissect
-
-    monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
     base = ConceptShapes(n=60, size=16, seed=5)
     probe = ChannelsLastProbe(base) if channels_last else base
     model = ManyLayouts()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     consumer = NetDissect(vocabulary=base, quantile=0.95, memory_bytes=memory_bytes,
-                          progress=False).consumer(probe, LAYOUT_LAYERS)
+                          progress=False, compiled=compiled).consumer(probe, LAYOUT_LAYERS)
     record(model, probe, LAYOUT_LAYERS, k=3, consumers=[consumer], progress=False, batch_size=16)
     assert consumer.passes == (1 if memory_bytes else 2)
     result = consumer.result()
@@ -227,14 +224,12 @@ def test_every_code_path_matches_brute_force(compiled, memory_bytes, channels_la
     assert bool(consumer.states["quarter"].strict[0])  # the silent unit used '> T'
 
 
-def test_compiled_and_torch_paths_are_bit_identical(monkeypatch):
-    from tb_conceptevo.detectors import netdissect
-
+def test_compiled_and_torch_paths_are_bit_identical():
     probe = ConceptShapes(n=48, size=16, seed=2)
     results = []
     for compiled in (True, False):
-        monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
-        consumer = NetDissect(vocabulary=probe, quantile=0.9, progress=False).consumer(probe, LAYOUT_LAYERS)
+        consumer = NetDissect(vocabulary=probe, quantile=0.9, progress=False,
+                              compiled=compiled).consumer(probe, LAYOUT_LAYERS)
         record(ManyLayouts(), probe, LAYOUT_LAYERS, k=3, consumers=[consumer], progress=False, batch_size=7)
         results.append(consumer.result())
     for name in LAYOUT_LAYERS:
@@ -249,16 +244,15 @@ def test_candidates_keep_every_cell_that_can_pass(compiled, monkeypatch):
     first bound fail for some neurons, which are then screened again exactly."""
     from tb_conceptevo.detectors import netdissect
 
-    monkeypatch.setattr(netdissect, "_USE_COMPILED", compiled)
-    monkeypatch.setattr(netdissect, "_SAMPLE_CELLS", 256)
+    monkeypatch.setattr(netdissect.candidates, "_SAMPLE_CELLS", 256)
     generator = torch.Generator().manual_seed(0)
     n_images, channels, size, batch = 96, 5, 8, 32
     maps = torch.randn(n_images, channels, size, size, generator=generator)
     sampled = torch.linspace(0, batch - 1, 4).round().long()
     maps[sampled, :3] += 6.0  # the sampled images of the first batch stand out for neurons 0-2
     m = 200
-    store = netdissect._Candidates(channels, m, True, torch.device("cpu"))
-    kernels = netdissect._compiled_kernels()
+    kernels = NetDissect(compiled=compiled).cpu_kernels
+    store = netdissect._Candidates(channels, m, True, torch.device("cpu"), kernels=kernels)
     if kernels is not None:  # the sample misleads: neurons 0-2 are screened again
         exact_selection = kernels.kth_largest
         calls = []
@@ -296,13 +290,11 @@ def test_netdissect_nan_neurons_get_nan_rows(shapes):
 
 
 def test_netdissect_rejects_mask_codes_of_the_wrong_shape(shapes, monkeypatch):
-    from tb_conceptevo.detectors import netdissect
-
-    consumer = NetDissect(vocabulary=shapes, progress=False).consumer(shapes, ["x"])
+    detector = NetDissect(vocabulary=shapes, progress=False)
+    consumer = detector.consumer(shapes, ["x"])
     monkeypatch.setattr(shapes, "mask_codes", lambda indices: torch.zeros(len(indices), 3, 3, dtype=torch.int64))
-    if netdissect._compiled_kernels() is not None:
-        with pytest.raises(ValueError, match="mask_codes"):
-            consumer._build_patterns(torch.device("cpu"))
+    with pytest.raises(ValueError, match="mask_codes"):  # the probe's own codes are read by the compiled loops
+        consumer.masks.patterns(torch.device("cpu"), detector.cpu_kernels)
 
 
 def test_netdissect_bad_inputs(shapes):
@@ -324,20 +316,64 @@ def test_mask_pattern_table_reproduces_masks(n_concepts, monkeypatch):
     """Every pixel's pattern row of concept bits is exactly its masks (all code-word widths)."""
     from tb_conceptevo.detectors import netdissect
 
-    monkeypatch.setattr(netdissect, "_CHUNK_ELEMENTS", 1024)  # several chunks of images
+    monkeypatch.setattr(netdissect.masks, "CHUNK_ELEMENTS", 1024)  # several chunks of images
     generator = torch.Generator().manual_seed(n_concepts)
     n_images = 40
     # few distinct patterns (as in real masks)
     palette = torch.rand(12, n_concepts, generator=generator) < 0.3
     masks = palette[torch.randint(0, 12, (n_images, 8, 8), generator=generator)].permute(0, 3, 1, 2)
-    consumer = netdissect.NetDissectConsumer.__new__(netdissect.NetDissectConsumer)
-    consumer.probe = type("Masks", (), {"masks": lambda self, indices: masks[indices]})()
-    consumer.mask_channels, consumer.n_concepts, consumer.n_images = None, n_concepts, n_images
-    table = consumer._build_patterns(torch.device("cpu"))
+    probe = type("Masks", (), {"masks": lambda self, indices: masks[indices]})()
+    table = netdissect.ProbeMasks(probe, None, n_concepts, n_images).patterns(torch.device("cpu"),
+                                                                            NetDissect().cpu_kernels)
     rebuilt = table.bits[table.pixel_pattern].view(n_images, 8, 8, n_concepts).permute(0, 3, 1, 2)
     assert torch.equal(rebuilt.bool(), masks)
     assert table.n_patterns == len({tuple(row) for row in masks.permute(0, 2, 3, 1).reshape(-1, n_concepts).tolist()})
     assert torch.equal(table.concept_count, masks.sum(dim=(0, 2, 3)).double())
+
+
+def test_detector_keeps_its_own_bounded_state_between_steps(shapes, monkeypatch):
+    """The pattern table, bilinear tables and candidate buffers belong to the detector: its
+    next step reads one mask (for the size) instead of all and gives the same result; another
+    detector shares none of it."""
+    model = nn.Sequential(nn.AvgPool2d(2))  # maps at half the masks' size: upsampled
+    detector = NetDissect(vocabulary=shapes, progress=False)
+    read = []  # images whose masks (or packed mask codes) were read
+    for method in ("masks", "mask_codes"):
+        original = getattr(shapes, method)
+        monkeypatch.setattr(shapes, method, lambda indices, original=original: read.append(len(indices))
+                            or original(indices))
+
+    def step(det):
+        read.clear()
+        consumer = det.consumer(shapes, ["0"])
+        record(model, shapes, ["0"], k=3, consumers=[consumer], progress=False)
+        return consumer.result()["0"].similarity
+
+    first = step(detector)
+    assert sum(read) > len(shapes)  # every mask was read (and the first one for the size)
+    assert len(detector.pattern_tables) == 1 and len(detector.bilinear_tables) == 1  # 16 -> 32 px, both axes
+    assert 0 < detector.buffers.nbytes <= detector.buffers.max_bytes
+    np.testing.assert_array_equal(step(detector), first)
+    assert read == [1]
+    other = NetDissect(vocabulary=shapes, progress=False)
+    assert len(other.pattern_tables) == 0 and other.buffers.nbytes == 0
+    np.testing.assert_array_equal(step(other), first)
+
+
+def test_detector_caches_are_bounded():
+    from tb_conceptevo.detectors.netdissect.caches import BoundedCache, BufferPool
+
+    cache = BoundedCache(2)
+    assert [cache.get(key, lambda key=key: key * 10) for key in (1, 2, 1)] == [10, 20, 10]
+    cache.get(3, lambda: 30)  # a third key: the old entries go
+    assert len(cache) == 1 and cache.get(1, lambda: "rebuilt") == "rebuilt"
+    pool = BufferPool(max_bytes=64)
+    big, small = torch.zeros(10, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    pool.give(big)                          # 80 bytes: over the limit, not kept
+    pool.give(small)
+    assert pool.nbytes == 32
+    assert pool.take((4,), torch.float64, "cpu") is small and pool.nbytes == 0
+    assert pool.take((4,), torch.float64, "cpu") is not small  # taken once: a new one
 
 
 # --------------------------------------------------------------- vocabularies

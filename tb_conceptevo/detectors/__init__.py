@@ -12,8 +12,9 @@ and returns ``{layer: Detection}`` from ``consumer.result()``.
 from typing import Dict
 
 from .base import Detection, Detector
-from .clip_dissect import CLIPDissect, cos_cubed, soft_wpmi, soft_wpmi_plain
+from .clip_dissect import CLIPDissect
 from .netdissect import NetDissect
+from .similarity import cos_cubed, soft_wpmi, soft_wpmi_plain
 from .text_encoders import MiniLMTextEncoder, OpenCLIPTextEncoder, TextEncoder, encoder_from_spec
 from .vocabulary import english_vocabulary, load_words, make_vocabulary, probe_vocabulary
 

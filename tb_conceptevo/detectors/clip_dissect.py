@@ -11,20 +11,9 @@ For probe images ``x_1..x_M``, concept words ``w_1..w_K`` and a layer's neurons:
   inherent to CLIP-Dissect (both similarity functions need every image's response),
   e.g. 2,048 x 4,096 floats = 32 MB.
 
-Similarity functions (Oikarinen & Weng 2022; vectorised over all neurons x concepts):
-
-* **soft-WPMI** (default)::
-
-      P          = softmax(a * S, over concepts)                       [M, K]
-      e_1..e_k   = the top_k images of neuron n (highest activation first)
-      p_j        = p_start - (j / top_k) * (p_start - p_end),  j = 0..top_k-1
-      log p(d|n) = sum_j log(1 + p_j * (P[e_j, d] - 1) + 1e-7)
-      log p(d)   = logsumexp_n log p(d|n) - log N       (over the layer's N neurons)
-      sim[n, d]  = log p(d|n) - lambda * log p(d)
-
-  Unbounded and relative to the other neurons of the layer: not a probability.
-* **cos^3**: centre ``A`` and ``S`` over images, cube, L2-normalise each column over
-  images, dot product: ``sim = A'^T S'`` in [-1, 1].
+Similarity functions (:mod:`.similarity`, vectorised over all neurons x concepts):
+**soft-WPMI** (default; unbounded and relative to the other neurons of the layer) and
+**cos^3** (in [-1, 1]).
 
 Chance level (:meth:`CLIPDissect.chance_levels`): the same scores with the text
 features randomly rotated; a neuron is interpretable when its top score beats both
@@ -45,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import threading
 import warnings
@@ -54,9 +42,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from . import _open_clip
+from ._open_clip import load_open_clip, weights_hash
 from .base import ChanceLevel, Detection, Detector, null_draws
+from .similarity import (cos_cubed, cube_normalise, soft_wpmi, soft_wpmi_log_given, soft_wpmi_log_prior,
+                         soft_wpmi_plain)
 from .vocabulary import english_vocabulary, resolve_vocabulary
 
 try:
@@ -68,11 +59,6 @@ SIMILARITIES = ("soft_wpmi", "cos3")
 #: default tau per similarity function (soft-WPMI is in nats: e^2 ~ 7x more likely
 #: than for the layer's average neuron; cos^3 lies in [-1, 1])
 DEFAULT_THRESHOLDS = {"soft_wpmi": 2.0, "cos3": 0.2}
-#: elements of one block of soft-WPMI terms (1 MB float32: stays in a core's cache;
-#: 1-4 MB blocks were fastest on the benchmark, larger ones slower)
-_WPMI_BLOCK = 1 << 18
-#: ... on other devices (GPUs: few large kernels beat many cache-sized ones; 256 MB)
-_WPMI_BLOCK_DEVICE = 1 << 26
 
 # In-memory caches shared by all detectors of the process, keyed by content.
 _FEATURE_CACHE: Dict[str, torch.Tensor] = {}
@@ -90,186 +76,6 @@ def default_cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tb_conceptevo"
-
-
-# ---------------------------------------------------------------------------- weights
-def load_open_clip(model_name: str, pretrained: Optional[str] = None, device=None):
-    """An open_clip model in eval mode from a local file, a pretrained tag or random weights.
-
-    Raises:
-        ValueError: unknown architecture or tag.
-        RuntimeError: the tag's weights cannot be fetched (offline); the message says how
-            to pass a local file instead.
-    """
-    import open_clip
-
-    if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {model_name!r}; see open_clip.list_models()")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if pretrained is None:
-        warnings.warn(f"CLIPDissect: {model_name} with random weights (pretrained=None): labels are "
-                      "meaningless; pass pretrained=<file or tag> for real labels", UserWarning, stacklevel=3)
-        model = open_clip.create_model(model_name, pretrained=None, device=device)
-    elif os.path.exists(str(pretrained)):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise ValueError(f"pretrained={str(path)!r} is not a file; pass the checkpoint file itself")
-        try:
-            model = open_clip.create_model(model_name, pretrained=str(path), device=device)
-        except Exception as exc:  # any loading failure: wrong architecture or corrupt file
-            raise ValueError(
-                f"could not load {str(path)!r} as {model_name} weights ({type(exc).__name__}: {exc}); "
-                "check that the file is an open_clip/OpenAI checkpoint of this architecture"
-            ) from None
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained not in tags:
-            raise ValueError(
-                f"pretrained={pretrained!r} is neither an existing file nor an open_clip tag of {model_name} "
-                f"(tags: {tags}); pass the path of a local checkpoint file"
-            )
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
-        except Exception as exc:  # network errors come in many types
-            raise RuntimeError(
-                f"could not fetch the {model_name} weights {pretrained!r} ({type(exc).__name__}: "
-                f"{str(exc)[:200]}). Without network access, download them on a machine with network, e.g. "
-                f"python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}', "
-                f"cache_dir='clip_weights')\", copy the checkpoint file (open_clip_pytorch_model.bin or "
-                f"*.safetensors / *.pt under clip_weights/) here and pass "
-                f"CLIPDissect('{model_name}', pretrained='/path/to/that/file')"
-            ) from None
-    model.eval()
-    return model
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes, bytes).
-
-    Cached on the model object: CLIP models are frozen here."""
-    cached = getattr(model, "_tb_conceptevo_weights_hash", None)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    value = digest.hexdigest()
-    try:
-        object.__setattr__(model, "_tb_conceptevo_weights_hash", value)
-    except AttributeError:  # pragma: no cover
-        pass
-    return value
-
-
-# ----------------------------------------------------------------------- similarities
-def soft_wpmi(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
-              lam: float = 1.0, p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
-              block_elements: Optional[int] = None) -> torch.Tensor:
-    """Soft-WPMI ``[N, K]`` of neurons vs concepts (see the module docstring).
-
-    ``log p(d|n)`` from :func:`soft_wpmi_log_given`, minus ``lam`` times the layer's
-    ``log p(d)``; arguments as there."""
-    log_given = soft_wpmi_log_given(clip_similarity, responses, top_k, a, p_start, p_end, min_prob, block_elements)
-    return log_given - lam * soft_wpmi_log_prior(log_given)
-
-
-def soft_wpmi_log_prior(log_given: torch.Tensor) -> torch.Tensor:
-    """``[1, K]`` ``log p(d) = logsumexp_n log p(d|n) - log N``."""
-    return torch.logsumexp(log_given, dim=0, keepdim=True) - math.log(log_given.shape[0])
-
-
-def soft_wpmi_log_given(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
-                        p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7,
-                        block_elements: Optional[int] = None) -> torch.Tensor:
-    """``log p(d|n)`` ``[N, K]`` of soft-WPMI: how well neuron n's top images agree on word d.
-
-    Same value as in :func:`soft_wpmi_plain`, computed faster: the sum of ``top_k`` logs
-    is the log of their product, so the terms are multiplied in groups of ``g`` and
-    only one log per group is taken (``g`` as large as the dtype allows: every term is
-    at least ``1 - p_start + min_prob``, so a product of ``g`` terms stays a normal
-    float); and the ``[neurons, top_k, K]`` terms are made in blocks of neurons that
-    stay in cache, updated in place.  Computed in the dtype of ``clip_similarity``
-    (float32 by default; float64 for exact comparisons).
-
-    Args:
-        clip_similarity: ``[M, K]`` image-text cosine similarities.
-        responses: ``[M, N]`` neuron responses on the same M images (finite).
-        top_k: images per neuron (clipped to M).
-        block_elements: elements of one block of terms (default: cache-sized on CPU,
-            large on other devices).
-    """
-    _check_pair(clip_similarity, responses)
-    dtype = clip_similarity.dtype if clip_similarity.dtype == torch.float64 else torch.float32
-    n_images, n_neurons = responses.shape
-    k = int(min(top_k, n_images))
-    probs = torch.softmax(a * clip_similarity.to(dtype), dim=1)                      # [M, K]
-    n_concepts = probs.shape[1]
-    top_images = torch.topk(responses.to(dtype), k, dim=0).indices.t()               # [N, k]
-    weights = p_start - torch.arange(k, dtype=torch.float64) / top_k * (p_start - p_end)
-    smallest = 1.0 - p_start + min_prob                    # least possible term (P = 0)
-    tiny = 1e-30 if dtype == torch.float32 else 1e-290     # well above the dtype's least normal
-    group = max(1, min(k, int(math.log(tiny) / math.log(smallest))))
-    n_groups = -(-k // group)
-    group = -(-k // n_groups)                              # equal groups, the last padded
-    pad = n_groups * group - k
-    # term = weight * P + offset; padding terms are exactly 1 (weight 0, offset 1)
-    scale = torch.cat([weights, torch.zeros(pad, dtype=torch.float64)]).to(device=probs.device, dtype=dtype)
-    offset = torch.cat([1.0 - weights + min_prob, torch.ones(pad, dtype=torch.float64)]).to(device=probs.device, dtype=dtype)
-    scale, offset = scale.view(1, n_groups, group, 1), offset.view(1, n_groups, group, 1)
-    if pad:
-        top_images = torch.cat([top_images, top_images[:, :1].expand(-1, pad)], dim=1)
-    log_given = torch.empty((n_neurons, n_concepts), dtype=dtype, device=probs.device)
-    if block_elements is None:
-        block_elements = _WPMI_BLOCK if probs.device.type == "cpu" else _WPMI_BLOCK_DEVICE
-    step = max(1, block_elements // max(1, n_groups * group * n_concepts))
-    for start in range(0, n_neurons, step):  # blocks of neurons: the terms stay in cache
-        terms = probs[top_images[start:start + step]].view(-1, n_groups, group, n_concepts)
-        terms.mul_(scale).add_(offset)
-        log_given[start:start + step] = terms.prod(dim=2).log_().sum(dim=1)
-    return log_given
-
-
-def soft_wpmi_plain(clip_similarity: torch.Tensor, responses: torch.Tensor, top_k: int = 100, a: float = 10.0,
-                    lam: float = 1.0, p_start: float = 0.998, p_end: float = 0.97,
-                    min_prob: float = 1e-7) -> torch.Tensor:
-    """Soft-WPMI the straightforward way of the public CLIP-Dissect code, on the full
-    tensor: one ``[N, top_k, K]`` gather of probabilities, ``torch.log``, a sum.
-
-    The reference that :func:`soft_wpmi` is tested (``tests/test_detectors_clip.py``)
-    and benchmarked (``benchmarks/bench_detectors.py``) against; memory O(N x top_k x K).
-    """
-    _check_pair(clip_similarity, responses)
-    n_neurons = responses.shape[1]
-    k = int(min(top_k, responses.shape[0]))
-    probs = torch.softmax(a * clip_similarity, dim=1)
-    top_images = torch.topk(responses, k, dim=0).indices.t()
-    weights = (p_start - torch.arange(k, dtype=probs.dtype) / top_k * (p_start - p_end))[None, :, None]
-    log_given = torch.log(1 + weights * (probs[top_images] - 1) + min_prob).sum(dim=1)
-    log_prior = torch.logsumexp(log_given, dim=0, keepdim=True) - math.log(n_neurons)
-    return log_given - lam * log_prior
-
-
-def cube_normalise(values: torch.Tensor, min_norm: float = 1e-6) -> torch.Tensor:
-    """Centre each column over rows (images), cube, L2-normalise each column."""
-    centred = values - values.mean(dim=0, keepdim=True)
-    cubed = centred ** 3
-    return cubed / cubed.norm(dim=0, keepdim=True).clamp(min=min_norm)
-
-
-def cos_cubed(clip_similarity: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """cos^3 similarity ``[N, K]``: ``cube_normalise(A)^T @ cube_normalise(S)``."""
-    _check_pair(clip_similarity, responses)
-    return cube_normalise(responses.float()).t() @ cube_normalise(clip_similarity.float())
-
-
-def _check_pair(clip_similarity: torch.Tensor, responses: torch.Tensor) -> None:
-    if clip_similarity.dim() != 2 or responses.dim() != 2:
-        raise ValueError("clip_similarity must be [images, concepts] and responses [images, neurons]")
-    if clip_similarity.shape[0] != responses.shape[0]:
-        raise ValueError(f"{clip_similarity.shape[0]} images of CLIP similarities vs {responses.shape[0]} "
-                         "images of neuron responses")
 
 
 # ----------------------------------------------------------------------- detector
@@ -378,14 +184,15 @@ class CLIPDissect(Detector):
             _FEATURE_CACHE[key] = features
         return features
 
-    def _preprocess_config(self) -> Dict:
-        import open_clip
+    def preprocess_config(self) -> Dict:
+        """The CLIP model's image preprocessing: ``{"size", "mean", "std"}``."""
+        return _open_clip.preprocess_config(self.model)
 
-        cfg = dict(open_clip.get_model_preprocess_cfg(self.model) or {})
-        size = cfg.get("size", getattr(self.model.visual, "image_size", 224))
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return {"size": size, "mean": tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                "std": tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))}
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 unit features ``[B, D]`` (on the CLIP model's device) of images
+        ``[B, 3, H, W]`` in [0, 1], preprocessed as the model expects."""
+        with torch.no_grad():
+            return _open_clip.encode_images(self.model, images.to(self.device), self.preprocess_config())
 
     def image_features(self, probe) -> torch.Tensor:
         """float32 ``[M, D]`` unit image features of the probe set (CPU), cached by
@@ -393,7 +200,7 @@ class CLIPDissect(Detector):
         probe_hash = getattr(probe, "hash", "")
         if not probe_hash:
             raise ValueError("CLIPDissect needs a probe set with a content hash (probe.hash) to cache features")
-        cfg = self._preprocess_config()
+        cfg = self.preprocess_config()
         key = hashlib.sha256(f"image|{probe_hash}|{self.weights_hash}|{self.model_name}|{cfg}".encode()).hexdigest()
         return self._cached(key, lambda: self._compute_image_features(probe, cfg))
 
@@ -401,17 +208,13 @@ class CLIPDissect(Detector):
         from tqdm.auto import tqdm
 
         n = len(probe)
-        mean = torch.tensor(cfg["mean"], device=self.device)[None, :, None, None]
-        std = torch.tensor(cfg["std"], device=self.device)[None, :, None, None]
         chunks = []
         batches = range(0, n, self.batch_size)
         with torch.no_grad():
             for start in tqdm(batches, desc="CLIP image features", leave=False, disable=not self.progress):
                 indices = list(range(start, min(n, start + self.batch_size)))
                 images = _load_raw(probe, indices).to(self.device)
-                images = _resize_center_crop(images, cfg["size"])
-                features = self.model.encode_image((images - mean) / std).float()
-                chunks.append(F.normalize(features, dim=1).cpu())
+                chunks.append(_open_clip.encode_images(self.model, images, cfg).cpu())
         return torch.cat(chunks)
 
     def text_features(self, words: Optional[Sequence[str]] = None) -> torch.Tensor:
@@ -422,15 +225,8 @@ class CLIPDissect(Detector):
         return self._cached(key, lambda: self._compute_text_features(words))
 
     def _compute_text_features(self, words: List[str]) -> torch.Tensor:
-        import open_clip
-
-        tokenizer = open_clip.get_tokenizer(self.model_name)
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(words), 256):
-                tokens = tokenizer([self.template.format(w) for w in words[start:start + 256]]).to(self.device)
-                chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=1).cpu())
-        return torch.cat(chunks)
+        return _open_clip.encode_texts(self.model, _open_clip.tokenizer(self.model_name),
+                                       [self.template.format(w) for w in words], self.device, 256, normalise=True)
 
     def clip_similarity(self, probe) -> torch.Tensor:
         """``[M, K]`` cosine similarity of every probe image with every concept."""
@@ -588,14 +384,7 @@ def _load_raw(probe, indices: List[int]) -> torch.Tensor:
     return torch.stack([torch.as_tensor(probe[i][0]).float() for i in indices])
 
 
-def _resize_center_crop(images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Resize the shorter side to the target and centre-crop (open_clip's "shortest" mode)."""
-    height, width = images.shape[-2:]
-    target_h, target_w = size
-    scale = max(target_h / height, target_w / width)
-    new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
-    if (new_h, new_w) != (height, width):
-        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                               antialias=new_h < height).clamp(0.0, 1.0)
-    top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
-    return images[..., top:top + target_h, left:left + target_w]
+__all__ = ["CLIPDissect", "CLIPDissectConsumer", "SIMILARITIES", "DEFAULT_THRESHOLDS", "default_cache_dir",
+           # re-exported from their rooms (older imports name this module)
+           "load_open_clip", "weights_hash", "soft_wpmi", "soft_wpmi_log_given", "soft_wpmi_log_prior",
+           "soft_wpmi_plain", "cos_cubed", "cube_normalise"]

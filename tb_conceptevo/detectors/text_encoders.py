@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from . import _open_clip
+
 
 class TextEncoder(abc.ABC):
     """Base class: ``encode(words) -> float32 [n, dim]`` with unit-norm rows."""
@@ -203,18 +205,14 @@ class OpenCLIPTextEncoder(TextEncoder):
         super().__init__()
         if "{}" not in template:
             raise ValueError(f"template must contain '{{}}' where the word goes, got {template!r}")
-        from .clip_dissect import load_open_clip, weights_hash
-
         self.model_name = model_name
         self.pretrained = pretrained
         self.template = template
         self.batch_size = int(batch_size)
-        self.model = model if model is not None else load_open_clip(model_name, pretrained, device=device)
+        self.model = model if model is not None else _open_clip.load_open_clip(model_name, pretrained, device=device)
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
-        self._weights_hash = weights_hash(self.model)
-        import open_clip
-
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self._weights_hash = _open_clip.weights_hash(self.model)
+        self.tokenizer = _open_clip.tokenizer(model_name)
 
     @property
     def dim(self) -> int:
@@ -233,12 +231,8 @@ class OpenCLIPTextEncoder(TextEncoder):
                 "template": self.template, "identifier": self.identifier}
 
     def _encode(self, words: List[str]) -> np.ndarray:
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(words), self.batch_size):
-                tokens = self.tokenizer([self.template.format(w) for w in words[start:start + self.batch_size]])
-                chunks.append(self.model.encode_text(tokens.to(self.device)).float().cpu())
-        return torch.cat(chunks).numpy()
+        return _open_clip.encode_texts(self.model, self.tokenizer, [self.template.format(w) for w in words],
+                                       self.device, self.batch_size, normalise=False).numpy()
 
 
 def encoder_from_spec(spec: Dict) -> TextEncoder:

@@ -1,4 +1,4 @@
-"""Compiled CPU loops of :mod:`netdissect` (numba; the torch code paths serve other devices).
+"""Compiled CPU loops of NetDissect (numba; the torch code paths serve other devices).
 
 Why compiled loops: screening a batch touches every activation once but keeps ~1 % of
 them, each with its 8 neighbours.  As tensor operations that is a reduction, two
@@ -139,8 +139,8 @@ def count_pixels(values, keys, around, count, passing, height, width,
     ``active_pixels[n]`` in total.
     The blocks of output pixels between the cells ``{y0, y0+1} x {x0, x0+1}`` whose
     corners include a passing cell are evaluated once each, by their first passing
-    corner in row-major order (see ``NetDissectConsumer._active_pixels``).
-    ``weight_*``/``pixel_*`` are the tables of :class:`_BilinearTable` (padding: pixel -1).
+    corner in row-major order (see :func:`.upsample.active_pixels`).
+    ``weight_*``/``pixel_*`` are the tables of :class:`BilinearTable` (padding: pixel -1).
     """
     channels = values.shape[0]
     cells_per_map = height * width
