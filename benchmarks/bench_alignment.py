@@ -150,14 +150,14 @@ def logged_runs(logdir: str, space: str, base_run: str, seeds: int = 5) -> int:
     own fit there, ``umap.transform`` elsewhere."""
     import umap
 
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
 
     def step_vectors(logs, run, step, layers):
         parts = [logs.embedding(run, space, layer, step) for layer in layers]
         return (np.concatenate([p.vectors for p in parts]).astype(np.float64),
                 np.concatenate([p.layout for p in parts]).astype(np.float64))
 
-    with LogReader(logdir) as logs:
+    with ConceptReader(logdir) as logs:
         layers = logs.layers(base_run)
         base_step = logs.space_steps(base_run, space, layers[0])[-1]
         base_vectors, base_layout = step_vectors(logs, base_run, base_step, layers)

@@ -43,9 +43,9 @@ P95_TARGET_MS = 50.0
 
 
 def write_fixture(root: str, runs: int, steps: int) -> float:
-    from tb_conceptevo import metadata
+    from tb_conceptevo.format import metadata
     from tb_conceptevo.observation import LayerObservation
-    from tb_conceptevo.payloads import embedding_payload, stimuli_payload
+    from tb_conceptevo.format.payloads import embedding_payload, stimuli_payload
     from tb_conceptevo.spaces.base import Embedding
     from tb_conceptevo.writer import ConceptWriter
 

@@ -79,7 +79,7 @@ def _series(scalars: Dict[str, List[Tuple[int, float]]], tag: str, run: str) -> 
 
 def _revert(logs) -> Tuple[str, Dict, Dict]:
     """The revert evaluation logged in the logdir: ``(run, header, arrays)``."""
-    from tb_conceptevo import metadata
+    from tb_conceptevo.format import metadata
 
     for run in logs.runs():
         tags = [t for t in logs.series(run).get(run, {}) if t.startswith(metadata.PREFIX + metadata.REVERT)]
@@ -185,11 +185,11 @@ def _revert_rows(run: str, header: Dict, arrays: Dict) -> List[Row]:
 
 def evaluate(logdir: str, refit: bool = True) -> List[Row]:
     """Every relation measured on one demo logdir."""
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
 
     if not os.path.isdir(logdir):
         raise SystemExit(f"{logdir!r} does not exist; run: python demo/run.py --no-serve --logdir {logdir}")
-    with LogReader(logdir) as logs:
+    with ConceptReader(logdir) as logs:
         missing = [r for r in RUN_NAMES if r not in logs.runs()]
         if missing:
             raise SystemExit(f"{logdir!r} lacks the demo runs {missing}; run: python demo/run.py --no-serve --logdir {logdir}")

@@ -177,7 +177,7 @@ def log_everything(logdir, epochs, seed=SEED, progress=True):
     import torch
 
     from tb_conceptevo.probes import ConceptShapes
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
 
     torch.set_num_threads(THREADS)
     started = time.time()
@@ -188,7 +188,7 @@ def log_everything(logdir, epochs, seed=SEED, progress=True):
     for name, setup in RUNS.items():
         train_run(name, setup, logdir, epochs, probe, space, test, seed, progress)
     # ConceptEvo: fit the unified space on the baseline's last snapshot, back-fill all runs.
-    with LogReader(logdir) as logs:
+    with ConceptReader(logdir) as logs:
         base = logs.observation("baseline")
     from tb_conceptevo.spaces import ConceptEvoSpace
 

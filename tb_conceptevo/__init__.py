@@ -10,7 +10,7 @@ package, stays light and starts even where torch is slow to import)::
 
 * :class:`ConceptWriter` - ``SummaryWriter`` with ``add_concepts`` / ``add_concept_importance``.
 * :func:`record`, :func:`list_layers` - streaming top-k stimuli of every conv channel.
-* :class:`LogReader` - logged data back as numpy arrays (both TensorBoard loaders).
+* :class:`ConceptReader` - logged data back as numpy arrays (both TensorBoard loaders).
 * :mod:`probes` - ``ConceptShapes`` (embedded default), dataset and folder adapters.
 * :mod:`spaces` - ``ConceptEvoSpace`` (ConceptEvo), ``TextSpace`` (Concept-Monitor).
 * :mod:`detectors` - ``NetDissect``, ``CLIPDissect``, text encoders, vocabularies.
@@ -31,7 +31,8 @@ _EXPORTS = {
     "TokenLayout": "tb_conceptevo.recording",
     "Observation": "tb_conceptevo.observation",
     "LayerObservation": "tb_conceptevo.observation",
-    "LogReader": "tb_conceptevo.reading",
+    "ConceptReader": "tb_conceptevo.reading",
+    "LogReader": "tb_conceptevo.reading",  # former name of ConceptReader
     "ConceptEvoSpace": "tb_conceptevo.spaces",
     "TextSpace": "tb_conceptevo.spaces",
     "NetDissect": "tb_conceptevo.detectors",
@@ -41,7 +42,7 @@ _EXPORTS = {
     "revert_evaluation": "tb_conceptevo.importance",
 }
 _SUBMODULES = {"probes", "spaces", "detectors", "metrics", "importance", "regularizer", "recording",
-               "reading", "writer", "metadata", "summary", "observation", "payloads"}
+               "reading", "writer", "format", "observation"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -3,10 +3,10 @@
 Going through ``DataProvider`` (never ``open()`` on event files) is what makes the
 same code work with the Python loader, with rustboard (``fast=True``) and with any
 logdir TensorBoard can read (gs://, s3://, ...).  Tests, the CLI and the plugin
-share the low-level functions here; :class:`LogReader` wraps them for scripts::
+share the low-level functions here; :class:`ConceptReader` wraps them for scripts::
 
-    from tb_conceptevo import LogReader
-    with LogReader("runs") as logs:
+    from tb_conceptevo import ConceptReader
+    with ConceptReader("runs") as logs:
         obs = logs.observation("baseline")          # last logged step, all layers
         print(obs["features.0"].image_ids[:3])
 """
@@ -21,9 +21,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import metadata
-from .observation import LayerObservation, Observation
-from .summary import PayloadError, decode_array, unpack_header
+from .format import metadata
+from .format.payloads import layer_observation
+from .format.summary import PayloadError, decode_array, unpack_header
+from .observation import Observation
 
 #: Enough for any realistic number of logged steps; rustboard needs an explicit bound.
 MAX_STEPS = 1_000_000
@@ -122,23 +123,6 @@ def read_payload(provider, ctx, datum, names: Optional[Sequence[str]] = None) ->
         if missing:
             raise PayloadError(f"payload has no arrays {sorted(missing)}")
     return header, arrays
-
-
-def layer_observation(header: Dict, arrays: Dict[str, np.ndarray], step: Optional[int]) -> LayerObservation:
-    """Rebuild a :class:`LayerObservation` from a stimuli payload."""
-    return LayerObservation(
-        layer=header["layer"],
-        image_ids=arrays["image_ids"].astype(np.int32),
-        activations=arrays["activations"].astype(np.float32),
-        positions=arrays["positions"].astype(np.int32),
-        invalid=arrays["invalid"].astype(bool),
-        map_size=tuple(header["map_size"]),
-        input_size=tuple(header["input_size"]),
-        probe_hash=header.get("probe_hash", ""),
-        step=step,
-        reduce=header.get("reduce", "max"),
-        hook=header.get("hook"),  # absent in logs written before hook points were recorded
-    )
 
 
 # ----------------------------------------------------------------------------- providers
@@ -301,9 +285,9 @@ def _wait_for_rustboard(provider, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-# ----------------------------------------------------------------------------- LogReader
+# ----------------------------------------------------------------------------- ConceptReader
 
-class LogReader:
+class ConceptReader:
     """Read a logdir's concept data (stimuli, embeddings, probe) as numpy arrays.
 
     Args:
@@ -425,6 +409,10 @@ class LogReader:
     def probe(self, run: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
         """Header (hash, sizes, labels, vocabulary) and thumbnail atlases of the run's probe set."""
         return self.payload(run, metadata.probe_tag(), None)
+
+
+#: The former name of :class:`ConceptReader` (kept so existing scripts keep working).
+LogReader = ConceptReader
 
 
 def read_all_scalars(provider, ctx, experiment_id: str, run: str,

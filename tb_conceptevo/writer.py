@@ -26,17 +26,17 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from . import metadata
+from .format import metadata
 from .event_files import NullFileWriter, use_native_crc
 from .observation import Observation
 from .metrics.anchors import interpretable_counts, interpretable_fraction
 from .metrics.snapshot import anchor_vectors, embedding_metrics, whole_model
 from .image_links import DEFAULT_LINKS, ImageLinksRecorder, attach_links
-from .payloads import (anchors_payload, detection_payload, embedding_payload, image_links_payload, probe_payload,
+from .format.payloads import (anchors_payload, detection_payload, embedding_payload, image_links_payload, probe_payload,
                        stimuli_payload)
 from .recording import rank_and_world, record
 from .spaces.io import is_url
-from .summary import payload_summary
+from .format.summary import payload_summary
 
 #: Default ``rotate_bytes`` for logdirs at URLs (object stores re-upload a file at every flush).
 REMOTE_ROTATE_BYTES = 2**20
@@ -205,7 +205,7 @@ class ConceptWriter(SummaryWriter):
         import copy
 
         from .importance import concept_evolution_importance, revert_evaluation
-        from .payloads import importance_payloads, revert_payload
+        from .format.payloads import importance_payloads, revert_payload
 
         step = check_step(step)
         if from_model is None:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_conceptevo import metadata
-from tb_conceptevo.payloads import anchors_payload, embedding_payload
+from tb_conceptevo.format import metadata
+from tb_conceptevo.format.payloads import anchors_payload, embedding_payload
 from tb_conceptevo.spaces.base import Anchors, Embedding
 from tb_conceptevo.writer import ConceptWriter
 
@@ -168,7 +168,7 @@ def write_future_payload(run_dir: str) -> None:
     from tensorboard.compat.proto import summary_pb2
     from torch.utils.tensorboard import SummaryWriter
 
-    from tb_conceptevo.summary import blob_sequence_summary
+    from tb_conceptevo.format.summary import blob_sequence_summary
 
     blobs = [json.dumps({"version": 99, "arrays": [], "kind": "space"}).encode()]
     summary = blob_sequence_summary(metadata.space_tag(FUTURE_SPACE, LAYERS[0]), blobs)

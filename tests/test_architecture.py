@@ -17,15 +17,14 @@ PACKAGE_DIR = os.path.dirname(tb_conceptevo.__file__)
 
 #: Pipeline stage of each module (longest matching prefix wins).
 STAGES = {
-    "tb_conceptevo.metadata": 0, "tb_conceptevo.summary": 0, "tb_conceptevo._arrays": 0,
-    "tb_conceptevo._torch": 0,
+    "tb_conceptevo._names": 0, "tb_conceptevo._arrays": 0, "tb_conceptevo._torch": 0,
     "tb_conceptevo.probes": 1, "tb_conceptevo.observation": 1,
     "tb_conceptevo.recording": 2, "tb_conceptevo.image_links": 2,
     "tb_conceptevo.detectors": 3,
     "tb_conceptevo.spaces": 4,
     "tb_conceptevo.metrics": 5,
     "tb_conceptevo.importance": 6, "tb_conceptevo.regularizer": 6,
-    "tb_conceptevo.payloads": 7, "tb_conceptevo.format": 7,
+    "tb_conceptevo.format": 7,
     "tb_conceptevo.writer": 8, "tb_conceptevo.event_files": 8,
     "tb_conceptevo.reading": 9,
     "tb_conceptevo.cli": 10,
@@ -59,7 +58,7 @@ def _imports(module: str, path: str, is_package: bool, known: Set[str]) -> List[
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            for alias in node.names:  # "from . import metadata" imports a module
+            for alias in node.names:  # "from .format import metadata" imports a module
                 if f"{target}.{alias.name}" in known:
                     found.append(f"{target}.{alias.name}")
                 elif target == "tb_conceptevo" and alias.name in tb_conceptevo._EXPORTS:

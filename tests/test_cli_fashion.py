@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tb_conceptevo import metadata, probes
+from tb_conceptevo import probes
+from tb_conceptevo.format import metadata
 from tb_conceptevo.cli import main
-from tb_conceptevo.reading import LogReader
+from tb_conceptevo.reading import ConceptReader
 from tb_conceptevo.writer import ConceptWriter
 
 from .fashion_like import FASHION_CLASSES, FashionLike, fashion_cnn
@@ -64,7 +65,7 @@ def test_record_replays_the_live_run_with_the_same_probe_function(workflow, caps
     root, logdir, ckpts, spec = workflow
     assert main(["record", "--factory", spec["factory"], "--checkpoints", str(ckpts), "--logdir", str(logdir),
                  "--run", "replay", "--probe", spec["probe"], "--k", "4"]) == 0
-    with LogReader(str(logdir)) as logs:
+    with ConceptReader(str(logdir)) as logs:
         assert logs.steps("replay") == logs.steps("live") == [1, 2, 3]
         assert logs.probe("replay")[0]["probe_hash"] == logs.probe("live")[0]["probe_hash"]
         assert logs.probe("replay")[0]["class_names"] == FASHION_CLASSES
@@ -94,7 +95,7 @@ def test_record_refuses_another_probe_and_leaves_no_phantom_run(workflow, capsys
                  "--run", "phantom", "--probe", "concept_shapes:n=20,size=28"])
     assert code == 2 and "channels" in capsys.readouterr().err
     assert not (logdir / "phantom").exists()
-    with LogReader(str(logdir)) as logs:
+    with ConceptReader(str(logdir)) as logs:
         assert "phantom" not in logs.runs()
 
 
@@ -118,7 +119,7 @@ def test_fit_space_project_and_a_refit_under_its_own_name(workflow, capsys):
     assert "is not the space already logged as 'conceptevo'" in err and "--name conceptevo_2" in err
     assert main(project + ["--space", str(refit), "--name", "conceptevo_seed1"]) == 0
     assert "into space 'conceptevo_seed1'" in capsys.readouterr().out
-    with LogReader(str(logdir)) as logs:
+    with ConceptReader(str(logdir)) as logs:
         layer = logs.layers("live")[0]
         assert logs.space_steps("live", "conceptevo_seed1", layer) == [1, 2, 3]
         assert logs.space_steps("live", "conceptevo", layer) == [1, 2, 3]
@@ -135,7 +136,7 @@ def test_importance_by_class_name_scores_the_models_class(workflow, capsys):
     assert main(base + ["--class", "Bag", "--probe", spec["probe"]]) == 0
     out = capsys.readouterr().out
     assert f"class {BAG} (Bag): {N_IMAGES // 10} images" in out
-    with LogReader(str(logdir)) as logs:
+    with ConceptReader(str(logdir)) as logs:
         header, _ = logs.payload("live", metadata.importance_tag(BAG, logs.layers("live")[0]), 3)
         assert header["class_index"] == BAG and header["class_name"] == "Bag"
 

@@ -6,7 +6,7 @@ import torch
 
 from tb_conceptevo.cli import main
 from tb_conceptevo.cli.record import checkpoint_steps
-from tb_conceptevo.reading import LogReader
+from tb_conceptevo.reading import ConceptReader
 from tests.test_recording import Branchy
 
 
@@ -28,7 +28,7 @@ def test_record_checkpoints(tmp_path):
                  "--logdir", str(tmp_path / "logs"), "--run", "r", "--probe", "concept_shapes:n=40,size=16",
                  "--k", "3", "--layers", "left,right"])
     assert code == 0
-    with LogReader(str(tmp_path / "logs")) as logs:
+    with ConceptReader(str(tmp_path / "logs")) as logs:
         assert logs.steps("r") == [2, 10]
         assert logs.layers("r") == ["left", "right"]
         assert logs.observation("r", 10)["left"].image_ids.shape == (6, 3)
@@ -90,7 +90,7 @@ def test_probe_function_is_the_training_scripts_probe(tmp_path, capsys):
     common = ["record", "--factory", "tests.test_cli_record:make_branchy", "--checkpoints", str(ckpts),
               "--logdir", str(tmp_path / "logs"), "--k", "2"]
     assert main(common + ["--run", "a", "--probe", "tests.test_cli_record:make_small_probe"]) == 0
-    with LogReader(str(tmp_path / "logs")) as logs:
+    with ConceptReader(str(tmp_path / "logs")) as logs:
         assert logs.probe("a")[0]["probe_hash"] == make_small_probe().hash
     assert main(common + ["--run", "b", "--probe", "tests.test_cli_record:make_not_a_probe"]) == 2
     err = capsys.readouterr().err

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tb_conceptevo.reading import LogReader
+from tb_conceptevo.reading import ConceptReader
 
 from .fashion_like import FashionLike
 
@@ -41,8 +41,8 @@ DOCTEST_MODULES = [
     "tb_conceptevo.spaces.io",
     "tb_conceptevo.detectors.netdissect", "tb_conceptevo.detectors.clip_dissect",
     "tb_conceptevo.detectors.vocabulary", "tb_conceptevo.metrics.anchors", "tb_conceptevo.metrics.evolution",
-    "tb_conceptevo.importance", "tb_conceptevo.regularizer", "tb_conceptevo.metadata", "tb_conceptevo.summary",
-    "tb_conceptevo.payloads",
+    "tb_conceptevo.importance", "tb_conceptevo.regularizer", "tb_conceptevo.format.metadata", "tb_conceptevo.format.summary",
+    "tb_conceptevo.format.payloads",
 ]
 FENCE = re.compile(r"^```(\w*)\s*$")
 EXCERPT = re.compile(r"^<!--\s*excerpt:\s*(\S+)\s*-->$")
@@ -126,7 +126,7 @@ def test_python_block_runs_as_written(path, line, code, excerpt, tmp_path, monke
     writer = namespace.get("writer")
     if writer is not None:  # a block that records: its snapshots are in the logs
         writer.close()
-        with LogReader(str(tmp_path / "runs")) as logs:
+        with ConceptReader(str(tmp_path / "runs")) as logs:
             assert logs.runs() and all(logs.steps(run) for run in logs.runs())
 
 
@@ -172,7 +172,7 @@ def test_own_data_example_runs_in_python_and_on_the_command_line(tmp_path, monke
     factory, probe_spec = f"{REPO}/examples/own_data.py:make_model", f"{REPO}/examples/own_data.py:make_probe"
     assert main(["record", "--factory", factory, "--checkpoints", "ckpts", "--logdir", "runs", "--run", "cli",
                  "--probe", probe_spec, "--k", "3"]) == 0
-    with LogReader("runs") as logs:
+    with ConceptReader("runs") as logs:
         assert logs.probe("cli")[0]["probe_hash"] == logs.probe("python")[0]["probe_hash"] == probe.hash
         for layer in logs.layers("python"):
             assert np.array_equal(logs.observation("cli", 0)[layer].image_ids[:, :3],
@@ -210,5 +210,5 @@ def test_package_docstring_example_runs(tmp_path, monkeypatch):
     namespace = {"model": small_cnn(3), "epoch": 0}
     exec(compile(code, "tb_conceptevo/__init__.py", "exec"), namespace)
     namespace["writer"].close()
-    with LogReader(str(tmp_path / "runs")) as logs:
+    with ConceptReader(str(tmp_path / "runs")) as logs:
         assert logs.steps("baseline") == [0]

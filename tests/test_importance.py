@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tb_conceptevo import metadata, summary
+from tb_conceptevo.format import metadata, summary
 from tb_conceptevo.importance import (
     ImportanceResult,
     check_same_architecture,
@@ -17,7 +17,7 @@ from tb_conceptevo.importance import (
     evolution_sensitivity,
     revert_evaluation,
 )
-from tb_conceptevo.payloads import importance_payload, importance_payloads, revert_payload
+from tb_conceptevo.format.payloads import importance_payload, importance_payloads, revert_payload
 
 from tests.conftest import TensorProbe, float64_defaults
 

@@ -164,8 +164,8 @@ def test_untraceable_model_is_read_after_its_norm_and_activation_from_an_execute
 
 
 def test_stimuli_header_records_the_hook_point_and_old_logs_still_load():
-    from tb_conceptevo.payloads import stimuli_payload
-    from tb_conceptevo.reading import layer_observation
+    from tb_conceptevo.format.payloads import stimuli_payload
+    from tb_conceptevo.format.payloads import layer_observation
 
     model = Untraceable()
     obs = record(model, _probe(6, 8, 8).__class__(torch.rand(6, 3, 8, 8)), k=2, progress=False)["conv"]
@@ -188,9 +188,9 @@ def _perturbed(model, seed):
 
 
 def _check_read_back(logdir, layers, observations, grid):
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
 
-    with LogReader(str(logdir)) as logs:
+    with ConceptReader(str(logdir)) as logs:
         assert set(layers) <= set(logs.layers("run"))
         for step, expected in enumerate(observations):
             got = logs.observation("run", step)

@@ -13,11 +13,11 @@ import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from tb_conceptevo import metadata
+from tb_conceptevo.format import metadata
 from tb_conceptevo.plugin import views, web
 from tb_conceptevo.plugin.store import LRUCache, Store
 from tb_conceptevo.reading import DataNotFound
-from tb_conceptevo.summary import pack
+from tb_conceptevo.format.summary import pack
 
 
 # ----------------------------------------------------------------------------- LRU
@@ -62,8 +62,9 @@ class FakeProvider:
         self.payloads = payloads
         self.read_calls = 0
         self.blob_calls = 0
-        self.blob_rounds = []  # reads grouped by a tiny time gap are one round
-        self.lock = threading.Lock()
+        self.changed = threading.Condition()
+        self.in_flight = self.most_in_flight = 0
+        self.gate = 1
 
     def read_blob_sequences(self, ctx, experiment_id, plugin_name, downsample=None, run_tag_filter=None):
         self.read_calls += 1
@@ -79,9 +80,17 @@ class FakeProvider:
 
     def read_blob(self, ctx, blob_key):
         run, tag, step, index = blob_key.split("|")
-        with self.lock:
+        with self.changed:
             self.blob_calls += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.changed.notify_all()
+            # With a gate of n, a read waits (2 s at most) until n reads are in flight
+            # together: concurrent reads pass at once, sequential ones see only themselves.
+            self.changed.wait_for(lambda: self.in_flight >= self.gate, timeout=2.0)
         time.sleep(0.01)  # a round trip
+        with self.changed:
+            self.in_flight -= 1
         return self.payloads[run][tag][int(step)][int(index)]
 
 
@@ -145,11 +154,11 @@ def test_payloads_read_blobs_once_and_reuse_the_layout_of_the_previous_step(fake
     header, arrays = store.payload(None, series[0], ["layout"], optional=["groups"], layout_key=tag)
     assert set(arrays) == {"layout", "groups"} and provider.blob_calls == 3  # header, then 2 arrays
     np.testing.assert_array_equal(arrays["layout"], np.zeros((4, 2)))
-    start = time.perf_counter()
+    provider.gate, provider.most_in_flight = 3, 0
     _, arrays = store.payload(None, series[1], ["layout"], optional=["groups"], layout_key=tag)
-    elapsed = time.perf_counter() - start
+    provider.gate = 1
     assert provider.blob_calls == 6
-    assert elapsed < 0.019  # header and arrays in one concurrent round (each read sleeps 10 ms)
+    assert provider.most_in_flight == 3  # header and both arrays in one concurrent round
     np.testing.assert_array_equal(arrays["layout"], np.ones((4, 2)))
     store.payload(None, series[1], ["layout"], optional=["groups"], layout_key=tag)
     assert provider.blob_calls == 6  # cached
@@ -252,7 +261,7 @@ def test_run_summary_sorts_layers_naturally_and_lists_everything():
 def test_labels_carry_interpretable_flags_and_chance_levels():
     from tb_conceptevo.detectors.base import Detection
     from tb_conceptevo.metrics.anchors import interpretable_counts, interpretable_fraction
-    from tb_conceptevo.payloads import detection_payload
+    from tb_conceptevo.format.payloads import detection_payload
 
     sim = np.array([[0.5, 0.1], [0.3, 0.0], [0.03, 0.0], [np.nan, np.nan]], np.float32)
     detection = Detection("l", sim, ["red", "circle"], ["colour", "shape"], 0.04,

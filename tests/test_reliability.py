@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from tb_conceptevo import metadata
-from tb_conceptevo.summary import PayloadError, blob_sequence_summary, decode_array, unpack_header
+from tb_conceptevo.format import metadata
+from tb_conceptevo.format.summary import PayloadError, blob_sequence_summary, decode_array, unpack_header
 from tb_conceptevo.writer import ConceptWriter, check_step
 
 from . import plugin_fixtures as fx
@@ -141,7 +141,7 @@ def test_a_failing_snapshot_leaves_the_event_files_as_they_were(tmp_path, monkey
     """All or nothing: a failure while the snapshot's payloads are prepared writes none
     of them; the next snapshot is written whole and measured against the last good one."""
     from tb_conceptevo import writer as writer_module
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
     from tb_conceptevo.spaces import ConceptEvoSpace
 
     probe = random_probe(n=24, size=12)
@@ -170,7 +170,7 @@ def test_a_failing_snapshot_leaves_the_event_files_as_they_were(tmp_path, monkey
     monkeypatch.setattr(writer_module, "embedding_metrics", real)
     writer.add_concepts(model, step=2)
     writer.close()
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         assert logs.steps("run", "0") == [0, 2]
         speed = dict(logs.scalars("run")["concepts/speed/conceptevo/all"])
     assert list(speed) == [2] and speed[2] == pytest.approx(0.0, abs=1e-6)  # same model: no movement
@@ -179,20 +179,20 @@ def test_a_failing_snapshot_leaves_the_event_files_as_they_were(tmp_path, monkey
 def test_a_layer_that_changes_width_is_written_whole(tmp_path):
     """Pruning between snapshots (a layer narrower than before) is recorded and written
     whole, every layer at every step (it used to raise after half the snapshot)."""
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
 
     probe = random_probe(n=16, size=10)
     writer = ConceptWriter(str(tmp_path / "run"), probe=probe, k=3, progress=False)
     writer.add_concepts(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3)), step=0)
     writer.add_concepts(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3)), step=1)
     writer.close()
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         assert logs.steps("run", "0") == [0, 1] and logs.steps("run", "2") == [0, 1]
 
 
 def _write_mangled_run(run_dir: str) -> None:
     """A run whose payloads are each malformed in one way the plugin relies on."""
-    from tb_conceptevo.payloads import probe_payload, stimuli_payload
+    from tb_conceptevo.format.payloads import probe_payload, stimuli_payload
     from tb_conceptevo.recording import record
 
     probe = random_probe(n=40, size=32, seed=0)
@@ -255,7 +255,7 @@ def test_space_files_at_urls_go_through_the_file_layer(tmp_path, monkeypatch):
 
 def _restart_and_rewrite_step(run_dir: str, step: int, seed: int, purge: bool) -> np.ndarray:
     """A second writer on ``run_dir`` (a restarted job) that rewrites ``step``'s space payload."""
-    from tb_conceptevo.payloads import embedding_payload
+    from tb_conceptevo.format.payloads import embedding_payload
 
     kwargs = {"purge_step": step} if purge else {}
     writer = ConceptWriter(run_dir, probe=random_probe(n=40, size=32, seed=0), layers=fx.LAYERS, k=5,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tb_conceptevo import LogReader
+from tb_conceptevo import ConceptReader
 from tb_conceptevo.writer import ConceptWriter
 
 from . import plugin_fixtures as fx
@@ -53,7 +53,7 @@ def test_rotated_event_files_are_read_whole_by_both_loaders(tmp_path, loader):
         for step in range(SNAPSHOTS):
             reply = fetch(f"neuron?run=rotated&layer={fx.LAYERS[1]}&channel=3&step={step}")
             assert reply.status == 200, (step, reply.body[:200])
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         assert logs.steps("rotated") == list(range(SNAPSHOTS))
 
 
@@ -115,7 +115,7 @@ def test_an_object_store_run_costs_linear_uploads_with_rotation(tmp_path, monkey
         rotated_size = sum(gfile.stat(f"s3://runs/logs/rotated/{f}").length for f in rotated_files)
         first_file = gfile.stat(f"s3://runs/logs/rotated/{sorted(rotated_files)[0]}").length  # probe + snapshot 0
 
-        with LogReader("s3://runs/logs") as logs:
+        with ConceptReader("s3://runs/logs") as logs:
             assert logs.steps("rotated") == logs.steps("plain") == list(range(SNAPSHOTS))
             np.testing.assert_array_equal(logs.observation("rotated", step=4)[fx.LAYERS[0]].image_ids,
                                           logs.observation("plain", step=4)[fx.LAYERS[0]].image_ids)

@@ -229,7 +229,7 @@ def test_image_links_recorder_and_logs(tmp_path):
     reader brings them back with the observation (old logs: None)."""
     from tb_conceptevo.image_links import ImageLinksRecorder
     from tb_conceptevo.probes import ConceptShapes
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
     from tb_conceptevo.recording import record
     from tb_conceptevo.writer import ConceptWriter
 
@@ -251,13 +251,13 @@ def test_image_links_recorder_and_logs(tmp_path):
     writer = ConceptWriter(logdir, probe=probe, k=5, progress=False, image_links=3)
     writer.add_concepts(model, step=1)
     writer.close()
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         obs = logs.observation("run", 1)
     np.testing.assert_array_equal(obs["2"].image_links, links["2"][:, :3])
     writer = ConceptWriter(str(tmp_path / "old"), probe=probe, k=5, progress=False, image_links=0)
     writer.add_concepts(model, step=1)
     writer.close()
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         assert logs.observation("old", 1)["2"].image_links is None
 
 
@@ -487,7 +487,7 @@ def _event_files(logdir):
 
 def test_cli_fit_space_and_project(world, tmp_path, capsys):
     from tb_conceptevo.cli import main
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.reading import ConceptReader
 
     logdir, space_file = str(tmp_path / "logs"), str(tmp_path / "space.npz")
     assert main(["project", "--logdir", logdir, "--space", space_file]) == 2   # no space file yet
@@ -509,7 +509,7 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
     # back-fill one run first, then everything: only the missing steps are written
     assert main(["project", "--logdir", logdir, "--space", space_file, "--runs", "other", "--no-progress"]) == 0
     assert main(["project", "--logdir", logdir, "--space", space_file, "--no-progress"]) == 0
-    with LogReader(logdir) as logs:
+    with ConceptReader(logdir) as logs:
         for run, steps in (("base", [0, 10, 20]), ("other", [5, 15])):
             for layer in ("a1", "a2"):
                 assert logs.space_steps(run, "conceptevo", layer) == steps
@@ -528,7 +528,7 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
     # a new step logged later: only that one is filled, and its speed uses step 20
     _log_run(logdir, "base", [30], world["responses_a"], 2)
     assert main(["project", "--logdir", logdir, "--space", space_file, "--no-progress"]) == 0
-    with LogReader(logdir) as logs:
+    with ConceptReader(logdir) as logs:
         assert logs.space_steps("base", "conceptevo", "a2") == [0, 10, 20, 30]
         assert [s for s, _ in logs.scalars("base")["concepts/speed/conceptevo/a2"]] == [10, 20, 30]
         # the whole-model series too: the first back-filled step is measured against step 20

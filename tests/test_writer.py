@@ -8,11 +8,11 @@ import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as stub_crc
 
-from tb_conceptevo import metadata
+from tb_conceptevo.format import metadata
 from tb_conceptevo.observation import LayerObservation
-from tb_conceptevo.payloads import stimuli_payload
-from tb_conceptevo.reading import LogReader
-from tb_conceptevo.summary import PayloadError, pack, payload_summary, unpack
+from tb_conceptevo.format.payloads import stimuli_payload
+from tb_conceptevo.reading import ConceptReader
+from tb_conceptevo.format.summary import PayloadError, pack, payload_summary, unpack
 from tb_conceptevo.writer import ConceptWriter
 from tests.conftest import random_probe
 from tests.test_recording import Branchy
@@ -39,7 +39,7 @@ def logdir(tmp_path_factory):
 @pytest.mark.parametrize("fast", [False, True], ids=["python-loader", "rustboard"])
 def test_reader_returns_what_was_written(logdir, fast):
     root, observations, probe = logdir
-    with LogReader(str(root), fast=fast) as logs:
+    with ConceptReader(str(root), fast=fast) as logs:
         assert logs.runs() == ["run_a"]
         assert logs.layers("run_a") == ["left", "right", "stem"]
         assert logs.steps("run_a") == [0, 1, 2]
@@ -136,7 +136,7 @@ def test_truncated_event_file_keeps_earlier_steps(logdir, tmp_path):
     (src,) = [f for f in os.listdir(root / "run_a") if f.startswith("events")]
     data = (root / "run_a" / src).read_bytes()
     (run / src).write_bytes(data[: len(data) - 300])  # killed mid-record
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         steps = logs.steps("run_a")
         assert steps[:2] == [0, 1]
         got = logs.observation("run_a", 1)
@@ -157,7 +157,7 @@ def test_writer_errors(tmp_path):
 
 def test_reader_unknown_run_and_step(logdir):
     root, _, _ = logdir
-    with LogReader(str(root)) as logs:
+    with ConceptReader(str(root)) as logs:
         with pytest.raises(KeyError, match="no tb_conceptevo data"):
             logs.observation("nope")
         with pytest.raises(KeyError, match="no data at step 7"):
@@ -180,7 +180,7 @@ def test_importance_since_last_snapshot(tmp_path):
                                                      labels=torch.ones(16, dtype=torch.long), revert=True)
     writer.close()
     assert result.from_step == 0 and result.to_step == 1 and reverted is not None
-    with LogReader(str(tmp_path)) as logs:
+    with ConceptReader(str(tmp_path)) as logs:
         header, arrays = logs.payload("run", metadata.importance_tag(1, "stem"), 1)
         assert header["from_step"] == 0 and arrays["importance"].shape == (8,)
         np.testing.assert_allclose(arrays["importance"], result.layers["stem"].importance)

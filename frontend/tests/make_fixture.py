@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from tb_conceptevo import metadata  # noqa: E402
+from tb_conceptevo.format import metadata  # noqa: E402
 from tb_conceptevo.detectors.base import Detection  # noqa: E402
 from tb_conceptevo.observation import LayerObservation  # noqa: E402
-from tb_conceptevo.payloads import anchors_payload, embedding_payload, probe_payload, stimuli_payload  # noqa: E402
+from tb_conceptevo.format.payloads import anchors_payload, embedding_payload, probe_payload, stimuli_payload  # noqa: E402
 from tb_conceptevo.spaces.base import Anchors, Embedding  # noqa: E402
 from tb_conceptevo.writer import ConceptWriter  # noqa: E402
 
@@ -59,7 +59,7 @@ def grid_layout(n_total: int, seed_offset: float, step: int, rng: np.random.Gene
 
 def detector_payload(detection: Detection):
     from tb_conceptevo.metrics.anchors import interpretable_counts, interpretable_fraction
-    from tb_conceptevo.payloads import detection_payload
+    from tb_conceptevo.format.payloads import detection_payload
 
     return detection_payload(DETECTOR, detection, interpretable_counts(detection), interpretable_fraction(detection))
 
@@ -132,7 +132,7 @@ def write_run(out: str, run: str, run_index: int, probe, steps, layers, channels
 
 def write_importance(writer, layers, channels, steps, rng):
     from tb_conceptevo.importance import ImportanceResult, LayerImportance, RevertResult
-    from tb_conceptevo.payloads import importance_payload, revert_payload
+    from tb_conceptevo.format.payloads import importance_payload, revert_payload
 
     from_step, to_step = steps[-3] if len(steps) >= 3 else steps[0], steps[-1]
     result_layers = {}

@@ -185,13 +185,13 @@ def logged_run(logdir: str, run: str):
     """``(probe header, logged snapshot steps)`` of a run; ``(None, [])`` for a new run.
 
     Reads the run's own folder only (not the whole logdir)."""
-    from tb_conceptevo import metadata
-    from tb_conceptevo.reading import LogReader
+    from tb_conceptevo.format import metadata
+    from tb_conceptevo.reading import ConceptReader
 
     run_dir = os.path.join(logdir, run)
     if "://" not in run_dir and not os.path.isdir(run_dir):
         return None, []
-    with LogReader(run_dir) as logs:
+    with ConceptReader(run_dir) as logs:
         tags = logs.series(".").get(".") or {}
         if not tags:
             return None, []

@@ -133,10 +133,10 @@ def resolve_class(text: str, probe, header=None) -> int:
 def run(args) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from tb_conceptevo import metadata
+    from tb_conceptevo.format import metadata
     from tb_conceptevo.importance import concept_evolution_importance, revert_evaluation
-    from tb_conceptevo.payloads import importance_payloads, revert_payload
-    from tb_conceptevo.summary import payload_summary
+    from tb_conceptevo.format.payloads import importance_payloads, revert_payload
+    from tb_conceptevo.format.summary import payload_summary
 
     if args.n_images < 0:
         raise ValueError("--n-images must be >= 0 (0 = every image of the class)")

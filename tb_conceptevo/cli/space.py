@@ -72,11 +72,11 @@ def register(subparsers) -> None:
 
 # ------------------------------------------------------------------------ fit-space
 def run_fit_space(args) -> int:
-    from ..reading import LogReader
+    from ..reading import ConceptReader
     from ..spaces.conceptevo import ConceptEvoSpace
 
     progress = not args.no_progress
-    with LogReader(args.logdir, fast=args.fast) as logs:
+    with ConceptReader(args.logdir, fast=args.fast) as logs:
         run = _base_run(logs, args.run, args.logdir)
         layers = _comma_list(args.layers) or logs.layers(run)
         steps = logs.steps(run, layers[0])
@@ -104,7 +104,7 @@ def run_fit_space(args) -> int:
 
 # -------------------------------------------------------------------------- project
 def run_project(args) -> int:
-    from .. import metadata
+    from ..format import metadata
     from ..spaces import load_space
 
     space = load_space(args.space)
@@ -132,10 +132,10 @@ def project_logdir(logdir: str, space, runs: Optional[List[str]] = None, layers:
     """
     from tqdm.auto import tqdm
 
-    from ..reading import LogReader
+    from ..reading import ConceptReader
 
     written = 0
-    with LogReader(logdir, fast=fast) as logs:
+    with ConceptReader(logdir, fast=fast) as logs:
         chosen = _runs(logs, ",".join(runs) if runs else None, logdir)
         differing = [(run, found) for run in chosen
                      for found in [_differs_from_logged(logs, run, space, layers)] if found]
@@ -160,7 +160,7 @@ def project_logdir(logdir: str, space, runs: Optional[List[str]] = None, layers:
 
 def _logged_space_names(logs, runs: List[str]) -> List[str]:
     """Names of the spaces logged in ``runs``."""
-    from .. import metadata
+    from ..format import metadata
 
     names = set()
     for run in runs:

@@ -109,7 +109,7 @@ class CLIPDissect(Detector):
                  reduce: str = "mean", top_k: int = 100, a: float = 10.0, lam: float = 1.0,
                  p_start: float = 0.998, p_end: float = 0.97, template: str = "{}", batch_size: int = 64,
                  name: str = "clip_dissect", progress: bool = True):
-        from ..metadata import check_name
+        from .._names import check_name
 
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")

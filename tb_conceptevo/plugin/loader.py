@@ -7,7 +7,7 @@ in :meth:`ConceptEvoLoader.load`.
 
 from tensorboard.plugins import base_plugin
 
-from .. import metadata
+from ..format import metadata
 
 
 class ConceptEvoLoader(base_plugin.TBLoader):

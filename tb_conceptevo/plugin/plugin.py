@@ -18,9 +18,9 @@ from tensorboard import errors as tb_errors
 from tensorboard import plugin_util
 from tensorboard.plugins import base_plugin
 
-from .. import metadata
+from ..format import metadata
 from ..reading import DataNotFound, newest_per_step, read_all_scalars
-from ..summary import PayloadError, plugin_content_version
+from ..format.summary import PayloadError, plugin_content_version
 from . import views, web
 from .web import BadRequest, route
 from .store import READ_AHEAD_THREADS, Store, datum_key

@@ -23,10 +23,10 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import metadata
+from ..format import metadata
 from .. import reading
 from ..reading import DataNotFound, is_in_process
-from ..summary import PayloadError, decode_array, unpack_header
+from ..format.summary import PayloadError, decode_array, unpack_header
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import metadata
+from ..format import metadata
 from ..observation import patch_boxes
-from ..summary import PayloadError
+from ..format.summary import PayloadError
 
 #: The per-step kinds whose steps make up a run's ``steps``.
 _STEP_KINDS = (metadata.STIMULI, metadata.SPACE, metadata.DETECTOR)

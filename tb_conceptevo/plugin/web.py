@@ -22,9 +22,9 @@ from tensorboard import errors as tb_errors
 from tensorboard.backend import http_util
 from werkzeug import wrappers
 
-from .. import metadata
+from ..format import metadata
 from ..reading import DataNotFound
-from ..summary import PayloadError
+from ..format.summary import PayloadError
 
 logger = logging.getLogger(__name__)
 

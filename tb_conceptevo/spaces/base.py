@@ -52,7 +52,7 @@ class Anchors:
 class Space(abc.ABC):
     """Base class of semantic spaces.
 
-    Subclasses set ``name`` (used in tag names, see ``metadata.check_name``) and
+    Subclasses set ``name`` (used in tag names, see ``tb_conceptevo._names.check_name``) and
     implement :meth:`embed`, :meth:`save` and :meth:`load`.  A space that needs a
     concept detector's similarities (the text-anchored space) exposes it as
     ``detector``; the writer then runs that detector during the recording pass and

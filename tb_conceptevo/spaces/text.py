@@ -62,7 +62,7 @@ class TextSpace(Space):
                  temperature: Optional[float] = None, anchors: Optional[Sequence[str]] = None, name: str = "text",
                  layout=None):
         from ..detectors.vocabulary import make_vocabulary
-        from ..metadata import check_name
+        from .._names import check_name
 
         if temperature is None:
             temperature = getattr(detector, "default_temperature", 0.1)

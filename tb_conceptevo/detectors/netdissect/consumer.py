@@ -15,7 +15,7 @@ from .candidates import SLOT_BYTES, SLOT_BYTES_NO_NEIGHBOURS, SLOTS_PER_M, Candi
 from .masks import MaskPatterns, ProbeMasks
 from .upsample import CHUNK_ELEMENTS, active_pixels, bilinear_table
 
-try:  # the protocol class lives in recording.py; fall back to a plain base if absent
+try:  # the protocol class lives in recording/recorder.py; fall back to a plain base if absent
     from ...recording import RecordingConsumer
 except ImportError:  # pragma: no cover
     RecordingConsumer = object  # type: ignore

@@ -57,7 +57,7 @@ class NetDissect(Detector):
             raise ValueError(f"quantile must be in (0, 1), e.g. 0.995 for the top 0.5 %; got {quantile!r}")
         if memory_bytes < 0:
             raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
-        from ...metadata import check_name
+        from ..._names import check_name
 
         self.name = check_name(name, "detector name")
         self.quantile = float(quantile)

@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from . import metadata
-from .observation import LayerObservation
+from ..observation import LayerObservation
 
 Payload = Tuple[Dict, Dict[str, np.ndarray]]
 
@@ -37,6 +37,23 @@ def stimuli_payload(obs: LayerObservation) -> Payload:
         "invalid": obs.invalid.astype(np.uint8),
     }
     return header, arrays
+
+
+def layer_observation(header: Dict, arrays: Dict[str, np.ndarray], step: Optional[int]) -> LayerObservation:
+    """Decoder of :func:`stimuli_payload`: the :class:`LayerObservation` it encoded."""
+    return LayerObservation(
+        layer=header["layer"],
+        image_ids=arrays["image_ids"].astype(np.int32),
+        activations=arrays["activations"].astype(np.float32),
+        positions=arrays["positions"].astype(np.int32),
+        invalid=arrays["invalid"].astype(bool),
+        map_size=tuple(header["map_size"]),
+        input_size=tuple(header["input_size"]),
+        probe_hash=header.get("probe_hash", ""),
+        step=step,
+        reduce=header.get("reduce", "max"),
+        hook=header.get("hook"),  # absent in logs written before hook points were recorded
+    )
 
 
 def image_links_payload(obs: LayerObservation) -> Payload:
@@ -149,7 +166,7 @@ def _step(value) -> Optional[int]:
 
 
 def importance_payload(result, layer: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
-    """``(header, arrays)`` of one layer's importance, for :func:`tb_conceptevo.summary.pack`
+    """``(header, arrays)`` of one layer's importance, for :func:`tb_conceptevo.format.summary.pack`
     under the tag ``metadata.importance_tag(result.class_index, layer)`` at step ``to_step``.
 
     Header: ``kind="importance"``, ``class_index``, ``class_name`` (or null), ``from_step``,

@@ -8,6 +8,8 @@ payload is documented in ``docs/FORMAT.md``; change both together and bump
 ``FORMAT_VERSION`` when a reader of the old format could misread the new one.
 """
 
+from .._names import check_name  # noqa: F401 - the parts of a tag are checked names
+
 PLUGIN_NAME = "conceptevo"
 FORMAT_VERSION = 1
 
@@ -92,7 +94,6 @@ def parse_tag(tag: str):
     return None
 
 
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
 def rustboard_unreadable(name: str) -> bool:
@@ -102,10 +103,3 @@ def rustboard_unreadable(name: str) -> bool:
     return any(c in name for c in '"\\') or any(ord(c) < 32 for c in name)
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Validate a space/detector/layer name used inside a tag (no ``/``, not empty)."""
-    if not isinstance(name, str) or not name or not set(name) <= _NAME_OK or len(name) > 200:
-        raise ValueError(
-            f"invalid {what} {name!r}: use 1-200 characters from letters, digits, '_', '-', '.'"
-        )
-    return name
