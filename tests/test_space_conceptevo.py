@@ -432,6 +432,63 @@ def test_skipgram_separates_two_cliques():
     assert within > 0.2 and across < -0.2
 
 
+def _sppmi_dense(image, neuron, n, negatives):
+    """The shifted positive PMI matrix, written out densely (the definition)."""
+    counts = np.zeros((n, n))
+    for img in np.unique(image):
+        members = neuron[image == img]
+        for a in members:
+            for b in members:
+                if a != b:
+                    counts[a, b] += 1
+    degree = counts.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero counts are masked below
+        pmi = np.log(counts * counts.sum() / np.outer(degree, degree)) - np.log(negatives)
+    return np.where(counts > 0, np.maximum(pmi, 0), 0.0), degree
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sppmi_embeddings_factorise_the_shifted_pmi(seed):
+    from tb_conceptevo.spaces._neuron_embedding import sppmi_embeddings
+
+    rng = np.random.default_rng(seed)
+    n, dim = 40, 4
+    concept = np.arange(n) % 4  # four concepts, ten neurons each
+    # every image activates a few neurons of one concept (and sometimes one stray neuron)
+    entries = []
+    for img in range(400):
+        c = rng.integers(4)
+        members = rng.choice(np.flatnonzero(concept == c), 3, replace=False).tolist()
+        if rng.random() < 0.2:
+            members.append(int(rng.integers(n - 2)))
+        entries += [(img, m) for m in set(members)]
+    image, neuron = np.array(entries).T
+    valid = np.ones(n + 2, dtype=bool)  # neuron n: stimuli but no partner; n + 1: no stimuli
+    valid[n + 1] = False
+    image, neuron = np.r_[image, 10_000], np.r_[neuron, n]
+    emb = sppmi_embeddings(image, neuron, valid, dim, 3, torch.Generator().manual_seed(seed))
+    dense, degree = _sppmi_dense(image, neuron, n + 2, 3)
+    values, vectors = np.linalg.eigh(dense)
+    top = np.argsort(values)[::-1][:dim]
+    expected = (vectors[:, top] * values[top]) @ vectors[:, top].T  # best rank-dim reconstruction
+    # Subspace iteration (6 steps, dim + 10 columns) converges like
+    # (|lambda_{dim+11}| / lambda_dim)^6: the reconstruction is the exact one within that
+    # (times a safety factor of 2) plus float32 rounding of the embeddings.
+    by_size = np.sort(np.abs(values))[::-1]
+    rate = (by_size[dim + 10] / values[top].min()) ** 6
+    assert rate < 0.05  # the four concepts' eigenvalues stand above the rest
+    np.testing.assert_allclose(emb[:n] @ emb[:n].T, expected[:n, :n], rtol=0,
+                               atol=(2 * rate + 1e-6) * np.abs(expected).max())
+    # each neuron's nearest neighbour detects its concept
+    d = ((emb[:n, None] - emb[None, :n]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (concept[d.argmin(1)] == concept).all()
+    assert np.isfinite(emb[n]).all() and np.abs(emb[n]).max() <= 0.5  # uniform init, as the paper's
+    assert np.isnan(emb[n + 1]).all()
+    again = sppmi_embeddings(image, neuron, valid, dim, 3, torch.Generator().manual_seed(seed))
+    np.testing.assert_array_equal(emb, again)
+
+
 def test_stable_layout_small_reference_and_state():
     rng = np.random.default_rng(0)
     reference = np.concatenate([rng.normal(size=(15, 8)), rng.normal(size=(15, 8)) + 6]).astype(np.float32)

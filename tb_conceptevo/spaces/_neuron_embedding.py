@@ -111,6 +111,9 @@ def sppmi_embeddings(image_of_entry: np.ndarray, neuron_of_entry: np.ndarray, va
     # an eigenvector's sign is arbitrary: make each column's largest entry positive
     signs = np.sign(embeddings[np.abs(embeddings).argmax(axis=0), np.arange(dim)])
     embeddings *= np.where(signs == 0, 1.0, signs)
+    # LAPACK's QR / eigh round differently with each CPU's BLAS kernels (last bits):
+    # rounding to float32 makes the result the same on (almost) every machine
+    embeddings = embeddings.astype(np.float32).astype(np.float64)
     isolated = valid_neurons & (degree == 0)
     embeddings[isolated] = _uniform_init(int(isolated.sum()), dim, generator).double().numpy()
     embeddings[~valid_neurons] = np.nan
