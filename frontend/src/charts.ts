@@ -34,6 +34,16 @@ function setup(canvas: HTMLCanvasElement, width: number, height: number): Canvas
   return ctx;
 }
 
+/** A cleared chart canvas with its title drawn at the top left. */
+function titled(canvas: HTMLCanvasElement, width: number, height: number, title: string): CanvasRenderingContext2D {
+  const ctx = setup(canvas, width, height);
+  ctx.fillStyle = neutralInk("#212121");
+  ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
+  ctx.fillText(title, 8, 14);
+  ctx.font = FONT;
+  return ctx;
+}
+
 /** Axis numbers without trailing zeros ("0.5", not "0.500"). */
 function tickLabel(v: number): string {
   return formatNumber(v).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
@@ -185,11 +195,7 @@ export function groupedBarChart(canvas: HTMLCanvasElement, groups: string[], key
   const gw = pw / Math.max(1, groups.length);
   const bw = Math.max(2, (gw * 0.8) / Math.max(1, keys.length));
   const paint = (hover: number | null) => {
-    const ctx = setup(canvas, width, height);
-    ctx.fillStyle = neutralInk("#212121");
-    ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
-    ctx.fillText(opts.title, 8, 14);
-    ctx.font = FONT;
+    const ctx = titled(canvas, width, height, opts.title);
     if (!groups.length || !keys.length) {
       ctx.fillStyle = text();
       ctx.fillText("no labels at this step", m.l, height / 2);
@@ -246,11 +252,7 @@ export function revertChart(canvas: HTMLCanvasElement, bins: string[], mean: num
   const bw = pw / Math.max(1, bins.length);
   const percent = (v: number) => `${v >= 0 ? "+" : ""}${(v * 100).toFixed(1)}%`;
   const paint = (hover: number | null) => {
-    const ctx = setup(canvas, width, height);
-    ctx.fillStyle = neutralInk("#212121");
-    ctx.font = "500 12px Roboto, 'Helvetica Neue', Arial, sans-serif";
-    ctx.fillText(opts.title, 8, 14);
-    ctx.font = FONT;
+    const ctx = titled(canvas, width, height, opts.title);
     ctx.textAlign = "right";
     ctx.fillStyle = text();
     ctx.strokeStyle = grid();
