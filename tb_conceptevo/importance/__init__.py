@@ -37,6 +37,10 @@ Example:
     >>> table = revert_evaluation(model_epoch3, model_epoch9, probe, 2, result, progress=False)
     >>> table.mean_change.shape, table.bin_labels  # accuracy change per bin (random baseline: random_mean)
     ((4,), ['0-25%', '25-50%', '50-75%', '75-100%'])
+    >>> print(table.table())                       # doctest: +ELLIPSIS
+    class 2: baseline accuracy ... (12 images, 1 layers)
+           bin   mean change       std
+         0-25%  ...
 """
 
 from .results import ImportanceResult, LayerImportance, RevertResult

@@ -72,24 +72,6 @@ class ImportanceResult:
         rows.sort(key=lambda r: (-r[2], -r[3]))
         return [r[:3] for r in rows[:k]]
 
-    def to_dict(self) -> Dict:
-        return {
-            "class_index": self.class_index,
-            "class_name": self.class_name,
-            "from_step": self.from_step,
-            "to_step": self.to_step,
-            "n_images": self.n_images,
-            "layers": {
-                name: {
-                    "importance": li.importance,
-                    "mean_sensitivity": li.mean_sensitivity,
-                    "positive_count": li.positive_count,
-                    "flagged": li.flagged,
-                    "nonfinite_count": li.nonfinite_count,
-                }
-                for name, li in self.layers.items()
-            },
-        }
 
 
 @dataclass
@@ -157,25 +139,3 @@ class RevertResult:
         lines.append(f"{'random':>10}  {self.random_mean:>+12.4f}  {self.random_std:>8.4f}")
         return "\n".join(lines)
 
-    def to_dict(self) -> Dict:
-        return {
-            "class_index": self.class_index,
-            "class_name": self.class_name,
-            "from_step": self.from_step,
-            "to_step": self.to_step,
-            "n_images": self.n_images,
-            "layers": list(self.layers),
-            "bin_labels": list(self.bin_labels),
-            "seeds": list(self.seeds),
-            "baseline_accuracy": self.baseline_accuracy,
-            "bin_accuracy_change": self.bin_accuracy_change,
-            "random_accuracy_change": self.random_accuracy_change,
-            "bin_logit_change": self.bin_logit_change,
-            "random_logit_change": self.random_logit_change,
-            "bin_sizes": self.bin_sizes,
-            "random_sizes": self.random_sizes,
-            "mean_change": self.mean_change,
-            "std_change": self.std_change,
-            "random_mean": self.random_mean,
-            "random_std": self.random_std,
-        }

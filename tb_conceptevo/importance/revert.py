@@ -58,20 +58,8 @@ def revert_evaluation(
     the bins.  ``model_from`` runs once per batch; ``model_to`` runs
     ``1 + layers x (n_bins + len(seeds))`` times per batch.
 
-    Example:
-
-        >>> import torch
-        >>> from tb_conceptevo.probes import ConceptShapes
-        >>> def small_cnn():  # two "snapshots" of one architecture (untrained here)
-        ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        ...                                torch.nn.Flatten(), torch.nn.Linear(8, 6))
-        >>> model_epoch3, model_epoch9 = small_cnn(), small_cnn()
-        >>> probe = ConceptShapes(n=64, size=16)        # labels: the shape (class 2 = triangle)
-        >>> table = revert_evaluation(model_epoch3, model_epoch9, probe, 2, progress=False)
-        >>> print(table.table())                   # doctest: +ELLIPSIS
-        class 2: baseline accuracy ... (12 images, 1 layers)
-               bin   mean change       std
-             0-25%  ...
+    Example: the package docstring (:mod:`tb_conceptevo.importance`) runs both verbs on two
+    snapshots of a small CNN.
     """
     class_index = _check_class_index(class_index)
     if not isinstance(n_bins, int) or n_bins < 1:

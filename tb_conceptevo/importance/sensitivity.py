@@ -142,19 +142,8 @@ def concept_evolution_importance(
         :class:`ImportanceResult` with per layer ``importance``, ``mean_sensitivity``,
         ``positive_count`` and ``flagged`` (non-finite) arrays.
 
-    Example:
-
-        >>> import torch
-        >>> from tb_conceptevo.probes import ConceptShapes
-        >>> def small_cnn():  # two "snapshots" of one architecture (untrained here)
-        ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        ...                                torch.nn.Flatten(), torch.nn.Linear(8, 6))
-        >>> model_epoch3, model_epoch9 = small_cnn(), small_cnn()
-        >>> probe = ConceptShapes(n=64, size=16)        # labels: the shape (class 2 = triangle)
-        >>> result = concept_evolution_importance(model_epoch3, model_epoch9, probe, class_index=2,
-        ...                                       max_images=128, from_step=3, to_step=9, progress=False)
-        >>> result.n_images, len(result.top(5))    # (layer, channel, importance) of the top 5
-        (12, 5)
+    Example: the package docstring (:mod:`tb_conceptevo.importance`) runs both verbs on two
+    snapshots of a small CNN.
     """
     class_index = _check_class_index(class_index)
     layer_names = _layer_names(model_from, layers)
