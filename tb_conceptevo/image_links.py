@@ -30,6 +30,7 @@ import torch
 
 from .observation import Observation
 from .recording import RecordingConsumer
+from .recording.topk import ranking_keys
 
 #: links kept per image and layer by default (a few: an image's strongest neurons)
 DEFAULT_LINKS = 5
@@ -61,9 +62,9 @@ class ImageLinksRecorder(RecordingConsumer):
                                                     device=response.device)
         channels = response.shape[1]
         take = min(self.k, channels)
-        # NaN responses rank last and are dropped; a stable sort keeps lower channels first on ties
+        # NaN responses rank last and are dropped; ties go to the lower channel
         values = torch.nan_to_num(response.float(), nan=-torch.inf)
-        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :take]
+        order = torch.topk(ranking_keys(values), take, dim=1).indices
         valid = torch.gather(values, 1, order) > -torch.inf
         links[indices, :take] = torch.where(valid, order, torch.full_like(order, -1))
 

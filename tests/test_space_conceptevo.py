@@ -598,3 +598,18 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
     _log_run(logdir, "base", [40], world["responses_a"], 3)
     assert main(["project", "--logdir", logdir, "--space", str(other_space), "--no-progress"]) == 2
     assert "probe set" in capsys.readouterr().err
+
+
+def test_image_link_ranking_is_the_stable_descending_sort():
+    from tb_conceptevo.recording.topk import ranking_keys
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        channels = int(torch.randint(1, 40, (1,), generator=g))
+        values = torch.randint(-3, 4, (6, channels), generator=g).float() * 0.5  # many ties
+        values[torch.rand(6, channels, generator=g) < 0.1] = -torch.inf
+        values[torch.rand(6, channels, generator=g) < 0.05] = -0.0  # equal to 0.0 for the sort
+        values[torch.rand(6, channels, generator=g) < 0.05] = torch.inf
+        take = min(5, channels)
+        expected = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :take]
+        assert torch.equal(torch.topk(ranking_keys(values), take, dim=1).indices, expected)

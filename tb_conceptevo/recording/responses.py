@@ -135,12 +135,16 @@ class _BatchResponses:
         # One sync: all finite? may anything enter the top-k?  Argmax positions are then
         # computed only for the channels that may.
         enters = sortable > self.top.values[self.rows[name], -1]
-        finite_all, any_enters = torch.stack([torch.isfinite(sortable).all(), enters.any()]).tolist()
+        finite_all, entering = torch.stack([torch.isfinite(sortable).all().long(), enters.sum()]).tolist()
         if not finite_all:  # rare: this layer takes the exact path from now on
             self.exact_layers.add(name)
             return self._exact(fmap, extra)
+        if entering * 2 > enters.numel():
+            # most pairs enter (the first batches): one argmax over the whole map is
+            # cheaper than gathering their maps; the other pairs' positions go unused
+            return sortable, sortable, fmap.flatten(2).argmax(dim=2), None
         positions = torch.zeros(sortable.shape, dtype=torch.int64, device=sortable.device)
-        if any_enters:  # only the (image, channel) pairs above the k-th value
+        if entering:  # only the (image, channel) pairs above the k-th value
             b, c = enters.nonzero(as_tuple=True)
             positions[b, c] = fmap[b, c].flatten(1).argmax(dim=1)
         return sortable, sortable, positions, None

@@ -10,6 +10,21 @@ from typing import Optional
 import torch
 
 
+def ranking_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B, C]`` keys, all distinct, ordered as (value descending, channel
+    ascending) of float32 ``values``: the order a stable descending sort gives, found
+    by ``topk`` (one selection instead of a sort of every row).
+
+    A float's bits, with the non-sign bits of negatives flipped, order like the floats;
+    ``+ 0.0`` makes -0.0 equal to 0.0 first, as comparisons see them.
+    """
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    channels = values.shape[1]
+    lower_first = channels - 1 - torch.arange(channels, device=values.device, dtype=torch.int64)
+    return ordered * (1 << 32) + lower_first
+
+
 class _TopK:
     """Running per-neuron top-k of one layer (values desc, ties by lower probe index)."""
 
@@ -38,7 +53,12 @@ class _TopK:
             return
         batch = values.t()[rows]
         cand_values = torch.cat([self.values[rows], batch], dim=1)
-        order = torch.sort(cand_values, dim=1, descending=True, stable=True).indices[:, : self.k]
+        # columns are in probe-index order among equal values (the kept list, then the
+        # batch): the first k of a stable descending sort, by one selection in float32
+        if cand_values.dtype == torch.float32:
+            order = torch.topk(ranking_keys(cand_values), self.k, dim=1).indices
+        else:
+            order = torch.sort(cand_values, dim=1, descending=True, stable=True).indices[:, : self.k]
         from_batch = order >= self.k
         batch_pos = (order - self.k).clamp(min=0)
         new_ids = torch.where(from_batch, indices[batch_pos], torch.gather(self.ids[rows], 1, order.clamp(max=self.k - 1)))
