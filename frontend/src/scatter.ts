@@ -86,6 +86,25 @@ void main() {
   v_col = vec4(a_col.rgb, a_col.a * alpha * fade);
 }`;
 
+/** A still, dense map (no glide, no emphasis, square dots): the least work per point. */
+const STILL_VERTEX = `
+attribute vec2 a_pos;
+attribute vec4 a_col;
+uniform vec2 u_center;
+uniform vec2 u_scale;
+uniform float u_size;
+varying vec4 v_col;
+void main() {
+  gl_Position = vec4((a_pos - u_center) * u_scale, 0.0, 1.0);
+  gl_PointSize = u_size;
+  v_col = a_col;
+}`;
+
+const STILL_FRAGMENT = `
+precision mediump float;
+varying vec4 v_col;
+void main() { gl_FragColor = vec4(v_col.rgb * v_col.a, v_col.a); }`;
+
 const FRAGMENT = `
 precision mediump float;
 uniform float u_round;
@@ -116,6 +135,8 @@ export class ScatterView {
   private gl: WebGLRenderingContext | null = null;
   private ctx2d: CanvasRenderingContext2D | null = null;
   private program: WebGLProgram | null = null;
+  private still: { program: WebGLProgram; pos: number; col: number; center: WebGLUniformLocation;
+    scale: WebGLUniformLocation; size: WebGLUniformLocation } | null = null;
   private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer; from: WebGLBuffer; fade: WebGLBuffer } | null = null;
   private loc: { pos: number; col: number; emph: number; from: number; fade: number; t: WebGLUniformLocation;
     center: WebGLUniformLocation; scale: WebGLUniformLocation; size: WebGLUniformLocation; emphasis: WebGLUniformLocation;
@@ -181,13 +202,21 @@ export class ScatterView {
       if (!gl!.getShaderParameter(s, gl!.COMPILE_STATUS)) throw new Error(gl!.getShaderInfoLog(s) || "shader error");
       return s;
     };
+    const link = (vertex: string, fragment: string) => {
+      const program = gl!.createProgram()!;
+      gl!.attachShader(program, compile(gl!.VERTEX_SHADER, vertex));
+      gl!.attachShader(program, compile(gl!.FRAGMENT_SHADER, fragment));
+      gl!.bindAttribLocation(program, 0, "a_pos"); // attribute 0 always an array (drivers' fast path)
+      gl!.linkProgram(program);
+      if (!gl!.getProgramParameter(program, gl!.LINK_STATUS)) throw new Error(gl!.getProgramInfoLog(program) || "link error");
+      return program;
+    };
     try {
-      const program = gl.createProgram()!;
-      gl.attachShader(program, compile(gl.VERTEX_SHADER, VERTEX));
-      gl.attachShader(program, compile(gl.FRAGMENT_SHADER, FRAGMENT));
-      gl.bindAttribLocation(program, 0, "a_pos"); // attribute 0 always an array (drivers' fast path)
-      gl.linkProgram(program);
-      if (!gl.getProgramParameter(program, gl.LINK_STATUS)) throw new Error(gl.getProgramInfoLog(program) || "link error");
+      const program = link(VERTEX, FRAGMENT);
+      const still = link(STILL_VERTEX, STILL_FRAGMENT);
+      this.still = { program: still, pos: gl.getAttribLocation(still, "a_pos"), col: gl.getAttribLocation(still, "a_col"),
+        center: gl.getUniformLocation(still, "u_center")!, scale: gl.getUniformLocation(still, "u_scale")!,
+        size: gl.getUniformLocation(still, "u_size")! };
       this.program = program;
       this.loc = {
         pos: gl.getAttribLocation(program, "a_pos"),
@@ -393,10 +422,26 @@ export class ScatterView {
       const [br, bg, bb] = mapBackground();
       gl.clearColor(br, bg, bb, 1);
       gl.clear(gl.COLOR_BUFFER_BIT);
-      if (n) {
+      const pixels = size * this.dpr;
+      const round = pixels > 4.5;
+      if (n && this.still && !round && !this.anim && !this.emphasis) {
+        // the common case of a dense map: two attributes, no per-fragment branch
+        const still = this.still;
+        gl.useProgram(still.program);
+        gl.disable(gl.BLEND);
+        for (const location of [this.loc.emph, this.loc.from, this.loc.fade]) gl.disableVertexAttribArray(location);
+        for (const [location, buffer, width, type, normalised] of [[still.pos, this.buffers.pos, 2, gl.FLOAT, false],
+          [still.col, this.buffers.col, 4, gl.UNSIGNED_BYTE, true]] as const) {
+          gl.bindBuffer(gl.ARRAY_BUFFER, buffer);
+          gl.enableVertexAttribArray(location);
+          gl.vertexAttribPointer(location, width, type, normalised, 0, 0);
+        }
+        gl.uniform2f(still.center, c.cx, c.cy);
+        gl.uniform2f(still.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
+        gl.uniform1f(still.size, pixels);
+        gl.drawArrays(gl.POINTS, 0, n);
+      } else if (n) {
         gl.useProgram(this.program);
-        const pixels = size * this.dpr;
-        const round = pixels > 4.5;
         // Blending only when something is translucent (round edges, dimmed points).
         if (round || this.emphasis || this.anim?.fades) {
           gl.enable(gl.BLEND);
