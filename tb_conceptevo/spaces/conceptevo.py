@@ -457,7 +457,8 @@ class ConceptEvoSpace(Space):
             raise RuntimeError("ConceptEvoSpace is not fitted; call fit(base_observations) or load(path)")
 
     def __repr__(self) -> str:
-        return f"ConceptEvoSpace(dim={self.dim}, k={self.k}, repetitions={self.repetitions}, random_state={self.random_state})"
+        return (f"ConceptEvoSpace(dim={self.dim}, k={self.k}, neuron_solver={self.neuron_solver!r}, "
+                f"repetitions={self.repetitions}, random_state={self.random_state})")
 
 
 class _Clock:
