@@ -23,14 +23,16 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .observation import Observation
 from .recording import RecordingConsumer
-from .recording.topk import ranking_keys
+from .recording import _kernels
+from .recording import responses as recording_responses
+from .recording.topk import exact_topk
 
 #: links kept per image and layer by default (a few: an image's strongest neurons)
 DEFAULT_LINKS = 5
@@ -39,7 +41,12 @@ DEFAULT_LINKS = 5
 class ImageLinksRecorder(RecordingConsumer):
     """Recording consumer: per layer, int32 ``[n_images, k]`` channel indices most
     responsive to each probe image (highest response first, ties by the lower channel,
-    -1 where the layer has fewer than ``k`` channels or the response is NaN)."""
+    -1 where the layer has fewer than ``k`` channels or the response is NaN).
+
+    It reads only the responses (``update_batch``), once per batch for all layers: on a
+    CPU as one compiled loop, elsewhere as one ``topk`` per channel count (layers of
+    equal width side by side), so a net of many small layers costs little per layer.
+    """
 
     passes = 1
 
@@ -47,35 +54,54 @@ class ImageLinksRecorder(RecordingConsumer):
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.k = int(k)
-        self._links: Dict[str, torch.Tensor] = {}
+        self._layers: List[str] = []
+        self._links: Optional[torch.Tensor] = None   # [n_images, layers, k]
         self._n_images = 0
 
     def begin_pass(self, pass_index: int, shapes: Dict[str, Tuple[int, int, int]], probe) -> None:
         self._n_images = len(probe)
-        self._links = {}
+        self._layers, self._links = [], None
 
-    def update(self, pass_index: int, layer: str, fmap: torch.Tensor, response: torch.Tensor,
-               indices: torch.Tensor) -> None:
-        links = self._links.get(layer)
-        if links is None:
-            links = self._links[layer] = torch.full((self._n_images, self.k), -1, dtype=torch.int64,
-                                                    device=response.device)
-        channels = response.shape[1]
-        take = min(self.k, channels)
+    def update_batch(self, pass_index: int, responses: torch.Tensor, columns: Dict[str, slice],
+                     indices: torch.Tensor) -> None:
+        if self._links is None:
+            self._start(columns, responses.device)
+        if recording_responses._compiled_loops(responses.device):
+
+            _kernels.segment_topk(responses.float().numpy(), self._starts, self._widths, indices.numpy(),
+                                  self._links.numpy())
+            return
         # NaN responses rank last and are dropped; ties go to the lower channel
-        values = torch.nan_to_num(response.float(), nan=-torch.inf)
-        order = torch.topk(ranking_keys(values), take, dim=1).indices
-        valid = torch.gather(values, 1, order) > -torch.inf
-        links[indices, :take] = torch.where(valid, order, torch.full_like(order, -1))
+        values = torch.nan_to_num(responses.float(), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        for width, layer_index, cols in self._groups:
+            take = min(self.k, width)
+            grouped = values.index_select(1, cols).view(values.shape[0], len(layer_index), width)
+            top_values, top_indices = exact_topk(grouped, take)
+            self._links[indices[:, None], layer_index[None, :], :take] = torch.where(
+                top_values > -torch.inf, top_indices, torch.full_like(top_indices, -1))
+
+    def _start(self, columns: Dict[str, slice], device) -> None:
+        self._layers = list(columns)
+        self._links = torch.full((self._n_images, len(self._layers), self.k), -1, dtype=torch.int64, device=device)
+        self._starts = np.array([columns[n].start for n in self._layers], dtype=np.int64)
+        self._widths = np.array([columns[n].stop - columns[n].start for n in self._layers], dtype=np.int64)
+        by_width: Dict[int, List[int]] = {}
+        for i, width in enumerate(self._widths.tolist()):
+            by_width.setdefault(width, []).append(i)
+        self._groups = [(width, torch.tensor(members, device=device),
+                         torch.cat([torch.arange(self._starts[i], self._starts[i] + width) for i in members]).to(device))
+                        for width, members in by_width.items()]
 
     def all_reduce(self) -> None:
         """Every image was filled by exactly one rank (others hold -1): the maximum."""
-        dist = torch.distributed
-        for links in self._links.values():
-            dist.all_reduce(links, op=dist.ReduceOp.MAX)
+        if self._links is not None:
+            torch.distributed.all_reduce(self._links, op=torch.distributed.ReduceOp.MAX)
 
     def result(self) -> Dict[str, np.ndarray]:
-        return {layer: links.cpu().numpy().astype(np.int32) for layer, links in self._links.items()}
+        if self._links is None:
+            return {}
+        links = self._links.cpu().numpy().astype(np.int32)
+        return {layer: np.ascontiguousarray(links[:, i]) for i, layer in enumerate(self._layers)}
 
 
 def attach_links(observation: Observation, links: Optional[Dict[str, np.ndarray]]) -> Observation:

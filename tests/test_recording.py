@@ -426,14 +426,34 @@ def test_negative_batchnorm_scales_rank_by_what_the_next_layer_reads(seed):
     assert differs_from_raw > 0.8 * sum(len(flipped[_resnet_bn_of(c)[0]]) for c in convs)
 
 
-@pytest.mark.parametrize("lazy", [True, False], ids=["cpu-lazy-argmax", "accelerator-eager-argmax"])
-def test_both_position_strategies_give_the_brute_force_result(monkeypatch, lazy):
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu-compiled-loops", "accelerator-tensor-ops"])
+def test_both_position_strategies_give_the_brute_force_result(monkeypatch, compiled):
     """The CPU path (argmax only where a pair may enter) and the accelerator path (max
     with indices everywhere, one sync per batch) on exact data, shared modules and NaN."""
     from tb_conceptevo.recording import responses
 
-    monkeypatch.setattr(responses, "_lazy_positions", lambda device: lazy)
+    monkeypatch.setattr(responses, "_compiled_loops", lambda device: compiled)
     _check(ExactBranchy(), integer_probe(n=50, size=16), None, k=6, batch_size=8)
     _check(ExactBranchy(), integer_probe(n=50, size=16), ["left", "right"], k=4, batch_size=9, reduce="mean")
     test_module_called_twice_per_forward_merges_calls("relu")
     test_nan_neurons_flagged_rest_recorded()
+
+
+def test_compiled_topk_merge_equals_the_tensor_merge():
+    """The compiled merge and the tensor merge keep the same top-k (values, ids and
+    positions) on tie-heavy batches of several sizes, including -inf responses."""
+    from tb_conceptevo.recording.topk import _TopK
+
+    g = torch.Generator().manual_seed(3)
+    compiled, tensors = _TopK(37, 5, "cpu"), _TopK(37, 5, "cpu")
+    start = 0
+    for size in [3, 8, 1, 16, 9, 2]:
+        values = torch.randint(-3, 4, (size, 37), generator=g).float()
+        values[torch.rand(values.shape, generator=g) < 0.1] = -torch.inf
+        positions = torch.randint(0, 50, (size, 37), generator=g)
+        indices = torch.arange(start, start + size)
+        start += size
+        compiled.merge_compiled(values, positions, indices)
+        tensors.merge(values, indices, None, positions=positions)
+        for field in ("values", "ids", "positions"):
+            assert torch.equal(getattr(compiled, field), getattr(tensors, field)), field

@@ -601,7 +601,7 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
 
 
 def test_image_link_ranking_is_the_stable_descending_sort():
-    from tb_conceptevo.recording.topk import ranking_keys
+    from tb_conceptevo.recording.topk import exact_topk, ranking_keys
 
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -613,3 +613,37 @@ def test_image_link_ranking_is_the_stable_descending_sort():
         take = min(5, channels)
         expected = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :take]
         assert torch.equal(torch.topk(ranking_keys(values), take, dim=1).indices, expected)
+        top_values, top_indices = exact_topk(values.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf), take)
+        assert torch.equal(top_indices, expected)
+        assert torch.equal(top_values, torch.gather(values, 1, expected))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu-compiled-loop", "accelerator-tensor-ops"])
+def test_image_links_both_paths_are_the_stable_sort(monkeypatch, compiled):
+    """Links of layers of several widths (some narrower than k) on tie-heavy responses
+    with NaN and infinities: each image's channels in stable descending order, NaN and
+    -inf dropped, whichever path selects them."""
+    from tb_conceptevo.image_links import ImageLinksRecorder
+    from tb_conceptevo.recording import responses as recording_responses
+
+    monkeypatch.setattr(recording_responses, "_compiled_loops", lambda device: compiled)
+    g = torch.Generator().manual_seed(1)
+    widths = [3, 7, 7, 2, 11, 7]
+    starts = np.cumsum([0] + widths)[:-1]
+    columns = {f"l{i}": slice(int(s), int(s + w)) for i, (s, w) in enumerate(zip(starts, widths))}
+    values = torch.randint(-2, 3, (40, sum(widths)), generator=g).float()
+    values[torch.rand(values.shape, generator=g) < 0.1] = torch.nan
+    values[torch.rand(values.shape, generator=g) < 0.05] = -torch.inf
+    values[torch.rand(values.shape, generator=g) < 0.05] = torch.inf
+    recorder = ImageLinksRecorder(k=4)
+    recorder.begin_pass(0, {}, range(40))
+    for batch in torch.split(torch.arange(40), 13):
+        recorder.update_batch(0, values[batch], columns, batch)
+    links = recorder.result()
+    for name, cols in columns.items():
+        layer = values[:, cols]
+        order = torch.sort(layer.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf), dim=1,
+                           descending=True, stable=True).indices[:, :4]
+        expected = torch.where(torch.gather(layer, 1, order) > -torch.inf, order, torch.full_like(order, -1))
+        expected = torch.cat([expected, torch.full((40, 4 - expected.shape[1]), -1)], dim=1)
+        np.testing.assert_array_equal(links[name], expected.numpy(), err_msg=name)

@@ -44,6 +44,13 @@ class RecordingConsumer:
     and ``result()`` once at the end.  ``fmap`` is the detached float activation map
     ``[B, C, H, W]`` on the model's device, ``response`` the ``[B, C]`` reduced
     response (NaN where non-finite), ``indices`` the probe indices ``[B]``.
+
+    A consumer that needs only the responses implements ``update_batch`` instead of
+    ``update``: it is called once per batch of pass 0, after the forward pass, with the
+    ``[B, N]`` responses of every layer side by side (``columns[layer]`` the slice of
+    each), so it costs nothing per layer::
+
+        update_batch(pass_index, responses, columns, indices)
     When ``torch.distributed`` is initialised each rank sees only its shard; a
     consumer that supports this implements ``all_reduce()``, called after the last pass.
     """
@@ -57,11 +64,20 @@ class RecordingConsumer:
                indices: torch.Tensor) -> None:
         pass
 
+    def update_batch(self, pass_index: int, responses: torch.Tensor, columns: Dict[str, slice],
+                     indices: torch.Tensor) -> None:
+        pass
+
     def end_pass(self, pass_index: int) -> None:
         pass
 
     def result(self):
         return None
+
+
+def _reads_maps(consumer: RecordingConsumer) -> bool:
+    """Whether ``consumer`` implements the per-layer ``update`` (it then gets every map)."""
+    return type(consumer).update is not RecordingConsumer.update
 
 
 def _check_inputs(probe, k: int, batch_size: int, reduce: str) -> int:
@@ -318,12 +334,12 @@ def _one_pass(run: _Run, pass_index: int, active: List[RecordingConsumer], respo
     from tqdm.auto import tqdm
 
     batch = _Batch()
-    make_hook = _hook_maker(run, pass_index, active, responses, batch)
+    make_hook = _hook_maker(run, pass_index, [c for c in active if _reads_maps(c)], responses, batch)
     batches = torch.split(run.shard, run.batch_size)
     with inference_mode_of(run.model), point_hooks(run.model, run.points, make_hook):
         for indices in tqdm(batches, desc=label, disable=not run.show_progress, leave=False):
             batch.start(indices)
-            responses.start_batch()
+            responses.start_batch(len(indices))
             images = _load(run.probe, indices, run.device, run.dtype)
             run.model(images)
             if pass_index > 0:
@@ -331,9 +347,13 @@ def _one_pass(run: _Run, pass_index: int, active: List[RecordingConsumer], respo
             if responses.newly_non_finite():  # rare: redo this batch with the exact path for those layers
                 batch.feed = False
                 batch.seen.clear()
-                responses.start_batch()
+                responses.start_batch(len(indices))
                 run.model(images)
             responses.merge(indices)
+            if active:
+                all_responses = responses.responses()
+                for consumer in active:
+                    consumer.update_batch(pass_index, all_responses, responses.rows, indices)
 
 
 def _hook_maker(run: _Run, pass_index: int, active: List[RecordingConsumer], responses: _BatchResponses,

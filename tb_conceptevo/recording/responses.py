@@ -3,8 +3,9 @@ position of its maximum, and merged into the running top-k.
 
 Non-finite values are detected from the reduction itself, so the common all-finite
 case costs one pass over a map; a layer seen producing NaN/Inf is ranked from then on
-by an exact (slower) path on its finite values only.  Where the argmax runs depends on
-the device (:func:`_lazy_positions`); both ways give the same result.
+by an exact (slower) path on its finite values only.  On a CPU the reduction, the
+position of each maximum and the merge are compiled loops (:func:`_compiled_loops`);
+elsewhere tensor operations; both give the same result.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import _kernels
 from .topk import _TopK
 
 
-def _lazy_positions(device) -> bool:
+def _compiled_loops(device) -> bool:
+    """Whether the recording bookkeeping runs as compiled loops (:mod:`._kernels`): on a
+    CPU, where each tensor operation costs a fixed overhead and an argmax 3-10x an
+    amax; on an accelerator tensor operations are cheap and syncs stall the pipeline."""
     return torch.device(device).type == "cpu"
 
 
@@ -83,46 +88,67 @@ class _BatchResponses:
     pass), merged into the top-k after the forward pass.
 
     One top-k over the channels of every layer (layer after layer): a batch's responses
-    of all layers are merged at once, so the cost per layer is its reduction only, with
-    no per-layer merge or device sync.
+    and positions of all layers are written side by side into one ``[B, N]`` buffer
+    each and merged at once, so the cost per layer is its reduction only.  On a CPU the
+    reduction, with the position of the max, is one compiled pass over the map and the
+    merge one compiled loop; elsewhere they are tensor operations with one sync per
+    batch.  Both give the same result.
     """
 
     def __init__(self, layers: Sequence[Tuple[str, int]], k: int, device, reduce: str):
         """``layers``: ``(name, channels)`` in the order of the top-k's rows."""
         starts = np.cumsum([0] + [channels for _, channels in layers])[:-1].tolist()
         self.rows = {name: slice(start, start + channels) for (name, channels), start in zip(layers, starts)}
-        self.top = _TopK(int(sum(r.stop - r.start for r in self.rows.values())), k, device)
+        self.n_columns = int(sum(r.stop - r.start for r in self.rows.values()))
+        self.top = _TopK(self.n_columns, k, device)
+        self.device = device
         self.reduce = reduce
+        self.compiled = _compiled_loops(device)
         # Layers seen producing NaN/Inf: from then on ranked by the exact (slower) path.
         self.exact_layers: set = set()
-        # On a CPU a sync costs nothing and a pass over a map is dear: one small sync per
-        # layer and batch lets the argmax run only for channels that may enter the top-k.
-        # On an accelerator syncs stall the pipeline and passes are cheap: max with indices
-        # for every channel, and one sync per batch.  Both give the same result.
-        self.lazy_positions = _lazy_positions(device)
-        # Per layer, this batch's [sortable, positions, finite flag, bad]
+        # Per layer, this batch's [shown (NaN where non-finite; exact layers only), bad]
         self._pending: Dict[str, List] = {}
+        self._values: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
+        self._unchecked = False   # a layer's finiteness is left to newly_non_finite
 
-    def start_batch(self) -> None:
+    def start_batch(self, batch_size: int) -> None:
         self._pending.clear()
+        self._unchecked = False
+        self._values = torch.empty((batch_size, self.n_columns), dtype=torch.float32, device=self.device)
+        self._positions = torch.zeros((batch_size, self.n_columns), dtype=torch.int64, device=self.device)
 
     def add(self, name: str, fmap: torch.Tensor, extra: Optional[torch.Tensor], first_call: bool,
             want_response: bool) -> Optional[torch.Tensor]:
         """Reduce one call of layer ``name``; returns its ``[B, C]`` response (NaN where
-        non-finite) when ``want_response`` (else possibly None)."""
-        if name in self.exact_layers:
-            response, sortable, positions, bad = self._exact(fmap, extra)
-            finite = None
-        elif self.lazy_positions:
-            response, sortable, positions, bad = self._lazy(name, fmap, extra)
-            finite = None
+        non-finite) when ``want_response`` (else None)."""
+        rows = self.rows[name]
+        if first_call:
+            values, positions = self._values[:, rows], self._positions[:, rows]
         else:
-            sortable, positions = _fast_reduce(fmap, self.reduce, extra)
-            response, finite, bad = None, torch.isfinite(sortable), None
-        self._keep_best(name, first_call, sortable, positions, finite, bad)
-        if response is None and want_response:
-            response = torch.where(finite, sortable, torch.tensor(math.nan, device=sortable.device))
-        return response
+            values, positions = torch.empty_like(self._values[:, rows]), torch.zeros_like(self._positions[:, rows])
+        shown = bad = None
+        if name not in self.exact_layers and self.compiled and extra is None:
+            n_bad = _kernels.entrant_positions(fmap.flatten(2).numpy(), _response(fmap, self.reduce).numpy(),
+                                               self.top.values[rows, -1].numpy(), self.reduce == "mean",
+                                               values.numpy(), positions.numpy())
+            if n_bad:  # rare: this layer takes the exact path from now on
+                self.exact_layers.add(name)
+        elif name not in self.exact_layers:
+            sortable, eager_positions = _fast_reduce(fmap, self.reduce, extra)
+            values.copy_(sortable)
+            positions.copy_(eager_positions)
+            self._unchecked = True
+        if name in self.exact_layers:
+            shown, sortable, exact_positions, bad = self._exact(fmap, extra)
+            values.copy_(sortable)
+            positions.copy_(exact_positions)
+        self._keep_best(name, first_call, values, positions, shown, bad)
+        if not want_response:
+            return None
+        if shown is None:  # NaN/Inf found at the end of the batch redo it; consumers see NaN now
+            shown = torch.where(torch.isfinite(values), values, torch.tensor(math.nan, device=values.device))
+        return shown
 
     def _exact(self, fmap, extra):
         response, sortable, bad = _reduce(fmap, self.reduce, extra)
@@ -130,45 +156,38 @@ class _BatchResponses:
         safe = fmap if not bool(bad.any()) else torch.nan_to_num(fmap, nan=-math.inf, posinf=-math.inf)
         return response, sortable, safe.flatten(2).argmax(dim=2), bad
 
-    def _lazy(self, name, fmap, extra):
-        sortable = _response(fmap, self.reduce, extra)
-        # One sync: all finite? may anything enter the top-k?  Argmax positions are then
-        # computed only for the channels that may.
-        enters = sortable > self.top.values[self.rows[name], -1]
-        finite_all, entering = torch.stack([torch.isfinite(sortable).all().long(), enters.sum()]).tolist()
-        if not finite_all:  # rare: this layer takes the exact path from now on
-            self.exact_layers.add(name)
-            return self._exact(fmap, extra)
-        if entering * 2 > enters.numel():
-            # most pairs enter (the first batches): one argmax over the whole map is
-            # cheaper than gathering their maps; the other pairs' positions go unused
-            return sortable, sortable, fmap.flatten(2).argmax(dim=2), None
-        positions = torch.zeros(sortable.shape, dtype=torch.int64, device=sortable.device)
-        if entering:  # only the (image, channel) pairs above the k-th value
-            b, c = enters.nonzero(as_tuple=True)
-            positions[b, c] = fmap[b, c].flatten(1).argmax(dim=1)
-        return sortable, sortable, positions, None
-
-    def _keep_best(self, name, first_call, sortable, positions, finite, bad) -> None:
+    def _keep_best(self, name, first_call, values, positions, shown, bad) -> None:
         if first_call:
-            self._pending[name] = [sortable, positions, finite, bad]
+            self._pending[name] = [shown, bad]
             return
         best = self._pending[name]
-        better = sortable > best[0]
-        best[0] = torch.where(better, sortable, best[0])
-        best[1] = torch.where(better, positions, best[1])
-        if finite is not None:
-            best[2] = finite if best[2] is None else best[2] & finite
+        kept_values, kept_positions = self._values[:, self.rows[name]], self._positions[:, self.rows[name]]
+        better = values > kept_values
+        kept_positions.copy_(torch.where(better, positions, kept_positions))
+        if best[0] is not None and shown is not None:
+            best[0] = torch.where(better, shown, best[0])
+        kept_values.copy_(torch.where(better, values, kept_values))
         if bad is not None:
-            best[3] = bad if best[3] is None else best[3] | bad
+            best[1] = bad if best[1] is None else best[1] | bad
+
+    def responses(self) -> torch.Tensor:
+        """This batch's ``[B, N]`` responses of every layer side by side, NaN where
+        non-finite (after :meth:`newly_non_finite`: only exact layers can have any)."""
+        if not self.exact_layers:
+            return self._values
+        return torch.cat([self._pending[name][0] if self._pending[name][0] is not None else self._values[:, rows]
+                          for name, rows in self.rows.items()], dim=1)
 
     def newly_non_finite(self) -> List[str]:
-        """Layers of the eager (accelerator) path that met NaN/Inf in this batch, one sync
-        per batch; they take the exact path from now on and the batch must be redone."""
-        fast = [name for name in self.rows if self._pending[name][2] is not None]
+        """Layers reduced by tensor operations that met NaN/Inf in this batch (one check
+        over every layer, one sync per batch); they take the exact path from now on and
+        the batch must be redone.  (The compiled loops check each layer as they go.)"""
+        if not self._unchecked or bool(torch.isfinite(self._values).all()):
+            return []
+        fast = [name for name in self.rows if name not in self.exact_layers]
         if not fast:
             return []
-        flags = torch.stack([self._pending[name][2].all() for name in fast]).tolist()
+        flags = torch.stack([torch.isfinite(self._values[:, self.rows[name]]).all() for name in fast]).tolist()
         newly = [name for name, ok in zip(fast, flags) if not ok]
         self.exact_layers.update(newly)
         return newly
@@ -176,7 +195,9 @@ class _BatchResponses:
     def merge(self, indices: torch.Tensor) -> None:
         """Merge this batch (probe ``indices``) into the top-k of every layer."""
         for name, rows in self.rows.items():
-            if self._pending[name][3] is not None:
-                self.top.invalid[rows] |= self._pending[name][3]
-        self.top.merge(torch.cat([self._pending[name][0] for name in self.rows], dim=1), indices, None,
-                       positions=torch.cat([self._pending[name][1] for name in self.rows], dim=1))
+            if self._pending[name][1] is not None:
+                self.top.invalid[rows] |= self._pending[name][1]
+        if self.compiled:
+            self.top.merge_compiled(self._values, self._positions, indices)
+        else:
+            self.top.merge(self._values, indices, None, positions=self._positions)

@@ -5,24 +5,50 @@ sharded across distributed ranks (:func:`_all_gather_topk` merges the shards).""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 
-def ranking_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 ``[B, C]`` keys, all distinct, ordered as (value descending, channel
-    ascending) of float32 ``values``: the order a stable descending sort gives, found
-    by ``topk`` (one selection instead of a sort of every row).
+def ranking_keys(values: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 keys, all distinct along the last axis, ordered as (value descending,
+    column ascending) of float32 ``values`` ``[..., M]``: the order a stable descending
+    sort gives, found by ``topk`` (one selection instead of a sort of every row).
+    ``columns``: each value's column (default its place on the last axis).
 
     A float's bits, with the non-sign bits of negatives flipped, order like the floats;
     ``+ 0.0`` makes -0.0 equal to 0.0 first, as comparisons see them.
     """
-    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    channels = values.shape[1]
-    lower_first = channels - 1 - torch.arange(channels, device=values.device, dtype=torch.int64)
-    return ordered * (1 << 32) + lower_first
+    bits = (values.float() + 0.0).view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    width = values.shape[-1]
+    if columns is None:
+        columns = torch.arange(width, device=values.device, dtype=torch.int64)
+    return (ordered << 32) + ((1 << 31) - 1 - columns)
+
+
+def exact_topk(values: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of the ``k`` largest of float32 ``values`` ``[..., M]``
+    along the last axis, in the order of a stable descending sort (ties by the lower
+    index), without NaN (the caller maps NaN to -inf).
+
+    One float ``topk`` does the selection; its order among equal values is unspecified,
+    so rows whose k-th value has an equal left out are selected again by exact keys,
+    and equal values inside a selection are put in index order.  Cheaper than keys
+    over every value when ties are rare (they are, but for dead units).
+    """
+    top_values, top_indices = torch.topk(values, k, dim=-1)
+    flat_values, flat_indices = top_values.reshape(-1, k), top_indices.reshape(-1, k)
+    rows = values.reshape(-1, values.shape[-1])
+    boundary = ((rows >= flat_values[:, -1:]).sum(dim=1) > k).nonzero().squeeze(1)
+    if boundary.numel():
+        flat_indices = flat_indices.clone()
+        flat_indices[boundary] = torch.topk(ranking_keys(rows[boundary]), k, dim=1).indices
+        flat_values = torch.gather(rows, 1, flat_indices)
+    if k > 1 and bool((flat_values[:, 1:] == flat_values[:, :-1]).any()):
+        order = torch.topk(ranking_keys(flat_values, flat_indices), k, dim=1).indices
+        flat_values, flat_indices = torch.gather(flat_values, 1, order), torch.gather(flat_indices, 1, order)
+    return flat_values.view(top_values.shape), flat_indices.view(top_indices.shape)
 
 
 class _TopK:
@@ -30,7 +56,7 @@ class _TopK:
 
     def __init__(self, channels: int, k: int, device):
         self.k = k
-        self.values = torch.full((channels, k), -math.inf, device=device)
+        self.values = torch.full((channels, k), -math.inf, dtype=torch.float32, device=device)
         self.ids = torch.full((channels, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros((channels, k), dtype=torch.int64, device=device)
         self.invalid = torch.zeros(channels, dtype=torch.bool, device=device)
@@ -56,7 +82,7 @@ class _TopK:
         # columns are in probe-index order among equal values (the kept list, then the
         # batch): the first k of a stable descending sort, by one selection in float32
         if cand_values.dtype == torch.float32:
-            order = torch.topk(ranking_keys(cand_values), self.k, dim=1).indices
+            order = exact_topk(cand_values, self.k)[1]
         else:
             order = torch.sort(cand_values, dim=1, descending=True, stable=True).indices[:, : self.k]
         from_batch = order >= self.k
@@ -75,6 +101,16 @@ class _TopK:
         self.values[rows] = torch.gather(cand_values, 1, order)
         self.ids[rows] = new_ids
         self.positions[rows] = new_pos
+
+    def merge_compiled(self, values: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor) -> None:
+        """:meth:`merge` as one compiled loop (CPU tensors; positions given): the same result."""
+        import numba
+
+        from . import _kernels
+
+        blocks = max(1, min(values.shape[1] // 256, 4 * numba.get_num_threads()))
+        _kernels.merge_topk(values.numpy(), positions.numpy(), indices.numpy(), self.values.numpy(),
+                            self.ids.numpy(), self.positions.numpy(), blocks)
 
 
 def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, k: int):
