@@ -228,13 +228,14 @@ def record(
     _check_mergeable(consumers, world)
     calls: Dict[str, int] = {}
     layouts: Dict[str, _Layout] = {}
-    shapes = layer_shapes(model, probe, points, device, calls, layouts, tokens)
-    _warn_repeated(calls)
-    responses = _BatchResponses([(p.layer, shapes[p.layer][0]) for p in points], k, device, reduce)
-    input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
-    run = _Run(model, probe, points, layouts, shapes, list(consumers), torch.arange(rank, n, world, device=device),
-               batch_size, device, dtype, reduce, progress and rank == 0)
-    _run_passes(run, responses)
+    with inference_mode_of(model):  # once: the nested blocks below then cost nothing
+        shapes = layer_shapes(model, probe, points, device, calls, layouts, tokens)
+        _warn_repeated(calls)
+        responses = _BatchResponses([(p.layer, shapes[p.layer][0]) for p in points], k, device, reduce)
+        input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
+        run = _Run(model, probe, points, layouts, shapes, list(consumers), torch.arange(rank, n, world, device=device),
+                   batch_size, device, dtype, reduce, progress and rank == 0)
+        _run_passes(run, responses)
     if world > 1:
         _all_gather_topk(responses.top)
         for consumer in consumers:
