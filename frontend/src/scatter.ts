@@ -100,6 +100,23 @@ void main() {
   v_col = a_col;
 }`;
 
+/** A dense map gliding to a new step with nothing appearing or vanishing: the still
+ * program plus the old place. */
+const GLIDE_VERTEX = `
+attribute vec2 a_pos;
+attribute vec4 a_col;
+attribute vec2 a_from;
+uniform float u_t;
+uniform vec2 u_center;
+uniform vec2 u_scale;
+uniform float u_size;
+varying vec4 v_col;
+void main() {
+  gl_Position = vec4((mix(a_from, a_pos, u_t) - u_center) * u_scale, 0.0, 1.0);
+  gl_PointSize = u_size;
+  v_col = a_col;
+}`;
+
 const STILL_FRAGMENT = `
 precision mediump float;
 varying vec4 v_col;
@@ -128,6 +145,12 @@ export function pointSize(n: number): number {
   return 3;
 }
 
+/** A program of square dots without emphasis or fades (`from`/`t` only when gliding). */
+interface PlainProgram {
+  program: WebGLProgram; pos: number; col: number; from: number; center: WebGLUniformLocation;
+  scale: WebGLUniformLocation; size: WebGLUniformLocation; t: WebGLUniformLocation | null;
+}
+
 export class ScatterView {
   readonly element: HTMLDivElement;
   private readonly canvas: HTMLCanvasElement;
@@ -135,8 +158,8 @@ export class ScatterView {
   private gl: WebGLRenderingContext | null = null;
   private ctx2d: CanvasRenderingContext2D | null = null;
   private program: WebGLProgram | null = null;
-  private still: { program: WebGLProgram; pos: number; col: number; center: WebGLUniformLocation;
-    scale: WebGLUniformLocation; size: WebGLUniformLocation } | null = null;
+  private still: PlainProgram | null = null;
+  private glide: PlainProgram | null = null;
   private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer; from: WebGLBuffer; fade: WebGLBuffer } | null = null;
   private loc: { pos: number; col: number; emph: number; from: number; fade: number; t: WebGLUniformLocation;
     center: WebGLUniformLocation; scale: WebGLUniformLocation; size: WebGLUniformLocation; emphasis: WebGLUniformLocation;
@@ -213,10 +236,15 @@ export class ScatterView {
     };
     try {
       const program = link(VERTEX, FRAGMENT);
-      const still = link(STILL_VERTEX, STILL_FRAGMENT);
-      this.still = { program: still, pos: gl.getAttribLocation(still, "a_pos"), col: gl.getAttribLocation(still, "a_col"),
-        center: gl.getUniformLocation(still, "u_center")!, scale: gl.getUniformLocation(still, "u_scale")!,
-        size: gl.getUniformLocation(still, "u_size")! };
+      const plain = (vertex: string): PlainProgram => {
+        const p = link(vertex, STILL_FRAGMENT);
+        return { program: p, pos: gl.getAttribLocation(p, "a_pos"), col: gl.getAttribLocation(p, "a_col"),
+          from: gl.getAttribLocation(p, "a_from"), center: gl.getUniformLocation(p, "u_center")!,
+          scale: gl.getUniformLocation(p, "u_scale")!, size: gl.getUniformLocation(p, "u_size")!,
+          t: gl.getUniformLocation(p, "u_t") };
+      };
+      this.still = plain(STILL_VERTEX);
+      this.glide = plain(GLIDE_VERTEX);
       this.program = program;
       this.loc = {
         pos: gl.getAttribLocation(program, "a_pos"),
@@ -284,7 +312,7 @@ export class ScatterView {
       const vanishColours = new Uint8Array(extra * 4);
       t.vanishIndex.forEach((j, k) => vanishColours.set(transition.colours.subarray(4 * j, 4 * j + 4), 4 * k));
       this.anim = { from: t.from, fade: t.fade, start: performance.now(), duration: transition.duration, extra,
-        vanish: t.vanishPositions, vanishColours, fades: t.fade.some((f) => f !== 0) };
+        vanish: t.vanishPositions, vanishColours, fades: extra > 0 || t.fade.some((f) => f !== 0) };
     } else if (!samePositions) {
       this.anim = null;
     }
@@ -424,21 +452,23 @@ export class ScatterView {
       gl.clear(gl.COLOR_BUFFER_BIT);
       const pixels = size * this.dpr;
       const round = pixels > 4.5;
-      if (n && this.still && !round && !this.anim && !this.emphasis) {
-        // the common case of a dense map: two attributes, no per-fragment branch
-        const still = this.still;
-        gl.useProgram(still.program);
+      const plain = !round && !this.emphasis ? (!this.anim ? this.still : !this.anim.fades ? this.glide : null) : null;
+      if (n && plain) {
+        // the common cases of a dense map, still or gliding: two or three attributes, no
+        // per-fragment branch, no blending
+        gl.useProgram(plain.program);
         gl.disable(gl.BLEND);
         for (const location of [this.loc.emph, this.loc.from, this.loc.fade]) gl.disableVertexAttribArray(location);
-        for (const [location, buffer, width, type, normalised] of [[still.pos, this.buffers.pos, 2, gl.FLOAT, false],
-          [still.col, this.buffers.col, 4, gl.UNSIGNED_BYTE, true]] as const) {
+        const arrays = [[plain.pos, this.buffers.pos, 2, gl.FLOAT, false], [plain.col, this.buffers.col, 4, gl.UNSIGNED_BYTE, true]] as const;
+        for (const [location, buffer, width, type, normalised] of this.anim ? [...arrays, [plain.from, this.buffers.from, 2, gl.FLOAT, false] as const] : arrays) {
           gl.bindBuffer(gl.ARRAY_BUFFER, buffer);
           gl.enableVertexAttribArray(location);
           gl.vertexAttribPointer(location, width, type, normalised, 0, 0);
         }
-        gl.uniform2f(still.center, c.cx, c.cy);
-        gl.uniform2f(still.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
-        gl.uniform1f(still.size, pixels);
+        if (plain.t) gl.uniform1f(plain.t, t);
+        gl.uniform2f(plain.center, c.cx, c.cy);
+        gl.uniform2f(plain.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
+        gl.uniform1f(plain.size, pixels);
         gl.drawArrays(gl.POINTS, 0, n);
       } else if (n) {
         gl.useProgram(this.program);
@@ -459,18 +489,20 @@ export class ScatterView {
         };
         attribute(this.loc.pos, buffers.pos, 2, gl.FLOAT, false);
         attribute(this.loc.col, buffers.col, 4, gl.UNSIGNED_BYTE, true);
-        if (this.anim || this.emphasis) {
-          attribute(this.loc.emph, buffers.emph, 1, gl.UNSIGNED_BYTE, false);
-          attribute(this.loc.from, buffers.from, 2, gl.FLOAT, false);
-          attribute(this.loc.fade, buffers.fade, 1, gl.UNSIGNED_BYTE, false);
-        } else {
-          // A still map needs no glide or emphasis: constant attributes instead of three
-          // arrays (software GL fetches every enabled array for every point, every frame).
-          for (const location of [this.loc.emph, this.loc.from, this.loc.fade]) gl.disableVertexAttribArray(location);
-          gl.vertexAttrib1f(this.loc.emph, 0);
-          gl.vertexAttrib1f(this.loc.fade, 0);
-          gl.vertexAttrib2f(this.loc.from, 0, 0); // unused at u_t = 1
-        }
+        // Only the arrays this frame needs: without emphasis, glide or fades their
+        // attributes are constants (software GL fetches every enabled array for every
+        // point, every frame).
+        const constant = (location: number, ...value: number[]) => {
+          gl.disableVertexAttribArray(location);
+          if (value.length === 2) gl.vertexAttrib2f(location, value[0], value[1]);
+          else gl.vertexAttrib1f(location, value[0]);
+        };
+        if (this.emphasis) attribute(this.loc.emph, buffers.emph, 1, gl.UNSIGNED_BYTE, false);
+        else constant(this.loc.emph, 0);
+        if (this.anim) attribute(this.loc.from, buffers.from, 2, gl.FLOAT, false);
+        else constant(this.loc.from, 0, 0); // unused at u_t = 1
+        if (this.anim?.fades) attribute(this.loc.fade, buffers.fade, 1, gl.UNSIGNED_BYTE, false);
+        else constant(this.loc.fade, 0);
         gl.uniform1f(this.loc.t, this.anim ? t : 1);
         gl.uniform2f(this.loc.center, c.cx, c.cy);
         gl.uniform2f(this.loc.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
