@@ -125,6 +125,10 @@ def memory_child(mode: str, images: int):
     model = Wide()
     probe = ConceptShapes(n=images, size=16, seed=0)
     probe.load_batch(range(len(probe)))  # build any cache before measuring
+    # Code, not data: load the compiled recording loops (numba, ~90 MiB of LLVM and
+    # machine code) in both modes before measuring, by recording a 2-image probe.
+    from tb_conceptevo.recording import record
+    record(model, ConceptShapes(n=2, size=16, seed=0), k=1, progress=False)
     sampler = RSSSampler()
     with sampler:
         run_memory_case(mode, model, probe)
