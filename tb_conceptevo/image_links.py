@@ -32,7 +32,7 @@ from .observation import Observation
 from .recording import RecordingConsumer
 from .recording import _kernels
 from .recording import responses as recording_responses
-from .recording.topk import exact_topk
+from .recording.topk import ranking_keys
 
 #: links kept per image and layer by default (a few: an image's strongest neurons)
 DEFAULT_LINKS = 5
@@ -71,14 +71,15 @@ class ImageLinksRecorder(RecordingConsumer):
             _kernels.segment_topk(responses.float().numpy(), self._starts, self._widths, indices.numpy(),
                                   self._links.numpy())
             return
-        # NaN responses rank last and are dropped; ties go to the lower channel
-        values = torch.nan_to_num(responses.float(), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        # NaN responses rank last and are dropped; ties go to the lower channel (keys
+        # rank by value, then column: no sync, as suits an accelerator)
+        keys = ranking_keys(torch.nan_to_num(responses.float(), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf))
         for width, layer_index, cols in self._groups:
             take = min(self.k, width)
-            grouped = values.index_select(1, cols).view(values.shape[0], len(layer_index), width)
-            top_values, top_indices = exact_topk(grouped, take)
+            grouped = keys.index_select(1, cols).view(keys.shape[0], len(layer_index), width)
+            top = torch.topk(grouped, take, dim=2)
             self._links[indices[:, None], layer_index[None, :], :take] = torch.where(
-                top_values > -torch.inf, top_indices, torch.full_like(top_indices, -1))
+                (top.values >> 32) > _MINUS_INF_KEY, top.indices, torch.full_like(top.indices, -1))
 
     def _start(self, columns: Dict[str, slice], device) -> None:
         self._layers = list(columns)
@@ -102,6 +103,10 @@ class ImageLinksRecorder(RecordingConsumer):
             return {}
         links = self._links.cpu().numpy().astype(np.int32)
         return {layer: np.ascontiguousarray(links[:, i]) for i, layer in enumerate(self._layers)}
+
+
+#: a ranking key's upper 32 bits at -inf: keys above it belong to real responses
+_MINUS_INF_KEY = int(ranking_keys(torch.tensor([[-float("inf")]]))[0, 0]) >> 32
 
 
 def attach_links(observation: Observation, links: Optional[Dict[str, np.ndarray]]) -> Observation:

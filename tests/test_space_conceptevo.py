@@ -601,7 +601,7 @@ def test_cli_fit_space_and_project(world, tmp_path, capsys):
 
 
 def test_image_link_ranking_is_the_stable_descending_sort():
-    from tb_conceptevo.recording.topk import exact_topk, ranking_keys
+    from tb_conceptevo.recording.topk import ranking_keys
 
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -613,9 +613,6 @@ def test_image_link_ranking_is_the_stable_descending_sort():
         take = min(5, channels)
         expected = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :take]
         assert torch.equal(torch.topk(ranking_keys(values), take, dim=1).indices, expected)
-        top_values, top_indices = exact_topk(values.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf), take)
-        assert torch.equal(top_indices, expected)
-        assert torch.equal(top_values, torch.gather(values, 1, expected))
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["cpu-compiled-loop", "accelerator-tensor-ops"])

@@ -5,7 +5,8 @@ Why compiled loops: a network of many small layers (``mobilenet_v3_small``: 52 c
 pays a fixed cost per tensor operation, and as tensor operations the bookkeeping of one
 layer and batch is a dozen of them (reduction, the entering test, gathers, argmax of
 the entrants, scatters); selecting each image's top channels and merging the batch into
-the running top-k are a dozen more per batch, over int64 keys built for exact ties.  As
+the running top-k are a dozen more per batch, over int64 keys built for exact ties
+(cheap on an accelerator, where the torch paths also avoid syncs).  As
 loops each is one sequential read: after a (vectorised) tensor reduction the position
 of the max is looked up only for the pairs that may enter a top-k, the merge touches a
 pair only if it beats the neuron's k-th value, and a row's top channels are kept by

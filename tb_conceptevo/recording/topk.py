@@ -5,7 +5,7 @@ sharded across distributed ranks (:func:`_all_gather_topk` merges the shards).""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -25,30 +25,6 @@ def ranking_keys(values: torch.Tensor, columns: Optional[torch.Tensor] = None) -
     if columns is None:
         columns = torch.arange(width, device=values.device, dtype=torch.int64)
     return (ordered << 32) + ((1 << 31) - 1 - columns)
-
-
-def exact_topk(values: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(values, indices)`` of the ``k`` largest of float32 ``values`` ``[..., M]``
-    along the last axis, in the order of a stable descending sort (ties by the lower
-    index), without NaN (the caller maps NaN to -inf).
-
-    One float ``topk`` does the selection; its order among equal values is unspecified,
-    so rows whose k-th value has an equal left out are selected again by exact keys,
-    and equal values inside a selection are put in index order.  Cheaper than keys
-    over every value when ties are rare (they are, but for dead units).
-    """
-    top_values, top_indices = torch.topk(values, k, dim=-1)
-    flat_values, flat_indices = top_values.reshape(-1, k), top_indices.reshape(-1, k)
-    rows = values.reshape(-1, values.shape[-1])
-    boundary = ((rows >= flat_values[:, -1:]).sum(dim=1) > k).nonzero().squeeze(1)
-    if boundary.numel():
-        flat_indices = flat_indices.clone()
-        flat_indices[boundary] = torch.topk(ranking_keys(rows[boundary]), k, dim=1).indices
-        flat_values = torch.gather(rows, 1, flat_indices)
-    if k > 1 and bool((flat_values[:, 1:] == flat_values[:, :-1]).any()):
-        order = torch.topk(ranking_keys(flat_values, flat_indices), k, dim=1).indices
-        flat_values, flat_indices = torch.gather(flat_values, 1, order), torch.gather(flat_indices, 1, order)
-    return flat_values.view(top_values.shape), flat_indices.view(top_indices.shape)
 
 
 class _TopK:
@@ -82,7 +58,7 @@ class _TopK:
         # columns are in probe-index order among equal values (the kept list, then the
         # batch): the first k of a stable descending sort, by one selection in float32
         if cand_values.dtype == torch.float32:
-            order = exact_topk(cand_values, self.k)[1]
+            order = torch.topk(ranking_keys(cand_values), self.k, dim=1).indices
         else:
             order = torch.sort(cand_values, dim=1, descending=True, stable=True).indices[:, : self.k]
         from_batch = order >= self.k
