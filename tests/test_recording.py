@@ -178,7 +178,8 @@ def test_state_restored_and_hooks_removed_on_error():
     assert torch.is_grad_enabled()
 
 
-def test_nan_neurons_flagged_rest_recorded():
+@pytest.mark.parametrize("size", [6, 4, 2], ids=["36-cell-maps", "16-cell-maps", "4-cell-maps"])
+def test_nan_neurons_flagged_rest_recorded(size):
     class Inject(nn.Module):
         def forward(self, y):
             y = y.clone()
@@ -197,7 +198,7 @@ def test_nan_neurons_flagged_rest_recorded():
 
     torch.manual_seed(0)
     with pytest.warns(RuntimeWarning, match="2 neurons produced NaN/Inf"):
-        obs = record(Nanny(), random_probe(n=12, size=6), ["inject"], k=3, batch_size=12, progress=False)
+        obs = record(Nanny(), random_probe(n=12, size=size), ["inject"], k=3, batch_size=12, progress=False)
     layer = obs["inject"]
     assert layer.invalid.tolist() == [False, True, True, False]
     assert (layer.image_ids[1] >= 3).all()  # ranked on finite responses only
@@ -435,8 +436,11 @@ def test_both_position_strategies_give_the_brute_force_result(monkeypatch, compi
     monkeypatch.setattr(responses, "_compiled_loops", lambda device: compiled)
     _check(ExactBranchy(), integer_probe(n=50, size=16), None, k=6, batch_size=8)
     _check(ExactBranchy(), integer_probe(n=50, size=16), ["left", "right"], k=4, batch_size=9, reduce="mean")
+    for size in (4, 3, 1):  # maps of 16, 9 and 1 cells: many ties, the first cell wins
+        _check(ExactBranchy(), integer_probe(n=50, size=size), None, k=6, batch_size=8)
     test_module_called_twice_per_forward_merges_calls("relu")
-    test_nan_neurons_flagged_rest_recorded()
+    test_nan_neurons_flagged_rest_recorded(2)
+    test_nan_neurons_flagged_rest_recorded(6)
 
 
 def test_compiled_topk_merge_equals_the_tensor_merge():
@@ -457,3 +461,19 @@ def test_compiled_topk_merge_equals_the_tensor_merge():
         tensors.merge(values, indices, None, positions=positions)
         for field in ("values", "ids", "positions"):
             assert torch.equal(getattr(compiled, field), getattr(tensors, field)), field
+
+
+def test_a_layer_whose_batch_axis_changes_is_a_clear_error():
+    """A block that doubles the batch (test-time augmentation inside the model) cannot be
+    ranked per probe image: a clear error naming the layer, not a silent mix-up."""
+
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(torch.cat([x, x.flip(3)]))
+
+    with pytest.raises(ValueError, match="layer 'conv' gave a map of shape .* for a batch of 5 images"):
+        record(Doubling(), random_probe(n=10, size=8), ["conv"], k=2, batch_size=5, progress=False)

@@ -365,9 +365,16 @@ def _hook_maker(run: _Run, pass_index: int, active: List[RecordingConsumer], res
     def make_hook(point: HookPoint):
         name = point.layer
         layout = run.layouts[name]
+        shape = run.shapes[name]
 
         def hook(_module, _inputs, output):
             fmap, extra = layout.to_map(output.detach())
+            if fmap.shape[0] != len(batch.indices) or tuple(fmap.shape[1:]) != shape:
+                # the buffers (and the compiled loops writing them) are sized from the first pass
+                raise ValueError(
+                    f"layer {name!r} gave a map of shape {tuple(fmap.shape)} for a batch of {len(batch.indices)} "
+                    f"images, but {shape} per image when the layers were measured; record layers whose output "
+                    "shape does not depend on the batch")
             if fmap.dtype != torch.float32:
                 fmap = fmap.float()
                 extra = None if extra is None else extra.float()

@@ -111,12 +111,24 @@ class _BatchResponses:
         self._values: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
         self._unchecked = False   # a layer's finiteness is left to newly_non_finite
+        # compiled loops: numpy views of each layer's k-th values and batch columns, made
+        # once (the top-k is updated in place; buffers are reused while the batch size holds)
+        self._kth = {name: self.top.values[rows, -1].numpy() for name, rows in self.rows.items()} \
+            if self.compiled else {}
+        self._columns: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
 
     def start_batch(self, batch_size: int) -> None:
+        """New batch.  The buffers of the last one are reused (not cleared): every value
+        is written, and a position is read only where it was written (pairs that enter)."""
         self._pending.clear()
         self._unchecked = False
+        if self._values is not None and self._values.shape[0] == batch_size:
+            return
         self._values = torch.empty((batch_size, self.n_columns), dtype=torch.float32, device=self.device)
         self._positions = torch.zeros((batch_size, self.n_columns), dtype=torch.int64, device=self.device)
+        if self.compiled:
+            self._columns = {name: (self._values[:, rows].numpy(), self._positions[:, rows].numpy())
+                             for name, rows in self.rows.items()}
 
     def add(self, name: str, fmap: torch.Tensor, extra: Optional[torch.Tensor], first_call: bool,
             want_response: bool) -> Optional[torch.Tensor]:
@@ -129,9 +141,10 @@ class _BatchResponses:
             values, positions = torch.empty_like(self._values[:, rows]), torch.zeros_like(self._positions[:, rows])
         shown = bad = None
         if name not in self.exact_layers and self.compiled and extra is None:
-            n_bad = _kernels.entrant_positions(fmap.flatten(2).numpy(), _response(fmap, self.reduce).numpy(),
-                                               self.top.values[rows, -1].numpy(), self.reduce == "mean",
-                                               values.numpy(), positions.numpy())
+            maps = fmap.flatten(2).numpy()
+            into = self._columns[name] if first_call else (values.numpy(), positions.numpy())
+            n_bad = _kernels.entrant_positions(maps, _response(fmap, self.reduce).numpy(), self._kth[name],
+                                               self.reduce == "mean", *into)
             if n_bad:  # rare: this layer takes the exact path from now on
                 self.exact_layers.add(name)
         elif name not in self.exact_layers:
