@@ -48,7 +48,8 @@ class RecordingConsumer:
     A consumer that needs only the responses implements ``update_batch`` instead of
     ``update``: it is called once per batch of pass 0, after the forward pass, with the
     ``[B, N]`` responses of every layer side by side (``columns[layer]`` the slice of
-    each), so it costs nothing per layer::
+    each; the tensor is reused for the next batch, so copy what must be kept), so it
+    costs nothing per layer::
 
         update_batch(pass_index, responses, columns, indices)
     When ``torch.distributed`` is initialised each rank sees only its shard; a
