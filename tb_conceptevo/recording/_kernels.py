@@ -22,8 +22,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._compiled import parallel_loop
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+
+@parallel_loop
 def entrant_positions(maps, response, kth, mean, values, positions):  # pragma: no cover
     """Copy the ``[B, C]`` ``response`` of ``maps`` ``[B, C, S]`` (any strides) into
     ``values`` and, for the pairs above their neuron's k-th value ``kth`` ``[C]`` (only
@@ -60,7 +62,7 @@ def entrant_positions(maps, response, kth, mean, values, positions):  # pragma: 
     return bad.sum()
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def merge_topk(values, positions, indices, top_values, top_ids, top_positions, blocks):  # pragma: no cover
     """Merge a batch into the running top-k: ``values``/``positions`` ``[B, N]``, probe
     ``indices`` ``[B]`` ascending and above every index merged before; ``top_*``
@@ -91,7 +93,7 @@ def merge_topk(values, positions, indices, top_values, top_ids, top_positions, b
                 top_positions[n, j] = positions[b, n]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def segment_topk(values, starts, widths, rows, out):  # pragma: no cover
     """Each row's ``k = out.shape[2]`` highest columns within every segment: ``values``
     ``[B, N]``, segment ``l`` the columns ``starts[l] : starts[l] + widths[l]``;

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._compiled import parallel_loop
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -45,7 +47,7 @@ def row_seeds(rows: np.ndarray, seed: int) -> np.ndarray:
     return _row_seeds(bits, np.uint64(int(seed) % (1 << 64)))
 
 
-@numba.njit(cache=True, parallel=True)
+@parallel_loop
 def smallest_columns(products, offsets, c):
     """int64 ``[n, c]``: per row, the columns of the ``c`` smallest scores
     ``offsets[j] - 2 products[i, j]`` (squared distance up to the row's constant), in
@@ -82,7 +84,7 @@ def _clip(value):
     return value
 
 
-@numba.njit(cache=True, parallel=True)
+@parallel_loop
 def _place_rows(queries, candidates, given, metric, reference, layout, seeds, k, n_epochs, a, b, gamma,
                 initial_alpha, negative_rate):
     # One compiled loop nest per row (neighbours, memberships, init, SGD epochs): long on

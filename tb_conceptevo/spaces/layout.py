@@ -152,6 +152,8 @@ class StableLayout:
             )
         import umap  # heavy import (numba): only when fitting
 
+        from .._compiled import torch_threads_kept
+
         cache_umap_on_disk()
 
         n_neighbors = int(max(2, min(self.n_neighbors, n - 1)))
@@ -169,7 +171,7 @@ class StableLayout:
                 # spectral initialisation fails on tiny or disconnected graphs
                 init="spectral" if n > 3 * n_neighbors else "random",
             )
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch_threads_kept():
                 # "n_jobs overridden by setting random_state": expected, that is the point
                 warnings.simplefilter("ignore", UserWarning)
                 layout = model.fit_transform(reference)
@@ -212,7 +214,10 @@ class StableLayout:
             if self.refine:
                 if self.umap_ is None:
                     raise RuntimeError("refine=True needs the fitted UMAP model, which this layout lacks")
-                placed = self.umap_.transform(rows)
+                from .._compiled import torch_threads_kept
+
+                with torch_threads_kept():
+                    placed = self.umap_.transform(rows)
             else:
                 placed = self._optimised_positions(rows)
         out[finite] = placed

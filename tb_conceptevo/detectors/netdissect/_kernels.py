@@ -18,6 +18,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..._compiled import parallel_loop
+
 _ONE = np.float32(1.0)
 #: Fibonacci hashing multiplier (2**64 / golden ratio, as a signed 64-bit integer)
 _HASH = np.int64(-7046029254386353131)
@@ -48,7 +50,7 @@ def _keep(flat, base, y, x, row_stride, col_stride, height, width, value, n, slo
         around[n, slot, 7] = flat[down + right]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def screen(flat, shape, low, image_ids, values, keys, around, count, taken, with_cells):  # pragma: no cover
     """Append the cells of NCHW maps (``flat``, ``shape = (B, N, H, W)``) that are ``>= low[n]``
     to row n of the store.
@@ -84,7 +86,7 @@ def screen(flat, shape, low, image_ids, values, keys, around, count, taken, with
             values[n, start:] = -np.inf
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def screen_channels_last(flat, shape, blocks, low, image_ids, values, keys, around, count, taken,
                          with_cells):  # pragma: no cover
     """:func:`screen` for channels-last maps (NHWC in memory): channels are the inner loop,
@@ -127,7 +129,7 @@ def screen_channels_last(flat, shape, blocks, low, image_ids, values, keys, arou
                     values[n, count[n]:] = -np.inf
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def count_pixels(values, keys, around, count, passing, height, width,
                  weight_y, pixel_y, weight_x, pixel_x, out_height, out_width, pixel_pattern,
                  image_map, hits, active_pixels):  # pragma: no cover
@@ -212,7 +214,7 @@ def count_pixels(values, keys, around, count, passing, height, width,
                                 active_pixels[n] += 1
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def kth_largest(values, count, maps, k, out):  # pragma: no cover
     """``out[n]``: the k-th largest of row ``n``'s first ``count[n]`` values and ``maps[:, n]``
     (``-inf`` when there are fewer than k).  Introselect, O(row) per neuron."""
@@ -235,7 +237,7 @@ def kth_largest(values, count, maps, k, out):  # pragma: no cover
         out[n] = np.partition(row, size - k)[size - k]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def raise_bounds(values, count, k, bound):  # pragma: no cover
     """``bound[n] = max(bound[n], v)`` for a ``v`` that at least ``k`` of row n's values reach.
 
@@ -265,7 +267,7 @@ def raise_bounds(values, count, k, bound):  # pragma: no cover
             bound[n] = candidate
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def compact(values, keys, around, count, floor, with_cells, dropped):  # pragma: no cover
     """Keep, in order, the first ``count[n]`` slots of row ``n`` that are ``>= floor[n]``;
     pad the rest with -inf; ``dropped[n]``: whether any slot was removed."""
@@ -285,7 +287,7 @@ def compact(values, keys, around, count, floor, with_cells, dropped):  # pragma:
         count[n] = kept
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@parallel_loop
 def pack_masks(masks, codes):  # pragma: no cover
     """``codes[b, y, x]``: bit c set when ``masks[b, c, y, x]`` (at most 62 concepts)."""
     batch, concepts, height, width = masks.shape

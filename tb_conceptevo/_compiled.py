@@ -1,0 +1,55 @@
+"""The package's parallel numba loops, run so that they leave torch's threads alone.
+
+numba's OpenMP threading layer resets the process's OpenMP thread count when its pool
+first runs, and torch reads that count as its own: a ``torch.set_num_threads(1)`` made
+for reproducible training silently became the core count after the first
+``add_concepts`` (measured: 1 -> 2 on a 2-core machine), so recording changed how the
+user's network trained.  Every parallel loop here is called through
+:func:`parallel_loop`, which restores torch's count after the call and runs the loop on
+at most torch's threads (the user's budget for this process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numba
+import torch
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Inside: numba's parallel loops use at most ``torch.get_num_threads()`` threads.
+    After: torch's thread count is what it was before, whatever ran inside (our loops,
+    umap-learn's or pynndescent's)."""
+    threads = torch.get_num_threads()
+    try:
+        previous = numba.get_num_threads()
+        wanted = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+        if previous != wanted:
+            numba.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            if previous != wanted:
+                numba.set_num_threads(previous)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def parallel_loop(function=None, **options):
+    """``numba.njit(parallel=True, cache=True, nogil=True, **options)``, called inside
+    :func:`torch_threads_kept`.  The compiled dispatcher is ``.compiled``."""
+    if function is None:
+        return functools.partial(parallel_loop, **options)
+    compiled = numba.njit(parallel=True, cache=True, nogil=True, **options)(function)
+
+    @functools.wraps(function)
+    def call(*args):
+        with torch_threads_kept():
+            return compiled(*args)
+
+    call.compiled = compiled
+    return call
