@@ -18,6 +18,7 @@ PACKAGE_DIR = os.path.dirname(tb_conceptevo.__file__)
 #: Pipeline stage of each module (longest matching prefix wins).
 STAGES = {
     "tb_conceptevo._names": 0, "tb_conceptevo._arrays": 0, "tb_conceptevo._torch": 0,
+    "tb_conceptevo._compiled": 0,
     "tb_conceptevo.probes": 1, "tb_conceptevo.observation": 1,
     "tb_conceptevo.recording": 2, "tb_conceptevo.image_links": 2,
     "tb_conceptevo.detectors": 3,
