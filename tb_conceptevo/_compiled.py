@@ -39,12 +39,10 @@ def torch_threads_kept():
             torch.set_num_threads(threads)
 
 
-def parallel_loop(function=None, **options):
-    """``numba.njit(parallel=True, cache=True, nogil=True, **options)``, called inside
+def parallel_loop(function):
+    """``numba.njit(parallel=True, cache=True, nogil=True)``, called inside
     :func:`torch_threads_kept`.  The compiled dispatcher is ``.compiled``."""
-    if function is None:
-        return functools.partial(parallel_loop, **options)
-    compiled = numba.njit(parallel=True, cache=True, nogil=True, **options)(function)
+    compiled = numba.njit(parallel=True, cache=True, nogil=True)(function)
 
     @functools.wraps(function)
     def call(*args):

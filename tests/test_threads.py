@@ -6,6 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import numba
+import torch
+
+from tb_conceptevo._compiled import torch_threads_kept
+
 
 def test_recording_and_detection_leave_torch_threads_alone():
     # a fresh process: the reset happens only when numba's pool first starts
@@ -34,3 +39,15 @@ def test_recording_and_detection_leave_torch_threads_alone():
     torch_threads, numba_threads = out.stdout.split()
     assert torch_threads == "1"
     assert numba_threads == "2"   # numba's own setting is restored too
+
+
+def test_compiled_loops_stay_within_torch_threads():
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch_threads_kept():
+            inside = numba.get_num_threads()
+        assert inside == 1
+        assert numba.get_num_threads() == numba_threads
+    finally:
+        torch.set_num_threads(torch_threads)
