@@ -3,11 +3,14 @@
 // compared with a reference measured in the same run):
 //
 //  1. 100,000 points: first draw after the plugin's frame starts loading   (<= 1.5 s)
-//  2. pan/zoom: median requestAnimationFrame interval while zooming, vs a bare WebGL
+//  2. pan/zoom: requestAnimationFrame interval while zooming, vs a bare WebGL
 //     page drawing the same 100,000 points in the same browser               (<= 1.25x)
 //  3. moving the slider on a 10,000-point map, fetch from TensorBoard included (<= 100 ms)
-//  4. an animated step transition on a 26,000-point map (ResNet-50-sized layer set): median
-//     frame interval while points glide, vs the bare WebGL page drawing them (<= 1.25x)
+//  4. an animated step transition on a 26,000-point map (ResNet-50-sized layer set): frame
+//     interval while points glide, vs the bare WebGL page drawing them       (<= 1.25x)
+//
+//  Frame intervals (2, 4, 5) are taken with the frame rate unlimited, medians and means
+//  both held to the limit.
 //
 //  5. four runs of that 26,000-point map side by side: pan/zoom and step transition frame
 //     intervals, vs a bare page with four WebGL canvases drawing the same points   (<= 1.25x)
@@ -35,7 +38,11 @@ makeFixture(logdir, ["--runs", "4", "--run-names", QUAD_RUNS.join(","), "--steps
 makeFixture(logdir, ["--runs", "1", "--run-names", "anim26k", "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
 console.log(`fixtures written in ${((Date.now() - t) / 1000).toFixed(1)} s`);
 const tb = await startTensorBoard(logdir, { expectRuns: only ? 5 : 7, timeoutMs: 180000 });
-const { context, close } = await launchBrowser({ width: 1400, height: 950 });
+// Frame rate unlimited (no vsync): an interval is then the frame's own cost, not the next
+// 16.7 ms vsync tick; capped, both pages sit near one tick and medians flip between 16.7
+// and 33.3 ms from run to run on the same code.
+const { context, close } = await launchBrowser({ width: 1400, height: 950,
+  extraArgs: ["--disable-frame-rate-limit", "--disable-gpu-vsync"] });
 const results = [];
 
 async function pluginPage(runs, step) {
@@ -149,8 +156,8 @@ const measureGlide = (page) => page.evaluate(async () => {
 
 /**
  * Plugin and bare page measured alternately, so load from other processes hits both alike.
- * Frames arrive on vsync multiples (16.7, 33.3, 50 ms), so a median flips a whole frame
- * on a small change: the verdicts use the mean interval; both are printed.
+ * With the frame rate unlimited an interval is the frame's own cost, so medians compare;
+ * the verdicts ask the median and the mean both to meet the limit.
  */
 async function paired(page, bare, measurePlugin, frames, zoom) {
   const plugin = [], reference = [];
@@ -201,7 +208,7 @@ try {
   await page.close();
   console.log(`pan/zoom with 100,000 points (${size[0]}x${size[1]} px, ${draws} redraws): median frame interval plugin ${fmt(mp)} ms, ` +
     `bare WebGL page ${fmt(mb)} ms, ratio ${(mp / mb).toFixed(2)}x; mean ${fmt(ap0)} vs ${fmt(ab0)} ms, ratio ${(ap0 / ab0).toFixed(2)}x`);
-  results.push(["pan/zoom frame interval <= 1.25x bare WebGL (mean)", ap0 <= 1.25 * ab0]);
+  results.push(["pan/zoom frame interval <= 1.25x bare WebGL (median and mean)", mp <= 1.25 * mb && ap0 <= 1.25 * ab0]);
 
   // ---------------------------------------------------------------- 3. slider on 10k points
   const sp = await pluginPage(["slider10k"], 0);
@@ -257,7 +264,7 @@ try {
   console.log(`step transition on a ${glidePoints.toLocaleString()}-point map (${asize[0]}x${asize[1]} px, ${glideFrames} frames): ` +
     `median frame interval plugin ${fmt(mg)} ms (${fmt(1000 / mg)} fps), bare WebGL page ${fmt(mbg)} ms, ratio ${(mg / mbg).toFixed(2)}x; ` +
     `mean ${fmt(ag)} ms (${fmt(1000 / ag)} fps) vs ${fmt(abg)} ms, ratio ${(ag / abg).toFixed(2)}x`);
-  results.push(["step transition frame interval <= 1.25x bare WebGL (mean)", ag <= 1.25 * abg]);
+  results.push(["step transition frame interval <= 1.25x bare WebGL (median and mean)", mg <= 1.25 * mbg && ag <= 1.25 * abg]);
 
   // ---------------------------------------------------------------- 5. four runs of a 26k-neuron map side by side
   const qp = await pluginPage(QUAD_RUNS, 0);
@@ -277,8 +284,10 @@ try {
   console.log(`step transition, ${qdesc}, ${qframes} frames: median frame interval plugin ${fmt(mqg)} ms (${fmt(1000 / mqg)} fps), ` +
     `bare WebGL page ${fmt(mqgb)} ms, ratio ${(mqg / mqgb).toFixed(2)}x; mean ${fmt(aqg)} ms (${fmt(1000 / aqg)} fps) vs ${fmt(aqgb)} ms, ` +
     `ratio ${(aqg / aqgb).toFixed(2)}x`);
-  results.push([`pan/zoom, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (mean)`, aqz <= 1.25 * aqzb]);
-  results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (mean)`, aqg <= 1.25 * aqgb]);
+  results.push([`pan/zoom, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (median and mean)`,
+    mqz <= 1.25 * mqzb && aqz <= 1.25 * aqzb]);
+  results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (median and mean)`,
+    mqg <= 1.25 * mqgb && aqg <= 1.25 * aqgb]);
 } finally {
   await close();
   tb.stop();

@@ -100,23 +100,6 @@ void main() {
   v_col = a_col;
 }`;
 
-/** A dense map gliding to a new step with nothing appearing or vanishing: the still
- * program plus the old place. */
-const GLIDE_VERTEX = `
-attribute vec2 a_pos;
-attribute vec4 a_col;
-attribute vec2 a_from;
-uniform float u_t;
-uniform vec2 u_center;
-uniform vec2 u_scale;
-uniform float u_size;
-varying vec4 v_col;
-void main() {
-  gl_Position = vec4((mix(a_from, a_pos, u_t) - u_center) * u_scale, 0.0, 1.0);
-  gl_PointSize = u_size;
-  v_col = a_col;
-}`;
-
 const STILL_FRAGMENT = `
 precision mediump float;
 varying vec4 v_col;
@@ -145,10 +128,10 @@ export function pointSize(n: number): number {
   return 3;
 }
 
-/** A program of square dots without emphasis or fades (`from`/`t` only when gliding). */
+/** The program of square dots without emphasis or fades. */
 interface PlainProgram {
-  program: WebGLProgram; pos: number; col: number; from: number; center: WebGLUniformLocation;
-  scale: WebGLUniformLocation; size: WebGLUniformLocation; t: WebGLUniformLocation | null;
+  program: WebGLProgram; pos: number; col: number; center: WebGLUniformLocation;
+  scale: WebGLUniformLocation; size: WebGLUniformLocation;
 }
 
 export class ScatterView {
@@ -159,8 +142,10 @@ export class ScatterView {
   private ctx2d: CanvasRenderingContext2D | null = null;
   private program: WebGLProgram | null = null;
   private still: PlainProgram | null = null;
-  private glide: PlainProgram | null = null;
-  private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer; from: WebGLBuffer; fade: WebGLBuffer } | null = null;
+  private buffers: { pos: WebGLBuffer; col: WebGLBuffer; emph: WebGLBuffer; from: WebGLBuffer; fade: WebGLBuffer;
+    now: WebGLBuffer } | null = null;
+  /** this frame's places of a dense glide, interpolated here and drawn with the still program */
+  private glidePositions: Float32Array = new Float32Array(0);
   private loc: { pos: number; col: number; emph: number; from: number; fade: number; t: WebGLUniformLocation;
     center: WebGLUniformLocation; scale: WebGLUniformLocation; size: WebGLUniformLocation; emphasis: WebGLUniformLocation;
     alpha: WebGLUniformLocation; round: WebGLUniformLocation } | null = null;
@@ -236,15 +221,10 @@ export class ScatterView {
     };
     try {
       const program = link(VERTEX, FRAGMENT);
-      const plain = (vertex: string): PlainProgram => {
-        const p = link(vertex, STILL_FRAGMENT);
-        return { program: p, pos: gl.getAttribLocation(p, "a_pos"), col: gl.getAttribLocation(p, "a_col"),
-          from: gl.getAttribLocation(p, "a_from"), center: gl.getUniformLocation(p, "u_center")!,
-          scale: gl.getUniformLocation(p, "u_scale")!, size: gl.getUniformLocation(p, "u_size")!,
-          t: gl.getUniformLocation(p, "u_t") };
-      };
-      this.still = plain(STILL_VERTEX);
-      this.glide = plain(GLIDE_VERTEX);
+      const still = link(STILL_VERTEX, STILL_FRAGMENT);
+      this.still = { program: still, pos: gl.getAttribLocation(still, "a_pos"), col: gl.getAttribLocation(still, "a_col"),
+        center: gl.getUniformLocation(still, "u_center")!, scale: gl.getUniformLocation(still, "u_scale")!,
+        size: gl.getUniformLocation(still, "u_size")! };
       this.program = program;
       this.loc = {
         pos: gl.getAttribLocation(program, "a_pos"),
@@ -261,7 +241,7 @@ export class ScatterView {
         round: gl.getUniformLocation(program, "u_round")!,
       };
       this.buffers = { pos: gl.createBuffer()!, col: gl.createBuffer()!, emph: gl.createBuffer()!, from: gl.createBuffer()!,
-        fade: gl.createBuffer()! };
+        fade: gl.createBuffer()!, now: gl.createBuffer()! };
       this.gl = gl;
       this.warmUp();
     } catch {
@@ -452,20 +432,30 @@ export class ScatterView {
       gl.clear(gl.COLOR_BUFFER_BIT);
       const pixels = size * this.dpr;
       const round = pixels > 4.5;
-      const plain = !round && !this.emphasis ? (!this.anim ? this.still : !this.anim.fades ? this.glide : null) : null;
+      const plain = !round && !this.emphasis && !this.anim?.fades ? this.still : null;
       if (n && plain) {
-        // the common cases of a dense map, still or gliding: two or three attributes, no
-        // per-fragment branch, no blending
+        // The common cases of a dense map, still or gliding: two attributes, no
+        // per-fragment branch, no blending.  A glide's places are interpolated here
+        // (n multiply-adds, one buffer upload): software GL pays per attribute fetched
+        // per point, so a third attribute and a mix per vertex cost more per frame.
+        let positions = this.buffers.pos;
+        if (this.anim) {
+          if (this.glidePositions.length !== 2 * n) this.glidePositions = new Float32Array(2 * n);
+          const now = this.glidePositions, from = this.anim.from, to = this.positions;
+          for (let i = 0; i < 2 * n; i++) now[i] = from[i] + (to[i] - from[i]) * t;
+          positions = this.buffers.now;
+          gl.bindBuffer(gl.ARRAY_BUFFER, positions);
+          gl.bufferData(gl.ARRAY_BUFFER, now, gl.STREAM_DRAW);
+        }
         gl.useProgram(plain.program);
         gl.disable(gl.BLEND);
         for (const location of [this.loc.emph, this.loc.from, this.loc.fade]) gl.disableVertexAttribArray(location);
-        const arrays = [[plain.pos, this.buffers.pos, 2, gl.FLOAT, false], [plain.col, this.buffers.col, 4, gl.UNSIGNED_BYTE, true]] as const;
-        for (const [location, buffer, width, type, normalised] of this.anim ? [...arrays, [plain.from, this.buffers.from, 2, gl.FLOAT, false] as const] : arrays) {
+        for (const [location, buffer, width, type, normalised] of [[plain.pos, positions, 2, gl.FLOAT, false],
+          [plain.col, this.buffers.col, 4, gl.UNSIGNED_BYTE, true]] as const) {
           gl.bindBuffer(gl.ARRAY_BUFFER, buffer);
           gl.enableVertexAttribArray(location);
           gl.vertexAttribPointer(location, width, type, normalised, 0, 0);
         }
-        if (plain.t) gl.uniform1f(plain.t, t);
         gl.uniform2f(plain.center, c.cx, c.cy);
         gl.uniform2f(plain.scale, (2 * c.k) / this.width, (2 * c.k) / this.height);
         gl.uniform1f(plain.size, pixels);

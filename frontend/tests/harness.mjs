@@ -79,10 +79,10 @@ export const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 
 /** Debian chromium with a fresh profile; returns {context, close}. */
-export async function launchBrowser({ width = 1500, height = 1000 } = {}) {
+export async function launchBrowser({ width = 1500, height = 1000, extraArgs = [] } = {}) {
   const profile = tempDir("ce-chromium-");
   const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, acceptDownloads: true,
+    executablePath: CHROMIUM, headless: true, args: [...CHROMIUM_ARGS, ...extraArgs], acceptDownloads: true,
     viewport: { width, height }, deviceScaleFactor: 1,
   });
   return {
