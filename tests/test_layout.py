@@ -137,7 +137,7 @@ def _width(layout):
 def test_trustworthiness_equals_scikit_learns(seed):
     from sklearn.manifold import trustworthiness as reference_trustworthiness
 
-    from tb_conceptevo.spaces.layout import trustworthiness
+    from tb_conceptevo.spaces.layout import SELECTION_NEIGHBORS, trustworthiness
 
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(240, 12))
@@ -155,12 +155,12 @@ def test_trustworthiness_equals_scikit_learns(seed):
 
 
 def test_n_init_keeps_the_most_trustworthy_of_its_seeds():
-    from tb_conceptevo.spaces.layout import trustworthiness
+    from tb_conceptevo.spaces.layout import SELECTION_NEIGHBORS, trustworthiness
 
     reference, _, _ = _clusters(3, n_clusters=8, per_cluster=25)
     best = StableLayout(random_state=5, n_init=3).fit(reference)
     singles = [StableLayout(random_state=5 + i, n_init=1).fit(reference) for i in range(3)]
-    scores = [trustworthiness(reference, s.reference_layout_, 15) for s in singles]
+    scores = [trustworthiness(reference, s.reference_layout_, SELECTION_NEIGHBORS) for s in singles]
     chosen = int(np.argmax(scores))
     # the kept fit is exactly the single fit from the best seed
     np.testing.assert_array_equal(best.reference_layout_, singles[chosen].reference_layout_)

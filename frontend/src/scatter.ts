@@ -337,6 +337,22 @@ export class ScatterView {
     return this.progress() < 1;
   }
 
+  /** Dense, plain frames (square dots, nothing emphasised or fading): the still program,
+   * a glide's places interpolated on the CPU. */
+  private plainFrame(): boolean {
+    return pointSize(this.pointCount) * this.zoomFactor() * this.dpr <= 4.5 && !this.emphasis && !this.anim?.fades;
+  }
+
+  /** True while a glide is drawn on the dense path (read by tests and benchmarks). */
+  get plainGlide(): boolean {
+    return this.anim !== null && this.plainFrame();
+  }
+
+  /** The running glide's start and end places and the colours (read by tests). */
+  glideEnds(): { from: Float32Array; to: Float32Array; colours: Uint8Array } {
+    return { from: this.anim ? this.anim.from : this.positions, to: this.positions, colours: this.colours };
+  }
+
   /** Highlight these point indices (dimming the rest); null clears. */
   setEmphasis(indices: Iterable<number> | null): void {
     const n = this.pointCount;
@@ -432,7 +448,7 @@ export class ScatterView {
       gl.clear(gl.COLOR_BUFFER_BIT);
       const pixels = size * this.dpr;
       const round = pixels > 4.5;
-      const plain = !round && !this.emphasis && !this.anim?.fades ? this.still : null;
+      const plain = this.plainFrame() ? this.still : null;
       if (n && plain) {
         // The common cases of a dense map, still or gliding: two attributes, no
         // per-fragment branch, no blending.  A glide's places are interpolated here

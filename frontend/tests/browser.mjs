@@ -520,6 +520,58 @@ try {
     await p5.close();
   });
 
+  await check("a dense map's glide: the midway frame is the still map of the midway places", async () => {
+    // Over 20,000 points a glide is interpolated on the CPU and drawn with the still
+    // program: its frame at t must be pixel-identical to a still map of from + (to - from) t.
+    makeFixture(logdir, ["--runs", "1", "--run-names", "dense", "--steps", "2", "--layers", "2", "--channels", "10500",
+      "--no-extras", "--k", "3"]);
+    // opened once TensorBoard lists the run (a link to a run not yet loaded falls back to others)
+    for (let tries = 0; !(await (await fetch(`${tb.url}/data/plugin/conceptevo/runs`)).text()).includes('"dense"'); tries++) {
+      assert.ok(tries < 120, "TensorBoard lists the new run");
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    const p6 = await context.newPage();
+    await p6.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo#run=dense&space=conceptevo&step=1`);
+    await p6.waitForFunction(() => document.body.dataset.conceptevoReady === "true" && window.__conceptevo.panels().length === 1 &&
+      window.__conceptevo.panels()[0].run === "dense" && window.__conceptevo.panels()[0].points > 20000, null, { timeout: 60000 });
+    await p6.locator('input[aria-label="show anchors"]').uncheck();
+    await p6.selectOption('select[aria-label="colour by"]', "layer");
+    // zoomed in, dots are apart, so a move shows (the dot size stays that of a dense map)
+    await p6.evaluate(() => { const c = window.__conceptevo.app.camera; c.k *= 12; c.changed(); });
+    await p6.mouse.move(1, 1);
+    await p6.waitForTimeout(300);
+    const body = p6.locator(".ce-panel .ce-panel-body").first();
+    const still = await body.screenshot();
+    await p6.evaluate(() => window.__conceptevo.holdTransition(0.5));
+    await p6.keyboard.press("Escape");
+    await p6.evaluate(() => { const app = window.__conceptevo.app; app.setStepIndex(0, true); });
+    await p6.waitForFunction(() => window.__conceptevo.panels()[0].animating && window.__conceptevo.panels()[0].step === window.__conceptevo.steps()[0],
+      null, { timeout: 15000 }).catch(async (e) => {
+      throw new Error(`${e.message}; panels ${JSON.stringify(await p6.evaluate(() => [window.__conceptevo.panels(), window.__conceptevo.steps()]))}`);
+    });
+    const path = await p6.evaluate(() => { const v = window.__conceptevo.app.panels[0].view; return { dense: v.plainGlide, n: v.pointCount }; });
+    assert.ok(path.dense, `the glide takes the dense path (${JSON.stringify(path)})`);
+    await p6.waitForTimeout(300);
+    const midway = await body.screenshot();
+    await p6.screenshot({ path: join(SHOTS, "13_dense_glide_midway.png") });
+    // the same frame drawn as a still map of the midway places
+    await p6.evaluate(() => {
+      const v = window.__conceptevo.app.panels[0].view;
+      const { from, to, colours } = v.glideEnds();
+      const mid = new Float32Array(to.length);
+      for (let i = 0; i < to.length; i++) mid[i] = from[i] + (to[i] - from[i]) * 0.5;
+      window.__conceptevo.holdTransition(null);
+      v.setData(mid, colours);
+    });
+    await p6.waitForTimeout(300);
+    const reference = await body.screenshot();
+    const moved = await pixelDiff(p6, still, midway);
+    console.log("dense glide: pixels changed", moved);
+    assert.ok(moved > 0.01, "the midway frame differs from the step it left");
+    assert.equal(await pixelDiff(p6, midway, reference), 0, "midway frame == still map of the midway places");
+    await p6.close();
+  });
+
   await check("no page errors and no CSP violations", async () => {
     assert.deepEqual(pageErrors, []);
   });
