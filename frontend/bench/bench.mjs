@@ -16,6 +16,12 @@
 //     intervals, vs a bare page with four WebGL canvases drawing the same points   (<= 1.25x)
 //
 //   BENCH_ONLY=transition node bench/bench.mjs   runs sections 4 and 5 alone
+//   BENCH_ONLY=slider node bench/bench.mjs       runs section 3 alone
+//   BENCH_ONLY=hover node bench/bench.mjs        runs section 6 alone
+//
+//  6. hover to the card with its patches (<= 100 ms warm) and the story of a neuron with all
+//     its patches (<= 300 ms), on the test fixture (demo-sized maps with patches), timed in
+//     the page from the pointer event to the last patch drawn
 //   npm run bench            (or: node bench/bench.mjs)
 import { rmSync } from "node:fs";
 import { launchBrowser, makeFixture, startTensorBoard, tempDir } from "../tests/harness.mjs";
@@ -27,17 +33,19 @@ const verdict = (ok) => (ok ? "PASS" : "FAIL");
 const STATE_KEY = "tb-conceptevo:state:v1";
 
 const only = process.env.BENCH_ONLY || "";
+const runs = (section) => !only || only === section;
 const logdir = tempDir("ce-bench-logs-");
 let t = Date.now();
-if (!only) {
-  makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
-  makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
-}
+if (!only) makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
+if (runs("slider")) makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
 const QUAD_RUNS = ["quad_a", "quad_b", "quad_c", "quad_d"];
-makeFixture(logdir, ["--runs", "4", "--run-names", QUAD_RUNS.join(","), "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
-makeFixture(logdir, ["--runs", "1", "--run-names", "anim26k", "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
+if (runs("transition")) {
+  makeFixture(logdir, ["--runs", "4", "--run-names", QUAD_RUNS.join(","), "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
+  makeFixture(logdir, ["--runs", "1", "--run-names", "anim26k", "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
+}
+const hoverFixture = runs("hover") ? makeFixture(logdir, ["--run-names", "hover_a,hover_b"]) : null;
 console.log(`fixtures written in ${((Date.now() - t) / 1000).toFixed(1)} s`);
-const tb = await startTensorBoard(logdir, { expectRuns: only ? 5 : 7, timeoutMs: 180000 });
+const tb = await startTensorBoard(logdir, { expectRuns: { "": 9, slider: 1, transition: 5, hover: 2 }[only] ?? 9, timeoutMs: 180000 });
 // Frame intervals are timed with the frame rate unlimited (no vsync): an interval is then
 // the frame's own cost, not the next 16.7 ms vsync tick (capped, both pages sit near one
 // tick and medians flip between 16.7 and 33.3 ms from run to run on the same code).
@@ -214,6 +222,8 @@ try {
     `bare WebGL page ${fmt(mb)} ms, ratio ${(mp / mb).toFixed(2)}x; mean ${fmt(ap0)} vs ${fmt(ab0)} ms, ratio ${(ap0 / ab0).toFixed(2)}x`);
   results.push(["pan/zoom frame interval <= 1.25x bare WebGL (median and mean)", mp <= 1.25 * mb && ap0 <= 1.25 * ab0]);
 
+  }
+  if (runs("slider")) {
   // ---------------------------------------------------------------- 3. slider on 10k points
   const sp = await pluginPage(["slider10k"], 0);
   await sp.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
@@ -253,6 +263,7 @@ try {
   results.push(["slider move on 10k map incl. fetch <= 100 ms (median)", mf <= 100]);
   }
 
+  if (runs("transition")) {
   // ---------------------------------------------------------------- 4. animated step transition, 26k points
   const ap = await pluginPage(["anim26k"], 0, unlimited);
   await ap.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
@@ -292,6 +303,68 @@ try {
     mqz <= 1.25 * mqzb && aqz <= 1.25 * aqzb]);
   results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (median and mean)`,
     mqg <= 1.25 * mqgb && aqg <= 1.25 * aqgb]);
+  }
+  if (runs("hover")) {
+  // ---------------------------------------------------------------- 6. hover card and story with patches
+  const hp = await pluginPage(["hover_a"], 0);
+  await hp.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
+  await hp.waitForFunction(() => document.body?.dataset.conceptevoReady === "true" && window.__conceptevo.panels()[0]?.points > 0,
+    null, { timeout: 60000 });
+  await hp.locator('input[aria-label="show anchors"]').uncheck();
+  await hp.waitForTimeout(1000);
+  const layers = hoverFixture.layers;
+  // six placed neurons, from both layers, in sight and apart from the ones hovered before
+  const ids = await hp.evaluate(([layers]) => {
+    const out = [];
+    for (let c = 0; c < 16 && out.length < 6; c++) for (const l of layers) {
+      const p = window.__conceptevo.pointClient("hover_a", `${l}:${c}`);
+      if (p && out.length < 6) out.push(`${l}:${c}`);
+    }
+    return out;
+  }, [layers]);
+  if (ids.length < 6) throw new Error(`only ${ids.length} placed neurons found`);
+  // in the page: pointer event time -> the card (or story) says all its patches are drawn
+  await hp.evaluate(() => {
+    const overlay = document.querySelector(".ce-scatter-overlay");
+    window.__benchT0 = 0;
+    overlay.addEventListener("pointermove", (e) => { window.__benchT0 = e.timeStamp; }, true);
+    overlay.addEventListener("pointerdown", (e) => { window.__benchT0 = e.timeStamp; }, true);
+  });
+  const until = (test, arg) => hp.evaluate(([test, arg]) => new Promise((done) => {
+    const check = new Function("arg", test);
+    const loop = () => (check(arg) ? done(performance.now() - window.__benchT0) : requestAnimationFrame(loop));
+    loop();
+  }), [test, arg]);
+  const cardReady = "return document.querySelector('.ce-tooltip .ce-tip-id')?.textContent === arg && Number(document.querySelector('.ce-tooltip')?.dataset.patches) > 0;";
+  const storyReady = "const b = document.querySelector('.ce-story [data-patches], .ce-detail [data-patches]'); return !!b && Number(b.dataset.patches) > 0 && document.querySelector('.ce-detail')?.textContent.includes(arg);";
+  const hoverTimes = { cold: [], warm: [] };
+  const storyTimes = [], storyPatches = [];
+  for (const round of ["cold", "warm"]) {
+    for (const id of ids) {
+      const [x, y] = await hp.evaluate((id) => window.__conceptevo.pointClient("hover_a", id), id);
+      await hp.mouse.move(x + 60, y + 60);
+      await hp.mouse.move(2, 2);
+      await hp.waitForTimeout(150);
+      await hp.mouse.move(x, y);
+      hoverTimes[round].push(await until(cardReady, id));
+      if (round === "warm") {
+        await hp.mouse.down();
+        await hp.mouse.up();
+        storyTimes.push(await until(storyReady, id));
+        storyPatches.push(await hp.evaluate(() => Number(document.querySelector(".ce-detail [data-patches]").dataset.patches)));
+        await hp.keyboard.press("Escape");
+        await hp.waitForTimeout(150);
+      }
+    }
+  }
+  await hp.close();
+  console.log(`hover to card with patches: cold median ${fmt(median(hoverTimes.cold))} ms (${hoverTimes.cold.map(fmt).join(", ")}), ` +
+    `warm median ${fmt(median(hoverTimes.warm))} ms (${hoverTimes.warm.map(fmt).join(", ")}; 40 ms of it a deliberate debounce)`);
+  console.log(`story with all patches after a click (${Math.min(...storyPatches)}-${Math.max(...storyPatches)} patches): ` +
+    `median ${fmt(median(storyTimes))} ms (${storyTimes.map(fmt).join(", ")})`);
+  results.push(["hover to card with patches <= 100 ms (warm, median)", median(hoverTimes.warm) <= 100]);
+  results.push(["story with all patches <= 300 ms (median)", median(storyTimes) <= 300]);
+  }
 } finally {
   for (const b of browsers) await b.close();
   tb.stop();

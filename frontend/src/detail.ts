@@ -241,7 +241,7 @@ export class Detail {
     parts.push(h("h3", { text: `Top stimuli at step ${story.step}` }));
     const now = h("div", { class: "ce-patches" });
     parts.push(now);
-    void this.fillPatches(now, run, story.stimuli.map((s) => ({ image: s.image, box: s.box })), 10);
+    const fills = [this.fillPatches(now, run, story.stimuli.map((s) => ({ image: s.image, box: s.box })), 10)];
     const spans = labelSpans(labels.map((l) => ({ step: l.step, concept: l.concept, similarity: l.similarity, interpretable: verdict(l) })));
     if (spans.length) {
       parts.push(h("h3", { text: "Label timeline" }));
@@ -275,11 +275,16 @@ export class Detail {
         const current = s.step === story.step;
         parts.push(h("div", { class: current ? "ce-story-step ce-current" : "ce-story-step", attrs: current ? { "aria-current": "step" } : {} }, [
           h("button", { class: "ce-link ce-muted", text: `step ${s.step}`, title: "Move the slider to this step", on: { click: () => this.app.goToStep(s.step) } }), row]));
-        void this.fillPatches(row, run, s.images.map((image, i) => ({ image, box: s.boxes[i] ?? null })), 5);
+        fills.push(this.fillPatches(row, run, s.images.map((image, i) => ({ image, box: s.boxes[i] ?? null })), 5));
       }
     }
     body.dataset.step = String(story.step);
+    delete body.dataset.patches;
     body.replaceChildren(...parts);
+    // every patch drawn: the count is read by tests and benchmarks
+    void Promise.all(fills).then(() => {
+      if (body.contains(now)) body.dataset.patches = String(body.querySelectorAll(".ce-patches canvas").length);
+    });
   }
 
   // ------------------------------------------------------------------ search
