@@ -279,3 +279,29 @@ def test_random_weights_say_labels_mean_nothing(clip_model):
     assert CLIPDissect(ARCH, clip_model=clip_model, concepts=CONCEPTS).unlabelled_reason is None
     notice = labels_notice([random], ConceptShapes(n=4, size=16))
     assert "Your own data" in notice and "\n" not in notice
+
+
+def test_in_memory_feature_cache_is_bounded_least_recently_used_first(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cd, "FEATURE_CACHE_BYTES", 3 * 400)  # room for three 100-float matrices
+    cd._FEATURE_CACHE.clear()
+    owner = SimpleNamespace(cache_dir=None)
+    computed = []
+
+    def features(key):
+        return CLIPDissect._cached(owner, key, lambda: computed.append(key) or torch.full((100,), float(len(computed))))
+
+    for key in "abc":
+        features(key)
+    features("a")                      # a hit: now the most recently used
+    features("d")                      # over budget: "b", the least recently used, goes
+    assert list(cd._FEATURE_CACHE) == ["c", "a", "d"] and computed == ["a", "b", "c", "d"]
+    features("b")                      # recomputed, evicting "c"
+    assert computed[-1] == "b" and list(cd._FEATURE_CACHE) == ["a", "d", "b"]
+    assert sum(t.numel() * t.element_size() for t in cd._FEATURE_CACHE.values()) <= cd.FEATURE_CACHE_BYTES
+    # one matrix larger than the budget is still kept (the current one is always usable)
+    monkeypatch.setattr(cd, "FEATURE_CACHE_BYTES", 10)
+    features("e")
+    assert list(cd._FEATURE_CACHE) == ["e"]
+    cd._FEATURE_CACHE.clear()

@@ -37,6 +37,7 @@ import hashlib
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -60,9 +61,24 @@ SIMILARITIES = ("soft_wpmi", "cos3")
 #: than for the layer's average neuron; cos^3 lies in [-1, 1])
 DEFAULT_THRESHOLDS = {"soft_wpmi": 2.0, "cos3": 0.2}
 
-# In-memory caches shared by all detectors of the process, keyed by content.
-_FEATURE_CACHE: Dict[str, torch.Tensor] = {}
+# In-memory cache shared by all detectors of the process, keyed by content; least
+# recently used matrices are dropped beyond FEATURE_CACHE_BYTES (a training script that
+# logs many probe sets or vocabularies must not grow without bound; the disk cache keeps
+# them).
+_FEATURE_CACHE: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+#: in-memory CLIP feature cache budget
+FEATURE_CACHE_BYTES = 512 * 2 ** 20
+
+
+def _remember(key: str, features: torch.Tensor) -> None:
+    with _CACHE_LOCK:
+        _FEATURE_CACHE[key] = features
+        _FEATURE_CACHE.move_to_end(key)
+        total = sum(t.numel() * t.element_size() for t in _FEATURE_CACHE.values())
+        while total > FEATURE_CACHE_BYTES and len(_FEATURE_CACHE) > 1:
+            _, dropped = _FEATURE_CACHE.popitem(last=False)
+            total -= dropped.numel() * dropped.element_size()
 
 
 def default_cache_dir() -> Path:
@@ -164,6 +180,7 @@ class CLIPDissect(Detector):
         """Feature matrix by content key: memory, then disk (``cache_dir``), else computed."""
         with _CACHE_LOCK:
             if key in _FEATURE_CACHE:
+                _FEATURE_CACHE.move_to_end(key)
                 return _FEATURE_CACHE[key]
         path = self.cache_dir / f"clip_features_{key[:40]}.npy" if self.cache_dir is not None else None
         features = None
@@ -180,8 +197,7 @@ class CLIPDissect(Detector):
                 with open(tmp, "wb") as handle:
                     np.save(handle, features.numpy())
                 os.replace(tmp, path)
-        with _CACHE_LOCK:
-            _FEATURE_CACHE[key] = features
+        _remember(key, features)
         return features
 
     def preprocess_config(self) -> Dict:
