@@ -137,7 +137,7 @@ def _width(layout):
 def test_trustworthiness_equals_scikit_learns(seed):
     from sklearn.manifold import trustworthiness as reference_trustworthiness
 
-    from tb_conceptevo.spaces.layout import SELECTION_NEIGHBORS, trustworthiness
+    from tb_conceptevo.spaces.layout import trustworthiness
 
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(240, 12))

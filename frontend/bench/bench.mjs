@@ -33,17 +33,17 @@ const verdict = (ok) => (ok ? "PASS" : "FAIL");
 const STATE_KEY = "tb-conceptevo:state:v1";
 
 const only = process.env.BENCH_ONLY || "";
-const runs = (section) => !only || only === section;
+const selected = (section) => !only || only === section;
 const logdir = tempDir("ce-bench-logs-");
 let t = Date.now();
 if (!only) makeFixture(logdir, ["--runs", "1", "--run-names", "big100k", "--steps", "1", "--layers", "4", "--channels", "25000", "--no-extras", "--k", "3"]);
-if (runs("slider")) makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
+if (selected("slider")) makeFixture(logdir, ["--runs", "1", "--run-names", "slider10k", "--steps", "16", "--layers", "2", "--channels", "5000", "--no-extras", "--k", "3"]);
 const QUAD_RUNS = ["quad_a", "quad_b", "quad_c", "quad_d"];
-if (runs("transition")) {
+if (selected("transition")) {
   makeFixture(logdir, ["--runs", "4", "--run-names", QUAD_RUNS.join(","), "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
   makeFixture(logdir, ["--runs", "1", "--run-names", "anim26k", "--steps", "3", "--layers", "2", "--channels", "13000", "--no-extras", "--k", "3"]);
 }
-const hoverFixture = runs("hover") ? makeFixture(logdir, ["--run-names", "hover_a,hover_b"]) : null;
+const hoverFixture = selected("hover") ? makeFixture(logdir, ["--run-names", "hover_a,hover_b"]) : null;
 console.log(`fixtures written in ${((Date.now() - t) / 1000).toFixed(1)} s`);
 const tb = await startTensorBoard(logdir, { expectRuns: { "": 9, slider: 1, transition: 5, hover: 2 }[only] ?? 9, timeoutMs: 180000 });
 // Frame intervals are timed with the frame rate unlimited (no vsync): an interval is then
@@ -223,7 +223,7 @@ try {
   results.push(["pan/zoom frame interval <= 1.25x bare WebGL (median and mean)", mp <= 1.25 * mb && ap0 <= 1.25 * ab0]);
 
   }
-  if (runs("slider")) {
+  if (selected("slider")) {
   // ---------------------------------------------------------------- 3. slider on 10k points
   const sp = await pluginPage(["slider10k"], 0);
   await sp.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
@@ -263,7 +263,7 @@ try {
   results.push(["slider move on 10k map incl. fetch <= 100 ms (median)", mf <= 100]);
   }
 
-  if (runs("transition")) {
+  if (selected("transition")) {
   // ---------------------------------------------------------------- 4. animated step transition, 26k points
   const ap = await pluginPage(["anim26k"], 0, unlimited);
   await ap.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
@@ -304,7 +304,7 @@ try {
   results.push([`step transition, ${qlayers.length} runs x 26k, frame interval <= 1.25x bare WebGL (median and mean)`,
     mqg <= 1.25 * mqgb && aqg <= 1.25 * aqgb]);
   }
-  if (runs("hover")) {
+  if (selected("hover")) {
   // ---------------------------------------------------------------- 6. hover card and story with patches
   const hp = await pluginPage(["hover_a"], 0);
   await hp.goto(`${tb.url}/data/plugin_entry.html?name=conceptevo`);
