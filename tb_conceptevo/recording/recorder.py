@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._compiled import torch_threads_kept
 from .._torch import inference_mode_of, model_device_dtype, rank_and_world
 from ..observation import LayerObservation, Observation
 from .points import HookPoint, LayerSpec, point_hooks, resolve_points
@@ -229,7 +230,9 @@ def record(
     _check_mergeable(consumers, world)
     calls: Dict[str, int] = {}
     layouts: Dict[str, _Layout] = {}
-    with inference_mode_of(model):  # once: the nested blocks below then cost nothing
+    # once: the nested blocks below then cost nothing (the compiled loops are called
+    # hundreds of times per pass)
+    with inference_mode_of(model), torch_threads_kept():
         shapes = layer_shapes(model, probe, points, device, calls, layouts, tokens)
         _warn_repeated(calls)
         responses = _BatchResponses([(p.layer, shapes[p.layer][0]) for p in points], k, device, reduce)
