@@ -116,6 +116,7 @@ class _BatchResponses:
         self._kth = {name: self.top.values[rows, -1].numpy() for name, rows in self.rows.items()} \
             if self.compiled else {}
         self._columns: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self._merged = 0   # batches merged so far
 
     def start_batch(self, batch_size: int) -> None:
         """New batch.  The buffers of the last one are reused (not cleared): every value
@@ -143,7 +144,8 @@ class _BatchResponses:
         if name not in self.exact_layers and self.compiled and extra is None:
             maps = fmap.flatten(2).numpy()
             into = self._columns[name] if first_call else (values.numpy(), positions.numpy())
-            n_bad = _kernels.entrant_positions(maps, _response(fmap, self.reduce).numpy(), self._kth[name],
+            response = _response(fmap, self.reduce)
+            n_bad = _kernels.entrant_positions(maps, response.numpy(), self._entry_bar(name, response),
                                                self.reduce == "mean", *into)
             if n_bad:  # rare: this layer takes the exact path from now on
                 self.exact_layers.add(name)
@@ -162,6 +164,18 @@ class _BatchResponses:
         if shown is None:  # NaN/Inf found at the end of the batch redo it; consumers see NaN now
             shown = torch.where(torch.isfinite(values), values, torch.tensor(math.nan, device=values.device))
         return shown
+
+    def _entry_bar(self, name: str, response: torch.Tensor) -> np.ndarray:
+        """Per channel, a value that every pair entering the top-k is above: the running
+        k-th value, and before the first merge (when that is -inf and every pair of a
+        layer would need its position) just below the batch's own k-th highest response,
+        since an entrant is among the batch's top k.  This halves the maps scanned for
+        positions over a 1,024-image probe."""
+        kth = self._kth[name]
+        if self._merged or response.shape[0] < self.top.k:
+            return kth
+        batch_kth = torch.topk(response, self.top.k, dim=0).values[-1].numpy()
+        return np.maximum(kth, np.nextafter(batch_kth, np.float32(-np.inf)))  # entrants may tie the k-th
 
     def _exact(self, fmap, extra):
         response, sortable, bad = _reduce(fmap, self.reduce, extra)
@@ -210,6 +224,7 @@ class _BatchResponses:
         for name, rows in self.rows.items():
             if self._pending[name][1] is not None:
                 self.top.invalid[rows] |= self._pending[name][1]
+        self._merged += 1
         if self.compiled:
             self.top.merge_compiled(self._values, self._positions, indices)
         else:
