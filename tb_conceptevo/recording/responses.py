@@ -169,8 +169,9 @@ class _BatchResponses:
         """Per channel, a value that every pair entering the top-k is above: the running
         k-th value, and before the first merge (when that is -inf and every pair of a
         layer would need its position) just below the batch's own k-th highest response,
-        since an entrant is among the batch's top k.  This halves the maps scanned for
-        positions over a 1,024-image probe."""
+        since an entrant is among the batch's top k.  With k = 10 and batches of 64, the
+        first batch then scans about 16 % of its pairs instead of all of them: over 16
+        batches about 0.7 maps' worth of scanning instead of 1.5."""
         kth = self._kth[name]
         if self._merged or response.shape[0] < self.top.k:
             return kth
