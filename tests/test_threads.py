@@ -41,6 +41,27 @@ def test_recording_and_detection_leave_torch_threads_alone():
     assert numba_threads == "2"   # numba's own setting is restored too
 
 
+def test_a_loop_inside_an_outer_guard_restores_torch_threads_at_once():
+    # Inside one guard (as during recording, where the model runs between loop calls)
+    # each call re-checks torch's count.  The pool's first start resets the OpenMP count
+    # to numba's, which differs from torch's when numba may use fewer threads.
+    script = textwrap.dedent("""
+        import numpy as np, torch
+        from tb_conceptevo._compiled import torch_threads_kept
+        from tb_conceptevo.recording import _kernels
+        torch.set_num_threads(2)
+        with torch_threads_kept():
+            _kernels.merge_topk(np.zeros((4, 3), np.float32), np.zeros((4, 3), np.int64), np.arange(4),
+                                np.full((3, 2), -np.inf, np.float32), np.full((3, 2), -1, np.int64),
+                                np.zeros((3, 2), np.int64), 1)
+            print(torch.get_num_threads())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2"]
+
+
 def test_compiled_loops_stay_within_torch_threads():
     torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(1)
