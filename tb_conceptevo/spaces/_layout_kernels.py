@@ -86,7 +86,7 @@ def _clip(value):
 
 @parallel_loop
 def _place_rows(queries, candidates, given, metric, reference, layout, seeds, k, n_epochs, a, b, gamma,
-                initial_alpha, negative_rate):
+                initial_alpha, negative_rate, n_starts, loss_stride):
     # One compiled loop nest per row (neighbours, memberships, init, SGD epochs): long on
     # purpose, since numba would pay a call and array allocations per split-out step.
     n, n_cand = candidates.shape
@@ -182,53 +182,106 @@ def _place_rows(queries, candidates, given, metric, reference, layout, seeds, k,
             out[i, 0] = x
             out[i, 1] = y
             continue
-        # ---- UMAP's edge-sampled SGD against the fixed map (move_other=False)
+        # ---- UMAP's edge-sampled SGD against the fixed map (move_other=False), from
+        # UMAP's start and from the nearest neighbours' positions; the run that ends
+        # with the lowest expected loss is kept
         per_sample = np.full(k, -1.0)
         for j in range(k):
             if weight[j] >= 1.0 / n_epochs:  # UMAP's threshold, maximum weight fixed at 1
                 per_sample[j] = 1.0 / weight[j]
-        next_sample = per_sample.copy()
         per_negative = per_sample / negative_rate
-        next_negative = per_negative.copy()
-        state = seeds[i]
-        for epoch in range(n_epochs):
-            alpha = initial_alpha * (1.0 - epoch / n_epochs)
-            for j in range(k):
-                if per_sample[j] < 0.0 or next_sample[j] > epoch:
-                    continue
-                ox = layout[index[j], 0]
-                oy = layout[index[j], 1]
-                dx = x - ox
-                dy = y - oy
-                d2 = dx * dx + dy * dy
-                if d2 > 0.0:
-                    power = d2 ** b
-                    coeff = -2.0 * a * b * (power / d2) / (a * power + 1.0)
-                    x += _clip(coeff * dx) * alpha
-                    y += _clip(coeff * dy) * alpha
-                next_sample[j] += per_sample[j]
-                n_negative = int((epoch - next_negative[j]) / per_negative[j])
-                for _p in range(n_negative):
-                    state += _GOLDEN
-                    r = np.int64(_mix(state) % np.uint64(n_ref))
-                    dx = x - layout[r, 0]
-                    dy = y - layout[r, 1]
-                    d2 = dx * dx + dy * dy
-                    if d2 > 0.0:
-                        coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * d2 ** b + 1.0))
-                        x += _clip(coeff * dx) * alpha
-                        y += _clip(coeff * dy) * alpha
-                next_negative[j] += n_negative * per_negative[j]
+        n_runs = 1 + min(n_starts, k)
+        best_loss = np.inf
+        start_x = x
+        start_y = y
+        for run in range(n_runs):
+            if run == 0:
+                rx = start_x
+                ry = start_y
+                state = seeds[i]
+            else:
+                rx = layout[index[run - 1], 0]
+                ry = layout[index[run - 1], 1]
+                state = _mix(seeds[i] + _GOLDEN * np.uint64(run))
+            rx, ry = _sgd(rx, ry, state, n_epochs, index, per_sample, per_negative, layout, a, b, gamma,
+                          initial_alpha)
+            loss = 0.0 if n_runs == 1 else _expected_loss(rx, ry, index, weight, layout, a, b, negative_rate,
+                                                         loss_stride)
+            if run == 0 or loss < best_loss:  # ties keep the earlier start (UMAP's own first)
+                best_loss = loss
+                x = rx
+                y = ry
         out[i, 0] = x
         out[i, 1] = y
     return out
 
 
+@numba.njit(cache=True)
+def _sgd(x, y, state, n_epochs, index, per_sample, per_negative, layout, a, b, gamma,
+         initial_alpha):  # pragma: no cover
+    """One row's SGD from ``(x, y)`` with the random stream ``state``."""
+    n_ref = layout.shape[0]
+    next_sample = per_sample.copy()
+    next_negative = per_negative.copy()
+    for epoch in range(n_epochs):
+        alpha = initial_alpha * (1.0 - epoch / n_epochs)
+        for j in range(per_sample.shape[0]):
+            if per_sample[j] < 0.0 or next_sample[j] > epoch:
+                continue
+            dx = x - layout[index[j], 0]
+            dy = y - layout[index[j], 1]
+            d2 = dx * dx + dy * dy
+            if d2 > 0.0:
+                power = d2 ** b
+                coeff = -2.0 * a * b * (power / d2) / (a * power + 1.0)
+                x += _clip(coeff * dx) * alpha
+                y += _clip(coeff * dy) * alpha
+            next_sample[j] += per_sample[j]
+            n_negative = int((epoch - next_negative[j]) / per_negative[j])
+            for _p in range(n_negative):
+                state += _GOLDEN
+                r = np.int64(_mix(state) % np.uint64(n_ref))
+                dx = x - layout[r, 0]
+                dy = y - layout[r, 1]
+                d2 = dx * dx + dy * dy
+                if d2 > 0.0:
+                    coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * d2 ** b + 1.0))
+                    x += _clip(coeff * dx) * alpha
+                    y += _clip(coeff * dy) * alpha
+            next_negative[j] += n_negative * per_negative[j]
+    return x, y
+
+
+@numba.njit(cache=True)
+def _expected_loss(x, y, index, weight, layout, a, b, negative_rate, stride):  # pragma: no cover
+    """The fuzzy cross-entropy the SGD above descends, in expectation over its sampling:
+    attraction ``-w_j log q_j`` to each neighbour, plus per unit of sampled attraction
+    ``negative_rate`` repulsions ``-log(1 - q_r)`` from a uniformly drawn reference
+    (averaged over every ``stride``-th reference: the same for every row)."""
+    k = weight.shape[0]
+    attraction = 0.0
+    total = 0.0
+    for j in range(k):
+        dx = x - layout[index[j], 0]
+        dy = y - layout[index[j], 1]
+        attraction += weight[j] * np.log(1.0 + a * (dx * dx + dy * dy) ** b)
+        total += weight[j]
+    repulsion = 0.0
+    count = 0
+    for r in range(0, layout.shape[0], stride):
+        dx = x - layout[r, 0]
+        dy = y - layout[r, 1]
+        power = a * (dx * dx + dy * dy + 0.001) ** b  # UMAP's repulsion keeps this 0.001 too
+        repulsion += np.log(1.0 + power) - np.log(power)
+        count += 1
+    return attraction + negative_rate * total * repulsion / count
+
+
 def place_rows(queries, candidates, given, metric, reference, layout, seeds, k, n_epochs, a, b, gamma,
-               initial_alpha, negative_rate) -> np.ndarray:
+               initial_alpha, negative_rate, n_starts=0, loss_stride=1) -> np.ndarray:
     """float64 ``[n, 2]`` positions (see the module docstring of ``layout.py``)."""
     if queries.shape[0] == 0:
         return np.zeros((0, 2))
     return _place_rows(queries, candidates, given, np.int64(metric), reference, layout, seeds, np.int64(k),
                        np.int64(n_epochs), float(a), float(b), float(gamma), float(initial_alpha),
-                       float(negative_rate))
+                       float(negative_rate), np.int64(n_starts), np.int64(max(1, loss_stride)))
