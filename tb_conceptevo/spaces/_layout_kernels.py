@@ -240,7 +240,8 @@ def _sgd(x, y, state, n_epochs, index, per_sample, per_negative, layout, a, b, g
             n_negative = int((epoch - next_negative[j]) / per_negative[j])
             for _p in range(n_negative):
                 state += _GOLDEN
-                r = np.int64(_mix(state) % np.uint64(n_ref))
+                # the high 32 bits scaled to [0, n_ref): no 64-bit division per sample
+                r = np.int64(((_mix(state) >> np.uint64(32)) * np.uint64(n_ref)) >> np.uint64(32))
                 dx = x - layout[r, 0]
                 dy = y - layout[r, 1]
                 d2 = dx * dx + dy * dy
