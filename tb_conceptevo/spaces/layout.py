@@ -146,8 +146,8 @@ class StableLayout:
         n_init: UMAP fits from consecutive seeds; the one with the highest
             :func:`trustworthiness` is kept (1: UMAP's single fit).
         n_epochs: SGD epochs of each run of the per-row transform (``TRANSFORM_EPOCHS``,
-            as UMAP's transform); 0 = the membership-weighted mean of the neighbours'
-            positions only.
+            150; UMAP's transform runs 100); 0 = the membership-weighted mean of the
+            neighbours' positions only.
         n_starts: extra runs of the transform from the nearest neighbours' positions
             (``TRANSFORM_STARTS``); the lowest expected loss is kept; 0 = one run
             from UMAP's start.
@@ -406,7 +406,8 @@ class StableLayout:
     def from_state(cls, header: Dict, arrays: Dict[str, np.ndarray]) -> "StableLayout":
         """Inverse of :meth:`state`; ValueError if the stored layout cannot be restored."""
         try:
-            # layouts stored before the extra starts keep placing rows as they did
+            # layouts stored before the extra starts keep their one run from UMAP's start
+            # (only the draw of its negatives has changed since)
             layout = cls(**{"n_starts": 0, **header["params"]})
             layout.reference_vectors_ = np.ascontiguousarray(arrays["reference_vectors"], dtype=np.float32)
             layout.reference_layout_ = np.asarray(arrays["reference_layout"], dtype=np.float32)
