@@ -49,7 +49,7 @@ def test_deterministic_and_restored_from_state(fitted):
     restored = StableLayout.from_state(*layout.state())
     np.testing.assert_array_equal(restored.transform(moved), first)
     # a layout stored before the per-row optimisation (no curve, no n_epochs, no
-    # n_starts) still loads, and places rows as it did: one run from UMAP's start
+    # n_starts) still loads, and keeps one run from UMAP's start
     header, arrays = layout.state()
     header = {**header, "params": {k: v for k, v in header["params"].items() if k not in ("n_epochs", "n_starts")}}
     header.pop("curve")

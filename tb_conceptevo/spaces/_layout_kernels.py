@@ -192,12 +192,10 @@ def _place_rows(queries, candidates, given, metric, reference, layout, seeds, k,
         per_negative = per_sample / negative_rate
         n_runs = 1 + min(n_starts, k)
         best_loss = np.inf
-        start_x = x
-        start_y = y
         for run in range(n_runs):
-            if run == 0:
-                rx = start_x
-                ry = start_y
+            if run == 0:  # (x, y) is still UMAP's start: run 0 is first to overwrite it
+                rx = x
+                ry = y
                 state = seeds[i]
             else:
                 rx = layout[index[run - 1], 0]
