@@ -50,10 +50,13 @@ def torch_threads_kept():
             torch.set_num_threads(threads)
 
 
-def parallel_loop(function):
-    """``numba.njit(parallel=True, cache=True, nogil=True)``, called inside
-    :func:`torch_threads_kept`.  The compiled dispatcher is ``.compiled``."""
-    compiled = numba.njit(parallel=True, cache=True, nogil=True)(function)
+def parallel_loop(function=None, *, fastmath=False):
+    """``numba.njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)``, called
+    inside :func:`torch_threads_kept`.  The compiled dispatcher is ``.compiled``.
+    Usable bare (``@parallel_loop``) or with options (``@parallel_loop(fastmath=...)``)."""
+    if function is None:
+        return functools.partial(parallel_loop, fastmath=fastmath)
+    compiled = numba.njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(function)
 
     @functools.wraps(function)
     def call(*args):

@@ -463,6 +463,77 @@ def test_compiled_topk_merge_equals_the_tensor_merge():
             assert torch.equal(getattr(compiled, field), getattr(tensors, field)), field
 
 
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+@pytest.mark.parametrize("cells", [1, 2, 4, 9, 16, 25, 63, 64, 100])
+def test_max_loops_equal_tensor_amax_then_entrant_scan(cells, layout):
+    """The loops that take their own max (maps of few cells; channels-last maps of any
+    size) and the general one (after a tensor ``amax``) write the same responses, entrant
+    positions and non-finite count, bit for bit: on tie-heavy integer maps, signed
+    zeros, and NaN / +Inf / -Inf at the first, a middle and the last cell of a map."""
+    from tb_conceptevo.recording import _kernels
+
+    g = torch.Generator().manual_seed(cells)
+    maps = torch.randint(-3, 4, (9, 7, cells), generator=g).float()
+    maps[0, 0] = -0.0
+    maps[1, 1, 0], maps[2, 2, cells // 2], maps[3, 3, -1] = float("nan"), float("inf"), -float("inf")
+    maps[4, 4] = -float("inf")   # all -inf: non-finite response
+    maps[5, 5, -1], maps[5, 5, 0] = float("nan"), float("inf")
+    kth = torch.randint(-4, 3, (7,), generator=g).float().numpy()
+    outputs = []
+    for fused in (True, False):
+        values, positions = np.full((9, 7), 7.0, np.float32), np.full((9, 7), -1, np.int64)
+        if fused and layout == "channels-last":
+            cells_first = maps.transpose(1, 2).contiguous()  # [B, S, C]
+            n_bad = _kernels.max_entrant_positions_channels_last(cells_first.numpy(), kth, values, positions)
+        elif fused:
+            n_bad = _kernels.max_entrant_positions(maps.numpy(), kth, values, positions)
+        else:
+            n_bad = _kernels.entrant_positions(maps.numpy(), maps.amax(dim=2).numpy(), kth, False, values, positions)
+        outputs.append((n_bad, values, positions))
+    (bad_fused, values_fused, at_fused), (bad_torch, values_torch, at_torch) = outputs
+    assert bad_fused == bad_torch > 0
+    np.testing.assert_array_equal(values_fused, values_torch)  # NaN where NaN
+    np.testing.assert_array_equal(at_fused, at_torch)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+def test_nan_appearing_after_the_first_batch_on_small_maps(memory_format):
+    """A NaN first met in a later batch (where small or channels-last maps take a
+    compiled max loop) flags the neuron and leaves the others exactly ranked."""
+
+    class Poison(nn.Module):
+        def forward(self, y, x):
+            y = y.clone()
+            y[x[:, 0, 0, 0] < -1e3, 1, 1, 1] = float("nan")
+            return y
+
+    class LateNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.poison = Poison()
+
+        def forward(self, x):
+            return self.poison(self.conv(x.contiguous(memory_format=memory_format)), x)
+
+    torch.manual_seed(0)
+    probe = random_probe(n=24, size=4)
+    probe.images[17, 0, 0, 0] = -1e4   # in the third batch of 8
+    model = LateNaN()
+    assert model(probe.images[:2]).is_contiguous(memory_format=memory_format)
+    with pytest.warns(RuntimeWarning, match="1 neurons produced NaN/Inf"):
+        obs = record(model, probe, ["poison"], k=3, batch_size=8, progress=False)
+    layer = obs["poison"]
+    assert layer.invalid.tolist() == [False, True, False, False]
+    # a brute-force top-k, the poisoned neuron's on its finite cells only
+    with torch.no_grad():  # in the recording's batches of 8, so the values are the same floats
+        maps = torch.cat([model(chunk) for chunk in torch.split(probe.images, 8)])
+    response = torch.nan_to_num(maps, nan=-float("inf")).amax(dim=(2, 3)).t().numpy()
+    for channel in range(4):
+        order = np.argsort(-response[channel], kind="stable")[:3]
+        np.testing.assert_array_equal(layer.image_ids[channel], order)
+
+
 def test_a_layer_whose_batch_axis_changes_is_a_clear_error():
     """A block that doubles the batch (test-time augmentation inside the model) cannot be
     ranked per probe image: a clear error naming the layer, not a silent mix-up."""

@@ -139,6 +139,13 @@ class _BatchResponses:
             want_response: bool) -> Optional[torch.Tensor]:
         """Reduce one call of layer ``name``; returns its ``[B, C]`` response (NaN where
         non-finite) when ``want_response`` (else None)."""
+        if first_call and extra is None and self.compiled and name not in self.exact_layers:
+            # the common case, kept lean: it runs once per layer and batch (832 times a
+            # pass on mobilenet_v3_small), so every tensor view made here counts
+            if not self._compiled_add(name, fmap):
+                self._pending[name] = [None, None]
+                return self._values[:, self.rows[name]].clone() if want_response else None  # the buffer is reused
+            self.exact_layers.add(name)  # rare: NaN/Inf met; this layer takes the exact path from now on
         rows = self.rows[name]
         if first_call:
             values, positions = self._values[:, rows], self._positions[:, rows]
@@ -146,12 +153,7 @@ class _BatchResponses:
             values, positions = torch.empty_like(self._values[:, rows]), torch.zeros_like(self._positions[:, rows])
         shown = bad = None
         if name not in self.exact_layers and self.compiled and extra is None:
-            maps = fmap.flatten(2).numpy()
-            into = self._columns[name] if first_call else (values.numpy(), positions.numpy())
-            response = _response(fmap, self.reduce)
-            n_bad = _kernels.entrant_positions(maps, response.numpy(), self._entry_bar(name, response),
-                                               self.reduce == "mean", *into)
-            if n_bad:  # rare: this layer takes the exact path from now on
+            if self._compiled_add(name, fmap, (values.numpy(), positions.numpy())):
                 self.exact_layers.add(name)
         elif name not in self.exact_layers:
             sortable, eager_positions = _fast_reduce(fmap, self.reduce, extra)
@@ -168,6 +170,28 @@ class _BatchResponses:
         if shown is None:  # NaN/Inf found at the end of the batch redo it; consumers see NaN now
             shown = torch.where(torch.isfinite(values), values, torch.tensor(math.nan, device=values.device))
         return shown
+
+    def _compiled_add(self, name: str, fmap: torch.Tensor, into=None) -> int:
+        """One layer's batch through the compiled loops: responses and the entrants'
+        positions written into ``into`` (default: the layer's columns of this batch);
+        returns how many pairs have a non-finite response (the caller then takes the
+        exact path).  With ``reduce="max"``, after the first batch (whose entry bar needs
+        the responses first), channels-last maps and small maps are reduced inside the
+        loop; other maps by a tensor reduction first."""
+        into = self._columns[name] if into is None else into
+        if self.reduce == "max" and self._merged:
+            batch, channels, height, width = fmap.shape
+            if fmap.is_contiguous():
+                if height * width < _kernels.SMALL_MAP_CELLS:
+                    return _kernels.max_entrant_positions(fmap.view(batch, channels, -1).numpy(),
+                                                          self._kth[name], *into)
+            elif fmap.permute(0, 2, 3, 1).is_contiguous():  # torch.channels_last: no copy
+                cells = fmap.permute(0, 2, 3, 1).view(batch, height * width, channels)
+                return _kernels.max_entrant_positions_channels_last(cells.numpy(), self._kth[name], *into)
+        maps = fmap.flatten(2).numpy()
+        response = _response(fmap, self.reduce)
+        return _kernels.entrant_positions(maps, response.numpy(), self._entry_bar(name, response),
+                                          self.reduce == "mean", *into)
 
     def _entry_bar(self, name: str, response: torch.Tensor) -> np.ndarray:
         """Per channel, a value that every pair entering the top-k is above: the running
