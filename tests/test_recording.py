@@ -534,6 +534,69 @@ def test_nan_appearing_after_the_first_batch_on_small_maps(memory_format):
         np.testing.assert_array_equal(layer.image_ids[channel], order)
 
 
+def test_shapes_remembered_between_passes_follow_every_change_of_the_model():
+    """Layer shapes are measured once per model and remembered; whatever changes between
+    two snapshots (a layer swapped, a conv's stride, a flag read by ``forward`` that no
+    structure shows, a branch no longer called), the next pass records exactly what a
+    model never seen before would."""
+    from tb_conceptevo.recording import recorder
+
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.side = nn.Conv2d(4, 2, 1)
+            self.pool, self.use_side = False, True
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = nn.functional.max_pool2d(y, 2) if self.pool else y
+            return self.side(y) if self.use_side else y
+
+    def fresh_record(model, layers):
+        recorder._MEASURED.clear()
+        return record(model, probe, layers, k=3, batch_size=5, progress=False)
+
+    def same(a, b):
+        for name in a.layers:
+            for field in ("image_ids", "activations", "positions"):
+                np.testing.assert_array_equal(getattr(a[name], field), getattr(b[name], field))
+            assert a[name].map_size == b[name].map_size
+
+    torch.manual_seed(0)
+    probe = random_probe(n=12, size=8)
+    model = Flagged()
+    first = record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+    assert model in recorder._MEASURED
+    measured = []
+    original = recorder.layer_shapes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recorder, "layer_shapes", lambda *a, **kw: measured.append(1) or original(*a, **kw))
+        again = record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+        assert not measured  # remembered
+        same(first, again)
+
+        model.pool = True   # invisible to the structure: found from the map, measured again
+        got = record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+        assert got["side"].map_size == (4, 4) and len(measured) == 1
+        same(got, fresh_record(model, ["conv.raw", "side"]))
+
+        model.conv.stride = (2, 2)   # a setting: a new structure key
+        got = record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+        assert got["conv.raw"].map_size == (4, 4)
+        same(got, fresh_record(model, ["conv.raw", "side"]))
+
+        model.side = nn.Conv2d(4, 6, 1)   # a swapped layer with more channels
+        got = record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+        assert got["side"].image_ids.shape == (6, 3)
+        same(got, fresh_record(model, ["conv.raw", "side"]))
+
+        record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+        model.use_side = False   # a layer no longer called: the usual clear error
+        with pytest.raises(ValueError, match=r"\['side'\] were not called"):
+            record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
+
+
 def test_a_layer_whose_batch_axis_changes_is_a_clear_error():
     """A block that doubles the batch (test-time augmentation inside the model) cannot be
     ranked per probe image: a clear error naming the layer, not a silent mix-up."""
