@@ -175,11 +175,12 @@ class _BatchResponses:
         """One layer's batch through the compiled loops: responses and the entrants'
         positions written into ``into`` (default: the layer's columns of this batch);
         returns how many pairs have a non-finite response (the caller then takes the
-        exact path).  With ``reduce="max"``, after the first batch (whose entry bar needs
-        the responses first), channels-last maps and small maps are reduced inside the
-        loop; other maps by a tensor reduction first."""
+        exact path).  With ``reduce="max"`` channels-last maps and small maps are reduced
+        inside the loop (in the first batch, with no k-th value yet, it finds the
+        position of every pair's max: measured, still faster than a tensor ``amax``, a
+        copy to channels-first and the entry bar); other maps by a tensor reduction first."""
         into = self._columns[name] if into is None else into
-        if self.reduce == "max" and self._merged:
+        if self.reduce == "max":
             batch, channels, height, width = fmap.shape
             if fmap.is_contiguous():
                 if height * width < _kernels.SMALL_MAP_CELLS:
