@@ -10,8 +10,9 @@ neurons and 10,000 probe images stays O(neurons x k + batch).
                                          [--repeats 3] [--models resnet18,vgg16,mobilenet_v3_small,...]
                                          [--device cuda]
 
-Timings are paired in one process (bare, then add_concepts, alternating) and the
-median of each is compared, since shared machines are noisy.
+Timings are paired in one process per model (bare, then add_concepts, alternating) and
+the median of each is compared, since shared machines are noisy; each model gets a fresh
+process, so the verdicts do not depend on the order of ``--models``.
 """
 
 import argparse
@@ -168,12 +169,26 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-images", type=int, default=10_000)
     parser.add_argument("--memory-child", choices=["bare", "record"])
+    parser.add_argument("--in-this-process", action="store_true",
+                        help="time the models here instead of one fresh process each")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.images)
         return
+    names = args.models.split(",")
+    if not args.in_this_process and len(names) > 1:
+        # One process per model: measured, a model timed after VGG16's 2,048-image passes
+        # in the same process once read 1.47 where alone it reads 1.14-1.23 (allocator
+        # and cache state), so the order of the list would change the verdicts.
+        for name in names:
+            subprocess.run([sys.executable, __file__, "--models", name, "--in-this-process",
+                            "--images", str(args.images), "--deep-images", str(args.deep_images),
+                            "--vit-images", str(args.vit_images), "--repeats", str(args.repeats),
+                            "--batch-size", str(args.batch_size), "--device", args.device,
+                            "--memory-images", str(args.memory_images)], check=True)
+        return
     probes = {}
-    for name in args.models.split(","):
+    for name in names:
         if name == "memory":
             memory(args.memory_images)
             continue

@@ -597,6 +597,21 @@ def test_shapes_remembered_between_passes_follow_every_change_of_the_model():
             record(model, probe, ["conv.raw", "side"], k=3, batch_size=5, progress=False)
 
 
+def test_lazy_layers_are_measured_while_uninitialised_and_remembered_after():
+    """A model with lazy layers (parameters without a shape until the first forward) is
+    recorded; its shapes are remembered only once its structure can be read."""
+    from tb_conceptevo.recording import recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.LazyConv2d(2, 1))
+    probe = random_probe(n=10, size=8)
+    first = record(model, probe, ["0", "2"], k=2, batch_size=4, progress=False)
+    assert first["0"].image_ids.shape == (4, 2) and first["2"].map_size == (6, 6)
+    assert model in recorder._MEASURED   # initialised by the measuring pass
+    again = record(model, probe, ["0", "2"], k=2, batch_size=4, progress=False)
+    np.testing.assert_array_equal(first["2"].image_ids, again["2"].image_ids)
+
+
 def test_a_layer_whose_batch_axis_changes_is_a_clear_error():
     """A block that doubles the batch (test-time augmentation inside the model) cannot be
     ranked per probe image: a clear error naming the layer, not a silent mix-up."""

@@ -187,14 +187,20 @@ _MEASURED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 
 
 def _structure_key(model: nn.Module, points: Sequence[HookPoint], image: torch.Tensor,
-                   tokens: Optional[TokenLayout]) -> tuple:
+                   tokens: Optional[TokenLayout]) -> Optional[tuple]:
     """What the measured shapes depend on: the points, the input, every module (identity,
-    type and settings such as a conv's stride) and every tensor's shape.  What this cannot
-    see (a patched ``forward``, data-dependent control flow) shows as a map of another
-    shape during the pass, which then measures again (:class:`_StaleShapes`)."""
-    modules = tuple((name, id(module), type(module), module.extra_repr()) for name, module in model.named_modules())
-    tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
-                    for name, t in list(model.named_parameters()) + list(model.named_buffers()))
+    type and settings such as a conv's stride) and every tensor's shape; None when that
+    cannot be read (an uninitialised lazy parameter, a failing ``extra_repr``): then
+    nothing is remembered.  What this cannot see (a patched ``forward``, data-dependent
+    control flow) shows as a map of another shape during the pass, which then measures
+    again (:class:`_StaleShapes`)."""
+    try:
+        modules = tuple((name, id(module), type(module), module.extra_repr())
+                        for name, module in model.named_modules())
+        tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
+                        for name, t in list(model.named_parameters()) + list(model.named_buffers()))
+    except Exception:  # noqa: BLE001 - any failure only means "do not remember"
+        return None
     return (tuple(points), tuple(image.shape[1:]), image.dtype, image.device,
             _token_model_options(model, tokens), modules, tensors)
 
@@ -205,13 +211,18 @@ def _measured_shapes(model: nn.Module, probe, points: List[HookPoint], device, t
     model while its structure and the probe's image size stay the same."""
     image = _load(probe, torch.arange(1), device, model_device_dtype(model)[1])
     key = _structure_key(model, points, image, tokens)
-    known = None if fresh else _MEASURED.get(model)
+    known = None if fresh or key is None else _MEASURED.get(model)
     if known is not None and known[0] == key:
         return dict(known[1]), dict(known[2]), dict(known[3]), True
     calls: Dict[str, int] = {}
     layouts: Dict[str, _Layout] = {}
     shapes = layer_shapes(model, probe, points, device, calls, layouts, tokens)
-    _MEASURED[model] = (key, dict(shapes), dict(calls), dict(layouts))
+    # measured after the pass: it may have initialised lazy parameters
+    key = _structure_key(model, points, image, tokens)
+    if key is None:
+        _MEASURED.pop(model, None)
+    else:
+        _MEASURED[model] = (key, dict(shapes), dict(calls), dict(layouts))
     return shapes, calls, layouts, False
 
 
