@@ -25,6 +25,16 @@ import numpy as np
 from .._compiled import parallel_loop
 
 
+@numba.njit(cache=True, inline="always")
+def _first_cell_at(cells, v):  # pragma: no cover
+    """The first index of ``cells`` (any strides) holding ``v``, -1 if none: where a map's
+    max is, for the few pairs that may enter a top-k."""
+    for s in range(cells.shape[0]):
+        if cells[s] == v:
+            return s
+    return -1
+
+
 @parallel_loop
 def entrant_positions(maps, response, kth, mean, values, positions):  # pragma: no cover
     """Copy the ``[B, C]`` ``response`` of ``maps`` ``[B, C, S]`` (any strides) into
@@ -55,10 +65,9 @@ def entrant_positions(maps, response, kth, mean, values, positions):  # pragma: 
                         at = s
                 positions[b, c] = at
             else:
-                for s in range(size):
-                    if maps[b, c, s] == v:
-                        positions[b, c] = s
-                        break
+                at = _first_cell_at(maps[b, c], v)
+                if at >= 0:
+                    positions[b, c] = at
     return bad.sum()
 
 
@@ -119,10 +128,7 @@ def max_entrant_positions(maps, kth, values, positions):  # pragma: no cover
         for c in range(channels):
             v = out[c]
             if v > kth[c] and v != np.inf:  # an Inf pair is re-ranked by the exact path
-                for s in range(size):
-                    if image[c, s] == v:
-                        positions[b, c] = s
-                        break
+                positions[b, c] = _first_cell_at(image[c], v)
     return bad.sum()
 
 
@@ -151,10 +157,7 @@ def max_entrant_positions_channels_last(maps, kth, values, positions):  # pragma
                 bad[b] += 1
                 continue
             if v > kth[c]:
-                for s in range(size):
-                    if image[s, c] == v:
-                        positions[b, c] = s
-                        break
+                positions[b, c] = _first_cell_at(image[:, c], v)
     return bad.sum()
 
 

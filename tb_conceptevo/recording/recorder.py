@@ -206,10 +206,10 @@ def _structure_key(model: nn.Module, points: Sequence[HookPoint], image: torch.T
 
 
 def _measured_shapes(model: nn.Module, probe, points: List[HookPoint], device, tokens: Optional[TokenLayout],
-                     fresh: bool = False):
+                     image: torch.Tensor, fresh: bool = False):
     """``(shapes, calls, layouts, remembered)`` of :func:`layer_shapes`, remembered per
-    model while its structure and the probe's image size stay the same."""
-    image = _load(probe, torch.arange(1), device, model_device_dtype(model)[1])
+    model while its structure and the probe's image size stay the same; ``image`` is one
+    probe image as the model takes it."""
     key = _structure_key(model, points, image, tokens)
     known = None if fresh or key is None else _MEASURED.get(model)
     if known is not None and known[0] == key:
@@ -281,14 +281,15 @@ def record(
     _check_mergeable(consumers, world)
     # once: the nested blocks below then cost nothing (the compiled loops are called
     # hundreds of times per pass)
+    image = _load(probe, torch.arange(1), device, dtype)
+    input_size = tuple(int(s) for s in image.shape[-2:])
     with inference_mode_of(model), torch_threads_kept():
         fresh = False
         while True:
-            shapes, calls, layouts, remembered = _measured_shapes(model, probe, points, device, tokens, fresh)
+            shapes, calls, layouts, remembered = _measured_shapes(model, probe, points, device, tokens, image, fresh)
             if not fresh:
                 _warn_repeated(calls)
             responses = _BatchResponses([(p.layer, shapes[p.layer][0]) for p in points], k, device, reduce)
-            input_size = tuple(int(s) for s in _load(probe, torch.arange(1), "cpu").shape[-2:])
             run = _Run(model, probe, points, layouts, shapes, list(consumers), torch.arange(rank, n, world, device=device),
                        batch_size, device, dtype, reduce, progress and rank == 0, remembered)
             try:
