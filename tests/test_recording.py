@@ -445,31 +445,41 @@ def test_both_position_strategies_give_the_brute_force_result(monkeypatch, compi
 
 def test_compiled_topk_merge_equals_the_tensor_merge():
     """The compiled merge and the tensor merge keep the same top-k (values, ids and
-    positions) on tie-heavy batches of several sizes, including -inf responses."""
+    positions) on tie-heavy batches of several sizes, including -inf responses, when the
+    "may enter" flags are exactly the entering pairs plus some that do not enter (the
+    flags only allow skipping); a word of zero flags is skipped."""
     from tb_conceptevo.recording.topk import _TopK
 
     g = torch.Generator().manual_seed(3)
     compiled, tensors = _TopK(37, 5, "cpu"), _TopK(37, 5, "cpu")
     start = 0
-    for size in [3, 8, 1, 16, 9, 2]:
+    for size in [3, 8, 1, 16, 9, 2, 12, 5]:
         values = torch.randint(-3, 4, (size, 37), generator=g).float()
         values[torch.rand(values.shape, generator=g) < 0.1] = -torch.inf
         positions = torch.randint(0, 50, (size, 37), generator=g)
         indices = torch.arange(start, start + size)
         start += size
-        compiled.merge_compiled(values, positions, indices)
+        entered = torch.zeros((size, 40), dtype=torch.uint8)  # 37 columns padded to 5 words
+        entered[:, :37] = (values > compiled.values[:, -1]) | (torch.rand(values.shape, generator=g) < 0.2)
+        compiled.merge_compiled(values, positions, entered, indices)
         tensors.merge(values, indices, None, positions=positions)
         for field in ("values", "ids", "positions"):
             assert torch.equal(getattr(compiled, field), getattr(tensors, field)), field
+    # pairs flagged "cannot enter" are not merged, even above the k-th value
+    kept = compiled.values.clone()
+    compiled.merge_compiled(torch.full((2, 37), 9.0), torch.zeros((2, 37), dtype=torch.int64),
+                            torch.zeros((2, 40), dtype=torch.uint8), torch.arange(start, start + 2))
+    assert torch.equal(compiled.values, kept)
 
 
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
-@pytest.mark.parametrize("cells", [1, 2, 4, 9, 16, 25, 63, 64, 100])
+@pytest.mark.parametrize("cells", [1, 2, 4, 9, 16, 25, 63, 64, 100, 256, 300])
 def test_max_loops_equal_tensor_amax_then_entrant_scan(cells, layout):
     """The loops that take their own max (maps of few cells; channels-last maps of any
-    size) and the general one (after a tensor ``amax``) write the same responses, entrant
-    positions and non-finite count, bit for bit: on tie-heavy integer maps, signed
-    zeros, and NaN / +Inf / -Inf at the first, a middle and the last cell of a map."""
+    size, from 256 cells in blocks of rows) and the general one (after a tensor ``amax``)
+    write the same responses, entrant positions, "may enter" flags and non-finite count:
+    on tie-heavy integer maps, signed zeros, and NaN / +Inf / -Inf at the first, a middle
+    and the last cell of a map."""
     from tb_conceptevo.recording import _kernels
 
     g = torch.Generator().manual_seed(cells)
@@ -482,18 +492,25 @@ def test_max_loops_equal_tensor_amax_then_entrant_scan(cells, layout):
     outputs = []
     for fused in (True, False):
         values, positions = np.full((9, 7), 7.0, np.float32), np.full((9, 7), -1, np.int64)
+        entered = np.full((9, 7), 2, np.uint8)
         if fused and layout == "channels-last":
             cells_first = maps.transpose(1, 2).contiguous()  # [B, S, C]
-            n_bad = _kernels.max_entrant_positions_channels_last(cells_first.numpy(), kth, values, positions)
+            n_bad = _kernels.max_entrant_positions_channels_last(cells_first.numpy(), kth, values, positions, entered)
         elif fused:
-            n_bad = _kernels.max_entrant_positions(maps.numpy(), kth, values, positions)
+            n_bad = _kernels.max_entrant_positions(maps.numpy(), kth, values, positions, entered)
         else:
-            n_bad = _kernels.entrant_positions(maps.numpy(), maps.amax(dim=2).numpy(), kth, False, values, positions)
-        outputs.append((n_bad, values, positions))
-    (bad_fused, values_fused, at_fused), (bad_torch, values_torch, at_torch) = outputs
+            n_bad = _kernels.entrant_positions(maps.numpy(), maps.amax(dim=2).numpy(), kth, False, values, positions,
+                                               entered)
+        outputs.append((n_bad, values, positions, entered))
+    (bad_fused, values_fused, at_fused, in_fused), (bad_torch, values_torch, at_torch, in_torch) = outputs
     assert bad_fused == bad_torch > 0
     np.testing.assert_array_equal(values_fused, values_torch)  # NaN where NaN
     np.testing.assert_array_equal(at_fused, at_torch)
+    # "may enter": every pair above its k-th value or non-finite, and no other
+    response = maps.amax(dim=2).numpy()
+    may_enter = (response > kth) | ~np.isfinite(response)
+    np.testing.assert_array_equal(in_fused, may_enter)
+    np.testing.assert_array_equal(in_torch, may_enter)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])

@@ -132,7 +132,12 @@ class _BatchResponses:
         self._values = torch.empty((batch_size, self.n_columns), dtype=torch.float32, device=self.device)
         self._positions = torch.zeros((batch_size, self.n_columns), dtype=torch.int64, device=self.device)
         if self.compiled:
-            self._columns = {name: (self._values[:, rows].numpy(), self._positions[:, rows].numpy())
+            # per pair, whether it may enter a top-k (the merge skips words of zeros),
+            # padded to whole 8-byte words; every layer's columns are rewritten each batch
+            words = (self.n_columns + 7) // 8
+            self._entered = torch.ones((batch_size, 8 * words), dtype=torch.uint8, device=self.device)
+            self._columns = {name: (self._values[:, rows].numpy(), self._positions[:, rows].numpy(),
+                                    self._entered[:, rows].numpy())
                              for name, rows in self.rows.items()}
 
     def add(self, name: str, fmap: torch.Tensor, extra: Optional[torch.Tensor], first_call: bool,
@@ -152,8 +157,11 @@ class _BatchResponses:
         else:
             values, positions = torch.empty_like(self._values[:, rows]), torch.zeros_like(self._positions[:, rows])
         shown = bad = None
+        if self.compiled:  # a later call or the exact path may change any pair: none is skipped
+            self._entered[:, rows].fill_(1)
         if name not in self.exact_layers and self.compiled and extra is None:
-            if self._compiled_add(name, fmap, (values.numpy(), positions.numpy())):
+            scratch = np.empty(values.shape, np.uint8)
+            if self._compiled_add(name, fmap, (values.numpy(), positions.numpy(), scratch)):
                 self.exact_layers.add(name)
         elif name not in self.exact_layers:
             sortable, eager_positions = _fast_reduce(fmap, self.reduce, extra)
@@ -172,8 +180,9 @@ class _BatchResponses:
         return shown
 
     def _compiled_add(self, name: str, fmap: torch.Tensor, into=None) -> int:
-        """One layer's batch through the compiled loops: responses and the entrants'
-        positions written into ``into`` (default: the layer's columns of this batch);
+        """One layer's batch through the compiled loops: responses, the entrants'
+        positions and the "may enter" flags written into ``into`` (default: the layer's
+        columns of this batch);
         returns how many pairs have a non-finite response (the caller then takes the
         exact path).  With ``reduce="max"`` channels-last maps and small maps are reduced
         inside the loop (in the first batch, with no k-th value yet, it finds the
@@ -256,6 +265,6 @@ class _BatchResponses:
                 self.top.invalid[rows] |= self._pending[name][1]
         self._merged += 1
         if self.compiled:
-            self.top.merge_compiled(self._values, self._positions, indices)
+            self.top.merge_compiled(self._values, self._positions, self._entered, indices)
         else:
             self.top.merge(self._values, indices, None, positions=self._positions)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -78,14 +79,17 @@ class _TopK:
         self.ids[rows] = new_ids
         self.positions[rows] = new_pos
 
-    def merge_compiled(self, values: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor) -> None:
-        """:meth:`merge` as one compiled loop (CPU tensors; positions given): the same result."""
+    def merge_compiled(self, values: torch.Tensor, positions: torch.Tensor, entered: torch.Tensor,
+                       indices: torch.Tensor) -> None:
+        """:meth:`merge` as one compiled loop (CPU tensors; positions given; ``entered``
+        ``[B, 8 * W]`` uint8, 0 where a pair cannot enter): the same result."""
         import numba
 
         from . import _kernels
 
-        blocks = max(1, min(values.shape[1] // 256, 4 * numba.get_num_threads()))
-        _kernels.merge_topk(values.numpy(), positions.numpy(), indices.numpy(), self.values.numpy(),
+        words = entered.numpy().view(np.uint64)
+        blocks = max(1, min(words.shape[1] // 32, 4 * numba.get_num_threads()))
+        _kernels.merge_topk(values.numpy(), positions.numpy(), words, indices.numpy(), self.values.numpy(),
                             self.ids.numpy(), self.positions.numpy(), blocks)
 
 
