@@ -36,26 +36,26 @@ def _first_cell_at(cells, v):  # pragma: no cover
 
 
 @numba.njit(cache=True, inline="always")
-def _flag_pairs(best, kth, values, entered):  # pragma: no cover
-    """Write one image's responses ``best`` ``[C]`` into ``values`` and the "may enter"
-    flags into ``entered`` (1 above the neuron's k-th value ``kth`` or non-finite);
-    returns how many are non-finite.  Branch-free, so it is vectorised: it runs for every
-    (image, neuron) pair, where a branch per pair was most of a small layer's cost."""
+def _finish_image(best, kth, values, entered, positions, image, channels_last):  # pragma: no cover
+    """One image's maxima ``best`` ``[C]`` into ``values``; the "may enter" flags into
+    ``entered`` (1 above the neuron's k-th value ``kth`` or non-finite, else 0) and, for
+    the finite pairs above it, the first cell of the max into ``positions``; ``image``
+    ``[S, C]`` when ``channels_last`` else ``[C, S]``.  Returns how many are non-finite.
+    (Measured: splitting this into a branch-free flag pass and a scan pass was slower in
+    the recording pass, though faster alone.)"""
     bad = 0
     for c in range(best.shape[0]):
         v = best[c]
         values[c] = v
-        non_finite = (v - v) != 0   # NaN for NaN and +-Inf (no fastmath here: not folded)
-        entered[c] = (v > kth[c]) | non_finite
-        bad += non_finite
+        if not np.isfinite(v):
+            entered[c] = 1
+            bad += 1
+        elif v > kth[c]:
+            entered[c] = 1
+            positions[c] = _first_cell_at(image[:, c] if channels_last else image[c], v)
+        else:
+            entered[c] = 0
     return bad
-
-
-@numba.njit(cache=True, inline="always")
-def _is_entrant(values, entered, c):  # pragma: no cover
-    """Whether pair ``c`` of a row written by :func:`_flag_pairs` needs its position: it
-    may enter and is finite (a non-finite one is re-ranked by the exact path)."""
-    return entered[c] != 0 and (values[c] - values[c]) == 0
 
 
 @parallel_loop
@@ -72,11 +72,16 @@ def entrant_positions(maps, response, kth, mean, values, positions, entered):  #
     batch, channels, size = maps.shape
     bad = np.zeros(batch, np.int64)
     for b in numba.prange(batch):
-        bad[b] = _flag_pairs(response[b], kth, values[b], entered[b])
         for c in range(channels):
-            if not _is_entrant(values[b], entered[b], c):
+            v = response[b, c]
+            values[b, c] = v
+            entered[b, c] = 1
+            if not np.isfinite(v):
+                bad[b] += 1
                 continue
-            v = values[b, c]
+            if not v > kth[c]:
+                entered[b, c] = 0
+                continue
             if mean:
                 best = maps[b, c, 0]
                 at = 0
@@ -144,10 +149,7 @@ def max_entrant_positions(maps, kth, values, positions, entered):  # pragma: no 
                     if x > m or x != x:
                         m = x
                 out[c] = m
-        bad[b] = _flag_pairs(out, kth, out, entered[b])
-        for c in range(channels):
-            if _is_entrant(out, entered[b], c):
-                positions[b, c] = _first_cell_at(image[c], out[c])
+        bad[b] = _finish_image(out, kth, out, entered[b], positions[b], image, False)
     return bad.sum()
 
 
@@ -199,10 +201,7 @@ def max_entrant_positions_channels_last(maps, kth, values, positions, entered): 
             best = image[0].copy()
             for s in range(1, size):
                 np.maximum(best, image[s], best)
-        bad[b] = _flag_pairs(best, kth, values[b], entered[b])
-        for c in range(channels):
-            if _is_entrant(values[b], entered[b], c):
-                positions[b, c] = _first_cell_at(image[:, c], values[b, c])
+        bad[b] = _finish_image(best, kth, values[b], entered[b], positions[b], image, True)
     return bad.sum()
 
 
@@ -216,7 +215,7 @@ def merge_topk(values, positions, entered, indices, top_values, top_ids, top_pos
     earlier index stays ahead.  ``entered`` ``[B, W]`` (uint64, ``8 * W >= N``): the
     pairs' "may enter" flags as bytes, 8 per word, written by the layer loops (1 where
     a pair may enter, 0 where it cannot); a zero word skips its 8 pairs, so once the
-    top-k have filled most of a batch is skipped 8 pairs at a time instead of compared
+    top-k have filled, most of a batch is skipped 8 pairs at a time instead of compared
     pair by pair (the test itself decides; a flag only allows skipping).  ``blocks``
     parallel blocks of whole words of columns, each read row by row.
     """
