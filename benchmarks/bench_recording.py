@@ -11,8 +11,9 @@ neurons and 10,000 probe images stays O(neurons x k + batch).
                                          [--device cuda]
 
 Timings are paired in one process per model (bare, the read-once floor, then
-add_concepts, in turn) and the median of each is compared, since shared machines are noisy; each model gets a fresh
-process, so the verdicts do not depend on the order of ``--models``.
+add_concepts, in turn) and the median of each is compared, since shared machines are
+noisy; each model gets a fresh process, so the verdicts do not depend on the order of
+``--models``.
 """
 
 import argparse
