@@ -461,23 +461,27 @@ def test_compiled_topk_merge_equals_the_tensor_merge():
         start += size
         entered = torch.zeros((size, 40), dtype=torch.uint8)  # 37 columns padded to 5 words
         entered[:, :37] = (values > compiled.values[:, -1]) | (torch.rand(values.shape, generator=g) < 0.2)
-        compiled.merge_compiled(values, positions, entered, indices)
+        kth = np.full(37, np.nan, np.float32)
+        compiled.merge_compiled(values, positions, entered, indices, kth)
         tensors.merge(values, indices, None, positions=positions)
         for field in ("values", "ids", "positions"):
             assert torch.equal(getattr(compiled, field), getattr(tensors, field)), field
+        np.testing.assert_array_equal(kth, tensors.values[:, -1].numpy())   # every neuron's k-th value
     # pairs flagged "cannot enter" are not merged, even above the k-th value
     kept = compiled.values.clone()
     compiled.merge_compiled(torch.full((2, 37), 9.0), torch.zeros((2, 37), dtype=torch.int64),
-                            torch.zeros((2, 40), dtype=torch.uint8), torch.arange(start, start + 2))
+                            torch.zeros((2, 40), dtype=torch.uint8), torch.arange(start, start + 2),
+                            np.empty(37, np.float32))
     assert torch.equal(compiled.values, kept)
 
 
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 @pytest.mark.parametrize("cells", [1, 2, 4, 9, 16, 25, 63, 64, 100, 256, 300])
 def test_max_loops_equal_tensor_amax_then_entrant_scan(cells, layout):
-    """The loops that take their own max (maps of few cells; channels-last maps of any
-    size, from 256 cells in blocks of rows) and the general one (after a tensor ``amax``)
-    write the same responses, entrant positions, "may enter" flags and non-finite count:
+    """The loops that take their own max (maps of one cell; of few cells; channels-last
+    maps of any size, from 256 cells in blocks of rows) and the general one (after a
+    tensor ``amax``) write the same responses, entrant positions, "may enter" flags and
+    non-finite count, into the layer's columns of whole batch buffers only:
     on tie-heavy integer maps, signed zeros, and NaN / +Inf / -Inf at the first, a middle
     and the last cell of a map."""
     from tb_conceptevo.recording import _kernels
@@ -490,22 +494,28 @@ def test_max_loops_equal_tensor_amax_then_entrant_scan(cells, layout):
     maps[5, 5, -1], maps[5, 5, 0] = float("nan"), float("inf")
     kth = torch.randint(-4, 3, (7,), generator=g).float().numpy()
     outputs = []
+    col = 3   # the layer's columns within whole batch buffers of 12; the others stay as they were
     for fused in (True, False):
-        values, positions = np.full((9, 7), 7.0, np.float32), np.full((9, 7), -1, np.int64)
-        entered = np.full((9, 7), 2, np.uint8)
-        if fused and layout == "channels-last":
+        values, positions = np.full((9, 12), 7.0, np.float32), np.full((9, 12), -1, np.int64)
+        entered = np.full((9, 12), 2, np.uint8)
+        if fused and cells == 1:
+            n_bad = _kernels.single_cell_entrants(maps[:, :, 0].contiguous().numpy(), kth, values, positions, entered, col)
+        elif fused and layout == "channels-last":
             cells_first = maps.transpose(1, 2).contiguous()  # [B, S, C]
-            n_bad = _kernels.max_entrant_positions_channels_last(cells_first.numpy(), kth, values, positions, entered)
+            n_bad = _kernels.max_entrant_positions_channels_last(cells_first.numpy(), kth, values, positions, entered, col)
         elif fused:
-            n_bad = _kernels.max_entrant_positions(maps.numpy(), kth, values, positions, entered)
+            n_bad = _kernels.max_entrant_positions(maps.numpy(), kth, values, positions, entered, col)
         else:
             n_bad = _kernels.entrant_positions(maps.numpy(), maps.amax(dim=2).numpy(), kth, False, values, positions,
-                                               entered)
-        outputs.append((n_bad, values, positions, entered))
+                                               entered, col)
+        for buffer, untouched in ((values, 7.0), (positions, -1), (entered, 2)):
+            assert (buffer[:, :col] == untouched).all() and (buffer[:, col + 7:] == untouched).all()
+        outputs.append((n_bad, values[:, col:col + 7], positions[:, col:col + 7], entered[:, col:col + 7]))
     (bad_fused, values_fused, at_fused, in_fused), (bad_torch, values_torch, at_torch, in_torch) = outputs
     assert bad_fused == bad_torch > 0
     np.testing.assert_array_equal(values_fused, values_torch)  # NaN where NaN
-    np.testing.assert_array_equal(at_fused, at_torch)
+    entrants = in_torch.astype(bool) & np.isfinite(values_torch)   # a position is read only there
+    np.testing.assert_array_equal(at_fused[entrants], at_torch[entrants])
     # "may enter": every pair above its k-th value or non-finite, and no other
     response = maps.amax(dim=2).numpy()
     may_enter = (response > kth) | ~np.isfinite(response)

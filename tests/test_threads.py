@@ -54,7 +54,7 @@ def test_a_loop_inside_an_outer_guard_restores_torch_threads_at_once():
             _kernels.merge_topk(np.zeros((4, 3), np.float32), np.zeros((4, 3), np.int64), np.ones((4, 1), np.uint64),
                                 np.arange(4),
                                 np.full((3, 2), -np.inf, np.float32), np.full((3, 2), -1, np.int64),
-                                np.zeros((3, 2), np.int64), 1)
+                                np.zeros((3, 2), np.int64), np.zeros(3, np.float32), 1)
             print(torch.get_num_threads())
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,

@@ -115,11 +115,12 @@ class _BatchResponses:
         self._values: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
         self._unchecked = False   # a layer's finiteness is left to newly_non_finite
-        # compiled loops: numpy views of each layer's k-th values and batch columns, made
-        # once (the top-k is updated in place; buffers are reused while the batch size holds)
-        self._kth = {name: self.top.values[rows, -1].numpy() for name, rows in self.rows.items()} \
-            if self.compiled else {}
-        self._columns: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        # compiled loops: each neuron's k-th value, contiguous (the merge keeps it), and per
+        # layer its slice and the batch buffers with the layer's first column, made once
+        # (buffers are reused while the batch size holds)
+        self._kth_all = np.full(self.n_columns, -np.inf, np.float32)
+        self._kth = {name: self._kth_all[rows] for name, rows in self.rows.items()} if self.compiled else {}
+        self._columns: Dict[str, tuple] = {}
         self._merged = 0   # batches merged so far
 
     def start_batch(self, batch_size: int) -> None:
@@ -136,9 +137,8 @@ class _BatchResponses:
             # padded to whole 8-byte words; every layer's columns are rewritten each batch
             words = (self.n_columns + 7) // 8
             self._entered = torch.ones((batch_size, 8 * words), dtype=torch.uint8, device=self.device)
-            self._columns = {name: (self._values[:, rows].numpy(), self._positions[:, rows].numpy(),
-                                    self._entered[:, rows].numpy())
-                             for name, rows in self.rows.items()}
+            buffers = (self._values.numpy(), self._positions.numpy(), self._entered.numpy())
+            self._columns = {name: buffers + (rows.start,) for name, rows in self.rows.items()}
 
     def add(self, name: str, fmap: torch.Tensor, extra: Optional[torch.Tensor], first_call: bool,
             want_response: bool) -> Optional[torch.Tensor]:
@@ -154,14 +154,16 @@ class _BatchResponses:
         rows = self.rows[name]
         if first_call:
             values, positions = self._values[:, rows], self._positions[:, rows]
-        else:
-            values, positions = torch.empty_like(self._values[:, rows]), torch.zeros_like(self._positions[:, rows])
+        else:  # contiguous, as the compiled loops take their outputs
+            shape = (self._values.shape[0], rows.stop - rows.start)
+            values = torch.empty(shape, dtype=self._values.dtype, device=self.device)
+            positions = torch.zeros(shape, dtype=self._positions.dtype, device=self.device)
         shown = bad = None
         if self.compiled:  # a later call or the exact path may change any pair: none is skipped
             self._entered[:, rows].fill_(1)
         if name not in self.exact_layers and self.compiled and extra is None:
             scratch = np.empty(values.shape, np.uint8)
-            if self._compiled_add(name, fmap, (values.numpy(), positions.numpy(), scratch)):
+            if self._compiled_add(name, fmap, (values.numpy(), positions.numpy(), scratch, 0)):
                 self.exact_layers.add(name)
         elif name not in self.exact_layers:
             sortable, eager_positions = _fast_reduce(fmap, self.reduce, extra)
@@ -189,8 +191,10 @@ class _BatchResponses:
         position of every pair's max: measured, still faster than a tensor ``amax``, a
         copy to channels-first and the entry bar); other maps by a tensor reduction first."""
         into = self._columns[name] if into is None else into
+        batch, channels, height, width = fmap.shape
+        if height * width == 1 and fmap.is_contiguous():  # its own max and mean (channels-last too)
+            return _kernels.single_cell_entrants(fmap.view(batch, channels).numpy(), self._kth[name], *into)
         if self.reduce == "max":
-            batch, channels, height, width = fmap.shape
             if fmap.is_contiguous():
                 if height * width < _kernels.SMALL_MAP_CELLS:
                     return _kernels.max_entrant_positions(fmap.view(batch, channels, -1).numpy(),
@@ -265,6 +269,6 @@ class _BatchResponses:
                 self.top.invalid[rows] |= self._pending[name][1]
         self._merged += 1
         if self.compiled:
-            self.top.merge_compiled(self._values, self._positions, self._entered, indices)
+            self.top.merge_compiled(self._values, self._positions, self._entered, indices, self._kth_all)
         else:
             self.top.merge(self._values, indices, None, positions=self._positions)

@@ -80,9 +80,10 @@ class _TopK:
         self.positions[rows] = new_pos
 
     def merge_compiled(self, values: torch.Tensor, positions: torch.Tensor, entered: torch.Tensor,
-                       indices: torch.Tensor) -> None:
+                       indices: torch.Tensor, kth: np.ndarray) -> None:
         """:meth:`merge` as one compiled loop (CPU tensors; positions given; ``entered``
-        ``[B, 8 * W]`` uint8, 0 where a pair cannot enter): the same result."""
+        ``[B, 8 * W]`` uint8, 0 where a pair cannot enter): the same result.  ``kth``
+        (float32 ``[channels]``) receives each channel's k-th value."""
         import numba
 
         from . import _kernels
@@ -90,7 +91,7 @@ class _TopK:
         words = entered.numpy().view(np.uint64)
         blocks = max(1, min(words.shape[1] // 32, 4 * numba.get_num_threads()))
         _kernels.merge_topk(values.numpy(), positions.numpy(), words, indices.numpy(), self.values.numpy(),
-                            self.ids.numpy(), self.positions.numpy(), blocks)
+                            self.ids.numpy(), self.positions.numpy(), kth, blocks)
 
 
 def merge_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, k: int):
