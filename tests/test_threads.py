@@ -52,6 +52,7 @@ def test_a_loop_inside_an_outer_guard_restores_torch_threads_at_once():
         torch.set_num_threads(2)
         with torch_threads_kept():
             _kernels.merge_topk(np.zeros((4, 3), np.float32), np.zeros((4, 3), np.int64), np.ones((4, 1), np.uint64),
+                                np.ones((4, 8), np.uint8),
                                 np.arange(4),
                                 np.full((3, 2), -np.inf, np.float32), np.full((3, 2), -1, np.int64),
                                 np.zeros((3, 2), np.int64), np.zeros(3, np.float32), 1)

@@ -165,19 +165,21 @@ def single_cell_entrants(maps, kth, values, positions, entered, col):  # pragma:
     """:func:`max_entrant_positions` for maps of one cell, ``maps`` ``[B, C]``
     (C-contiguous; a squeeze-excitation conv, a pooled or ``[B, C]`` output): each map
     is its own max and mean, at position 0.  One branch-free pass per image, which the
-    compiler vectorises (measured on 2 cores: ``[64, 576]`` 64-72 -> 8 us, 8x)."""
+    compiler vectorises (measured on 2 cores: ``[64, 576]`` 64-72 -> 8 us, 8x).
+    ``positions`` is not written: every path writes 0 for a one-cell map, and the
+    caller's buffer starts at 0 (half of this loop's memory traffic, measured in the
+    pass: the output buffers are what a call after a conv finds out of cache)."""
     batch, channels = maps.shape
     bad = np.zeros(batch, np.int64)
     for b in numba.prange(batch):
         image = maps[b]
-        out, flags, at = values[b, col:col + channels], entered[b, col:col + channels], positions[b, col:col + channels]
+        out, flags = values[b, col:col + channels], entered[b, col:col + channels]
         count = 0
         for c in range(channels):
             v = image[c]
             out[c] = v
             finite = (v - v) == 0   # False for NaN and +-Inf
             flags[c] = (v > kth[c]) | (not finite)
-            at[c] = 0
             count += not finite
         bad[b] = count
     return bad.sum()
@@ -237,19 +239,22 @@ def max_entrant_positions_channels_last(maps, kth, values, positions, entered, c
 
 
 @parallel_loop
-def merge_topk(values, positions, entered, indices, top_values, top_ids, top_positions, kth, blocks):  # pragma: no cover
+def merge_topk(values, positions, entered, flags, indices, top_values, top_ids, top_positions, kth, blocks):  # pragma: no cover
     """Merge a batch into the running top-k: ``values``/``positions`` ``[B, N]``, probe
     ``indices`` ``[B]`` ascending and above every index merged before; ``top_*``
     ``[N, k]`` (values descending, ties by the lower index) updated in place.
 
     A pair enters only if strictly above the neuron's k-th value, so on a tie the
-    earlier index stays ahead.  ``entered`` ``[B, W]`` (uint64, ``8 * W >= N``): the
-    pairs' "may enter" flags as bytes, 8 per word, written by the layer loops (1 where
-    a pair may enter, 0 where it cannot); a zero word skips its 8 pairs, so once the
-    top-k have filled, most of a batch is skipped 8 pairs at a time instead of compared
-    pair by pair (the test itself decides; a flag only allows skipping).  ``kth`` ``[N]``
-    receives each neuron's k-th value (contiguous, for the layer loops' entry test).
-    ``blocks`` parallel blocks of whole words of columns, each read row by row.
+    earlier index stays ahead.  ``flags`` ``[B, 8 * W]`` (uint8, ``8 * W >= N``): the
+    pairs' "may enter" flags written by the layer loops (1 where a pair may enter, 0
+    where it cannot); ``entered``: the same bytes as ``[B, W]`` uint64 words.  A zero
+    word skips its 8 pairs, so once the top-k have filled most of a batch is skipped 8
+    pairs at a time instead of compared pair by pair, and in a word that is not zero a
+    pair whose own flag is 0 is skipped at a byte read (instead of a read of its top-k
+    row).  The test itself decides; a flag only allows skipping.
+    ``kth`` ``[N]`` receives each neuron's k-th value (contiguous, for the layer loops'
+    entry test).  ``blocks``: parallel blocks of whole words of columns, each read row
+    by row.
     """
     batch, neurons = values.shape
     k = top_values.shape[1]
@@ -263,6 +268,8 @@ def merge_topk(values, positions, entered, indices, top_values, top_ids, top_pos
                 if entered[b, w] == 0:
                     continue
                 for n in range(8 * w, min(neurons, 8 * w + 8)):
+                    if flags[b, n] == 0:
+                        continue
                     v = values[b, n]
                     if not v > top_values[n, k - 1]:
                         continue

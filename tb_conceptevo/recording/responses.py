@@ -125,7 +125,9 @@ class _BatchResponses:
 
     def start_batch(self, batch_size: int) -> None:
         """New batch.  The buffers of the last one are reused (not cleared): every value
-        is written, and a position is read only where it was written (pairs that enter)."""
+        is written, and a position is read only where it was written (pairs that enter),
+        except in the columns of one-cell maps, whose positions stay at the 0 they start
+        with (every path writes 0 there; the compiled loop leaves them)."""
         self._pending.clear()
         self._unchecked = False
         if self._values is not None and self._values.shape[0] == batch_size:
@@ -184,28 +186,29 @@ class _BatchResponses:
     def _compiled_add(self, name: str, fmap: torch.Tensor, into=None) -> int:
         """One layer's batch through the compiled loops: responses, the entrants'
         positions and the "may enter" flags written into ``into`` (default: the layer's
-        columns of this batch);
-        returns how many pairs have a non-finite response (the caller then takes the
-        exact path).  With ``reduce="max"`` channels-last maps and small maps are reduced
-        inside the loop (in the first batch, with no k-th value yet, it finds the
-        position of every pair's max: measured, still faster than a tensor ``amax``, a
-        copy to channels-first and the entry bar); other maps by a tensor reduction first."""
+        columns of this batch); returns how many pairs have a non-finite response (the
+        caller then takes the exact path).  Maps of one cell, and with ``reduce="max"``
+        channels-last maps and small maps, are reduced inside the loop; other maps by a
+        tensor reduction first.  (In the first batch, with no k-th value yet, the loops
+        find the position of every pair's max.  Measured on mobilenet_v3_small: finding
+        the batch's own top k first, as :meth:`_entry_bar` does for the tensor-reduced
+        maps, then reading each map again cost 9 ms more per pass in the first batch
+        than it saved in the merge, 4 ms.)"""
         into = self._columns[name] if into is None else into
         batch, channels, height, width = fmap.shape
+        loop = maps = None
         if height * width == 1 and fmap.is_contiguous():  # its own max and mean (channels-last too)
-            return _kernels.single_cell_entrants(fmap.view(batch, channels).numpy(), self._kth[name], *into)
-        if self.reduce == "max":
-            if fmap.is_contiguous():
-                if height * width < _kernels.SMALL_MAP_CELLS:
-                    return _kernels.max_entrant_positions(fmap.view(batch, channels, -1).numpy(),
-                                                          self._kth[name], *into)
-            elif fmap.permute(0, 2, 3, 1).is_contiguous():  # torch.channels_last: no copy
-                cells = fmap.permute(0, 2, 3, 1).view(batch, height * width, channels)
-                return _kernels.max_entrant_positions_channels_last(cells.numpy(), self._kth[name], *into)
-        maps = fmap.flatten(2).numpy()
-        response = _response(fmap, self.reduce)
-        return _kernels.entrant_positions(maps, response.numpy(), self._entry_bar(name, response),
-                                          self.reduce == "mean", *into)
+            loop, maps = _kernels.single_cell_entrants, fmap.view(batch, channels)
+        elif self.reduce == "max" and fmap.is_contiguous() and height * width < _kernels.SMALL_MAP_CELLS:
+            loop, maps = _kernels.max_entrant_positions, fmap.view(batch, channels, -1)
+        elif self.reduce == "max" and not fmap.is_contiguous() and fmap.permute(0, 2, 3, 1).is_contiguous():
+            # torch.channels_last: seen as [B, H * W, C] without a copy
+            loop, maps = _kernels.max_entrant_positions_channels_last, fmap.permute(0, 2, 3, 1).view(batch, -1, channels)
+        if loop is None:
+            response = _response(fmap, self.reduce)
+            return _kernels.entrant_positions(fmap.flatten(2).numpy(), response.numpy(), self._entry_bar(name, response),
+                                              self.reduce == "mean", *into)
+        return loop(maps.numpy(), self._kth[name], *into)
 
     def _entry_bar(self, name: str, response: torch.Tensor) -> np.ndarray:
         """Per channel, a value that every pair entering the top-k is above: the running

@@ -90,7 +90,7 @@ class _TopK:
 
         words = entered.numpy().view(np.uint64)
         blocks = max(1, min(words.shape[1] // 32, 4 * numba.get_num_threads()))
-        _kernels.merge_topk(values.numpy(), positions.numpy(), words, indices.numpy(), self.values.numpy(),
+        _kernels.merge_topk(values.numpy(), positions.numpy(), words, entered.numpy(), indices.numpy(), self.values.numpy(),
                             self.ids.numpy(), self.positions.numpy(), kth, blocks)
 
 
