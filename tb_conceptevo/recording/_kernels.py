@@ -251,10 +251,10 @@ def merge_topk(values, positions, entered, flags, indices, top_values, top_ids, 
     word skips its 8 pairs, so once the top-k have filled most of a batch is skipped 8
     pairs at a time instead of compared pair by pair, and in a word that is not zero a
     pair whose own flag is 0 is skipped at a byte read (instead of a read of its top-k
-    row).  The test itself decides; a flag only allows skipping.
-    ``kth`` ``[N]`` receives each neuron's k-th value (contiguous, for the layer loops'
-    entry test).  ``blocks``: parallel blocks of whole words of columns, each read row
-    by row.
+    row).  The test itself decides; a flag only allows skipping.  ``kth`` ``[N]``
+    receives each neuron's k-th value, contiguous: the merge's own test reads it (the
+    values of 8 pairs in one cache line), and so do the layer loops' entry tests.
+    ``blocks``: parallel blocks of whole words of columns, each read row by row.
     """
     batch, neurons = values.shape
     k = top_values.shape[1]
@@ -263,6 +263,8 @@ def merge_topk(values, positions, entered, flags, indices, top_values, top_ids, 
     for block in numba.prange(blocks):
         first_word = block * per_block
         last_word = min(words, first_word + per_block)
+        for n in range(8 * first_word, min(neurons, 8 * last_word)):
+            kth[n] = top_values[n, k - 1]
         for b in range(batch):
             for w in range(first_word, last_word):
                 if entered[b, w] == 0:
@@ -271,7 +273,7 @@ def merge_topk(values, positions, entered, flags, indices, top_values, top_ids, 
                     if flags[b, n] == 0:
                         continue
                     v = values[b, n]
-                    if not v > top_values[n, k - 1]:
+                    if not v > kth[n]:   # the k-th value, kept contiguous: 8 pairs' in one read
                         continue
                     j = k - 1
                     while j > 0 and top_values[n, j - 1] < v:
@@ -282,8 +284,7 @@ def merge_topk(values, positions, entered, flags, indices, top_values, top_ids, 
                     top_values[n, j] = v
                     top_ids[n, j] = indices[b]
                     top_positions[n, j] = positions[b, n]
-        for n in range(8 * first_word, min(neurons, 8 * last_word)):
-            kth[n] = top_values[n, k - 1]
+                    kth[n] = top_values[n, k - 1]
 
 
 @parallel_loop
